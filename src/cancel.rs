@@ -1,0 +1,112 @@
+//! The map from the cancel keys bulkhead gives its clients to the server backends that serve
+//! them. A client never learns a server's key, so it can cancel only its own session, and a
+//! key dies with its session: a late cancel cannot hit whoever uses that backend next.
+//!
+//! One mutex guards the map, taken when a session starts or ends and for each CancelRequest;
+//! never on the relay path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The server backend behind one client session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub key: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    next_pid: AtomicI32,
+    sessions: Mutex<HashMap<i32, ([u8; 4], Target)>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        // Start the process ids somewhere unpredictable so keys differ across restarts.
+        let mut seed = [0u8; 4];
+        getrandom::fill(&mut seed).expect("operating system random source");
+        let start = (u32::from_be_bytes(seed) & 0x3fff_ffff) as i32 + 1;
+        Registry {
+            next_pid: AtomicI32::new(start),
+            sessions: Mutex::default(),
+        }
+    }
+}
+
+impl Registry {
+    /// Gives a new session its own process id and secret and records which backend they stand for.
+    pub fn register(&self, target: Target) -> (i32, [u8; 4]) {
+        let mut secret = [0u8; 4];
+        getrandom::fill(&mut secret).expect("operating system random source");
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            if pid != 0 && !sessions.contains_key(&pid) {
+                sessions.insert(pid, (secret, target));
+                return (pid, secret);
+            }
+        }
+    }
+
+    /// Forgets a session's key.
+    pub fn remove(&self, pid: i32) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+    }
+
+    /// The backend a client's CancelRequest stands for, if the key is a live session's.
+    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<Target> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let (expected, target) = sessions.get(&pid)?;
+        // Compare without an early exit, so timing tells nothing about the secret.
+        let diff = expected
+            .iter()
+            .zip(secret)
+            .fold((secret.len() != 4) as u8, |acc, (a, b)| acc | (a ^ b));
+        (diff == 0).then(|| target.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(pid: i32) -> Target {
+        Target {
+            addr: ([127, 0, 0, 1], 5432).into(),
+            pid,
+            key: vec![9, 9, 9, 9],
+        }
+    }
+
+    #[test]
+    fn key_finds_its_backend_until_removed() {
+        let r = Registry::default();
+        let (pid, secret) = r.register(target(100));
+        let (pid2, _) = r.register(target(200));
+        assert_ne!(pid, pid2);
+        assert_eq!(r.lookup(pid, &secret), Some(target(100)));
+        r.remove(pid);
+        assert_eq!(r.lookup(pid, &secret), None);
+    }
+
+    #[test]
+    fn wrong_secret_or_length_finds_nothing() {
+        let r = Registry::default();
+        let (pid, secret) = r.register(target(100));
+        let mut wrong = secret;
+        wrong[3] ^= 1;
+        assert_eq!(r.lookup(pid, &wrong), None);
+        assert_eq!(r.lookup(pid, &secret[..3]), None);
+        let mut long = secret.to_vec();
+        long.push(0);
+        assert_eq!(r.lookup(pid, &long), None);
+        assert_eq!(r.lookup(pid + 1, &secret), None);
+    }
+}

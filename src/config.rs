@@ -1,0 +1,460 @@
+//! Configuration: the TOML schema of DESIGN.md §4, parsed with serde into structs whose
+//! durations are already `Duration`s, then checked as a whole. Every key has a default, so an
+//! empty file is valid; an unknown key or a bad value is an error that names the key and line.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A validated configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: Listen,
+    pub health: Health,
+    pub database: Database,
+    pub probe: Probe,
+    pub timeouts: Timeouts,
+    pub circuit: Circuit,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Where applications connect.
+    pub address: SocketAddr,
+    /// Whether clients may, must or must not use TLS. Needs the two files below.
+    pub tls: ListenTls,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenTls {
+    Disable,
+    Prefer,
+    Require,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// Where /livez, /readyz, /health and /metrics answer.
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Database {
+    /// One or more `host:port`; a name is resolved at every connect, so a DNS name that moves
+    /// on failover is followed.
+    pub hosts: Vec<String>,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    pub tls: ServerTls,
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// libpq's sslmode values.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Probe {
+    pub user: String,
+    pub database: String,
+    /// Name of the environment variable that holds the probe's password, if any.
+    pub password_env: String,
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Deadline for a read statement.
+    #[serde(deserialize_with = "duration")]
+    pub read: Duration,
+    /// Deadline for a write statement or the COMMIT of a transaction that wrote.
+    #[serde(deserialize_with = "duration")]
+    pub write: Duration,
+    /// How long the server gets to answer bulkhead's CancelRequest.
+    #[serde(deserialize_with = "duration")]
+    pub cancel_grace: Duration,
+    /// How long a client may take from connecting to its first ReadyForQuery (bulkhead's
+    /// extension; PostgreSQL's own authentication_timeout is 1 minute).
+    #[serde(deserialize_with = "duration")]
+    pub startup: Duration,
+    /// On SIGTERM, how long sessions get to finish their transaction (bulkhead's extension).
+    #[serde(deserialize_with = "duration")]
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Circuit {
+    pub failure_threshold: u32,
+    #[serde(deserialize_with = "duration")]
+    pub open_for: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub hold_new_connections: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_clients: u32,
+    pub max_inflight: u32,
+    pub max_inflight_writes: u32,
+    #[serde(deserialize_with = "duration")]
+    pub queue_timeout: Duration,
+    pub adaptive: bool,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            address: ([127, 0, 0, 1], 6432).into(),
+            tls: ListenTls::Prefer,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+        }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            address: ([127, 0, 0, 1], 9930).into(),
+        }
+    }
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Database {
+            hosts: vec!["127.0.0.1:5432".into()],
+            connect_timeout: Duration::from_secs(2),
+            tls: ServerTls::Prefer,
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+        }
+    }
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            user: "postgres".into(),
+            database: "postgres".into(),
+            password_env: "BULKHEAD_PROBE_PASSWORD".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            read: Duration::from_secs(30),
+            write: Duration::from_secs(5),
+            cancel_grace: Duration::from_secs(1),
+            startup: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for Circuit {
+    fn default() -> Self {
+        Circuit {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(5),
+            hold_new_connections: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_clients: 1000,
+            max_inflight: 64,
+            max_inflight_writes: 16,
+            queue_timeout: Duration::from_millis(100),
+            adaptive: false,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with a message naming the key and, when known, the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        config.validate(text)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges and keys that depend on each other.
+    fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        let fail = |section: &str, key: &str, why: String| {
+            let at = line_of(text, section, key).map_or(String::new(), |n| format!(" (line {n})"));
+            Err(ConfigError(format!("{section}.{key}{at}: {why}")))
+        };
+        let positive = [
+            ("database", "connect_timeout", self.database.connect_timeout),
+            ("probe", "interval", self.probe.interval),
+            ("probe", "timeout", self.probe.timeout),
+            ("timeouts", "read", self.timeouts.read),
+            ("timeouts", "write", self.timeouts.write),
+            ("timeouts", "cancel_grace", self.timeouts.cancel_grace),
+            ("timeouts", "startup", self.timeouts.startup),
+            ("circuit", "open_for", self.circuit.open_for),
+        ];
+        for (section, key, value) in positive {
+            if value.is_zero() {
+                return fail(section, key, "must be longer than zero".into());
+            }
+        }
+        if self.database.hosts.is_empty() {
+            return fail("database", "hosts", "needs at least one host:port".into());
+        }
+        for host in &self.database.hosts {
+            if let Err(why) = check_host_port(host) {
+                return fail("database", "hosts", format!("{host:?}: {why}"));
+            }
+        }
+        for (key, value) in [
+            ("max_clients", self.limits.max_clients),
+            ("max_inflight", self.limits.max_inflight),
+            ("max_inflight_writes", self.limits.max_inflight_writes),
+        ] {
+            if value == 0 {
+                return fail("limits", key, "must be at least 1".into());
+            }
+        }
+        if self.limits.max_inflight_writes > self.limits.max_inflight {
+            return fail(
+                "limits",
+                "max_inflight_writes",
+                format!(
+                    "must not exceed limits.max_inflight ({})",
+                    self.limits.max_inflight
+                ),
+            );
+        }
+        if self.circuit.failure_threshold == 0 {
+            return fail("circuit", "failure_threshold", "must be at least 1".into());
+        }
+        if self.listen.tls_cert_file.is_empty() != self.listen.tls_key_file.is_empty() {
+            return fail(
+                "listen",
+                "tls_cert_file",
+                "tls_cert_file and tls_key_file go together".into(),
+            );
+        }
+        if !self.listen.tls_cert_file.is_empty() {
+            return fail(
+                "listen",
+                "tls_cert_file",
+                "TLS from clients is not implemented in this version; leave it empty".into(),
+            );
+        }
+        if self.listen.tls == ListenTls::Require {
+            return fail(
+                "listen",
+                "tls",
+                "\"require\" needs tls_cert_file and tls_key_file".into(),
+            );
+        }
+        if !matches!(self.database.tls, ServerTls::Disable | ServerTls::Prefer) {
+            return fail(
+                "database",
+                "tls",
+                "TLS to servers is not implemented in this version; use \"disable\" or \"prefer\""
+                    .into(),
+            );
+        }
+        for (key, value) in [
+            ("ca_file", &self.database.ca_file),
+            ("cert_file", &self.database.cert_file),
+            ("key_file", &self.database.key_file),
+        ] {
+            if !value.is_empty() {
+                return fail(
+                    "database",
+                    key,
+                    "TLS to servers is not implemented in this version".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `host:port` with a numeric port; the host may be a name, an IPv4 address or `[v6]`.
+fn check_host_port(s: &str) -> Result<(), &'static str> {
+    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() || host == "[]" {
+        return Err("empty host");
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("an IPv6 address goes in brackets: [::1]:5432");
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err("port must be a number from 1 to 65535"),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The 1-based line where `key` is set inside `[section]`, for error messages.
+fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = "";
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name.trim();
+        } else if current == section {
+            if let Some(rest) = line.strip_prefix(key) {
+                if rest.trim_start().starts_with('=') {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Deserialises a duration written for people: "250ms", "5s", "1m", "1h 30m".
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?} ({e}); write a number and a unit such as \"250ms\", \"5s\" or \"1m\""
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen.address.to_string(), "127.0.0.1:6432");
+        assert_eq!(c.health.address.to_string(), "127.0.0.1:9930");
+        assert_eq!(c.database.hosts, vec!["127.0.0.1:5432"]);
+        assert_eq!(c.timeouts.write, Duration::from_secs(5));
+        assert_eq!(c.limits.queue_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn durations_are_read_for_people() {
+        let c = Config::parse(
+            "[timeouts]\nread = \"250ms\"\nwrite = \"1m\"\ncancel_grace = \"1s 500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.read, Duration::from_millis(250));
+        assert_eq!(c.timeouts.write, Duration::from_secs(60));
+        assert_eq!(c.timeouts.cancel_grace, Duration::from_millis(1500));
+    }
+
+    fn error(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = error("[timeouts]\nread = \"1s\"\nwrtie = \"1s\"\n");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("wrtie"), "{e}");
+        let e = error("[limit]\nmax_clients = 1\n");
+        assert!(e.contains("line 1") && e.contains("limit"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named_with_their_line() {
+        let cases = [
+            (
+                "[timeouts]\nwrite = \"fast\"\n",
+                "line 2",
+                "invalid duration",
+            ),
+            ("[timeouts]\nwrite = 5\n", "line 2", "string"),
+            ("[limits]\nmax_clients = -1\n", "line 2", "max_clients"),
+            ("[database]\ntls = \"sometimes\"\n", "line 2", "verify-full"),
+            ("[listen]\naddress = \"nowhere\"\n", "line 2", "address"),
+            (
+                "\n[limits]\nmax_inflight = 4\nmax_inflight_writes = 8\n",
+                "line 4",
+                "limits.max_inflight_writes",
+            ),
+            ("[timeouts]\n\nread = \"0s\"\n", "line 3", "timeouts.read"),
+            ("[database]\nhosts = []\n", "line 2", "database.hosts"),
+            (
+                "[database]\nhosts = [\"db:port\"]\n",
+                "line 2",
+                "port must be",
+            ),
+            ("[database]\nhosts = [\"::1:5432\"]\n", "line 2", "brackets"),
+            (
+                "[circuit]\nfailure_threshold = 0\n",
+                "line 2",
+                "circuit.failure_threshold",
+            ),
+            ("[listen]\ntls = \"require\"\n", "line 2", "listen.tls"),
+        ];
+        for (text, line, what) in cases {
+            let e = error(text);
+            assert!(e.contains(line) && e.contains(what), "{text:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn hosts_accept_names_ipv4_and_bracketed_ipv6() {
+        let c = Config::parse(
+            "[database]\nhosts = [\"db.internal:5432\", \"10.0.0.2:6543\", \"[::1]:5432\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.database.hosts.len(), 3);
+    }
+}

@@ -1,0 +1,131 @@
+//! bulkhead: a resilient PostgreSQL connection proxy that runs beside each application node.
+//!
+//! Layout (see ARCHITECTURE.md for the whole map):
+//! - [`config`]: the TOML schema, validated into typed settings.
+//! - [`protocol`]: pure framing and the few messages bulkhead decodes; no I/O.
+//! - [`pipe`]: one direction of a session's bytes, framed in place.
+//! - `session`: one client's life, from the first packet to the last byte.
+//! - [`upstream`]: connecting to servers and sending cancel requests.
+//! - [`cancel`]: the map from the cancel keys clients hold to the servers' own.
+//! - [`errors`]: the one place that turns a failure into SQLSTATE, message and hint.
+//! - [`metrics`]: metric names and handles.
+//!
+//! State is passed, never global: [`Bulkhead`] owns everything one proxy needs, so a test can
+//! run several in one process.
+
+pub mod cancel;
+pub mod config;
+pub mod errors;
+pub mod metrics;
+pub mod pipe;
+pub mod protocol;
+mod session;
+pub mod upstream;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, error, info, info_span, warn};
+
+pub use config::Config;
+pub use metrics::Metrics;
+
+/// Where the proxy is in its life. Sessions watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Not accepting; sessions end at their next quiet point.
+    Draining,
+    /// The drain period is over: every session ends now.
+    Closing,
+}
+
+/// What every session of one proxy shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub cancels: cancel::Registry,
+    pub metrics: Metrics,
+    pub phase: watch::Receiver<Phase>,
+}
+
+/// One proxy instance.
+pub struct Bulkhead {
+    shared: Arc<Shared>,
+    phase: watch::Sender<Phase>,
+}
+
+impl Bulkhead {
+    pub fn new(config: Config) -> Self {
+        let (phase, phase_rx) = watch::channel(Phase::Running);
+        let shared = Arc::new(Shared {
+            config,
+            cancels: cancel::Registry::default(),
+            metrics: Metrics::new(),
+            phase: phase_rx,
+        });
+        Bulkhead { shared, phase }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Accepts clients on `listener` until `shutdown` resolves, then drains: stops accepting,
+    /// lets sessions finish their transaction for up to [timeouts] drain, then closes the rest
+    /// with 57P01. Returns when every session has ended.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        let (alive, mut all_ended) = mpsc::channel::<()>(1);
+        let mut next_id: u64 = 0;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        socket.set_nodelay(true).ok();
+                        next_id += 1;
+                        let span = info_span!("session", id = next_id, %peer);
+                        tokio::spawn(session::serve(self.shared.clone(), socket, alive.clone()).instrument(span));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        let drain = self.shared.config.timeouts.drain;
+        info!(
+            ?drain,
+            "draining: no new connections; sessions end when their transaction does"
+        );
+        self.phase.send_replace(Phase::Draining);
+        drop(alive);
+        if tokio::time::timeout(drain, all_ended.recv()).await.is_err() {
+            warn!("drain period over; closing the remaining sessions");
+            self.phase.send_replace(Phase::Closing);
+            all_ended.recv().await;
+        }
+        info!("all sessions ended");
+        Ok(())
+    }
+}
+
+/// Runs a proxy with `config` on `listener` until `shutdown` resolves and it has drained.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    Bulkhead::new(config).serve(listener, shutdown).await
+}

@@ -1,0 +1,107 @@
+//! The `bulkhead` command: arguments, logging and signals. Everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use bulkhead::Config;
+
+/// A resilient PostgreSQL connection proxy.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the configuration and exit: 0 if it is valid, 1 if not.
+    #[arg(long)]
+    check: bool,
+    /// How log lines are written to stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("bulkhead: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check {
+        println!("{}: valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulkhead: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config, args.config))
+}
+
+async fn serve(config: Config, path: PathBuf) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen.address).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(address = %config.listen.address, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(address = %config.listen.address, hosts = ?config.database.hosts, "listening");
+    let shutdown = async move {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: draining"); return; }
+                _ = int.recv() => { info!("SIGINT: draining"); return; }
+                _ = hup.recv() => match Config::load(&path) {
+                    // Live reload of settings arrives with the features that use them.
+                    Ok(_) => warn!("SIGHUP: configuration is valid; applying it needs a restart in this version"),
+                    Err(e) => error!(error = %e, "SIGHUP: configuration rejected; keeping the running one"),
+                },
+            }
+        }
+    };
+    match bulkhead::run(config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "stopped");
+            ExitCode::FAILURE
+        }
+    }
+}

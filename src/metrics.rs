@@ -1,0 +1,257 @@
+//! Metric names, descriptions and handles in one place (DESIGN.md §3.7).
+//!
+//! Each bulkhead instance owns its own Prometheus recorder instead of installing a process-wide
+//! one, so a test can run several proxies in one process and read each one's numbers. Handles
+//! are registered once, up front; recording a value is then an atomic operation with no lookup.
+
+use std::sync::Arc;
+
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+const METADATA: Metadata<'static> = Metadata::new("bulkhead", metrics::Level::INFO, None);
+
+/// A statement's class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Read,
+    Write,
+}
+
+impl Class {
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Read => "read",
+            Class::Write => "write",
+        }
+    }
+}
+
+/// How a statement ended, for bulkhead_statements_total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error,
+    Timeout,
+    Refused,
+    Shed,
+}
+
+const OUTCOMES: [(Outcome, &str); 5] = [
+    (Outcome::Ok, "ok"),
+    (Outcome::Error, "error"),
+    (Outcome::Timeout, "timeout"),
+    (Outcome::Refused, "refused"),
+    (Outcome::Shed, "shed"),
+];
+
+/// Per-class handles.
+#[derive(Clone)]
+pub struct ClassMetrics {
+    statements: [Counter; 5],
+    pub duration: Histogram,
+    pub inflight: Gauge,
+    pub limit: Gauge,
+}
+
+impl ClassMetrics {
+    pub fn statement(&self, outcome: Outcome) -> &Counter {
+        &self.statements[OUTCOMES
+            .iter()
+            .position(|(o, _)| *o == outcome)
+            .unwrap_or(0)]
+    }
+}
+
+/// Every handle the data path records into, and the renderer for /metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    pub client_connections: Gauge,
+    pub server_connections: Gauge,
+    pub cancels_sent: Counter,
+    pub read: ClassMetrics,
+    pub write: ClassMetrics,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ])
+            .expect("bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str, kind: u8| {
+            let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            match kind {
+                0 => recorder.describe_counter(name, unit, help),
+                1 => recorder.describe_gauge(name, unit, help),
+                _ => recorder.describe_histogram(name, unit, help),
+            }
+        };
+        describe(
+            "bulkhead_client_connections",
+            None,
+            "Client connections open now.",
+            1,
+        );
+        describe(
+            "bulkhead_server_connections",
+            None,
+            "Server connections open now.",
+            1,
+        );
+        describe(
+            "bulkhead_statements_total",
+            None,
+            "Statements by class (read, write) and outcome (ok, error, timeout, refused, shed).",
+            0,
+        );
+        describe(
+            "bulkhead_statement_duration_seconds",
+            Some(Unit::Seconds),
+            "Time from the server beginning a statement to its ReadyForQuery.",
+            2,
+        );
+        describe(
+            "bulkhead_cancels_sent_total",
+            None,
+            "CancelRequests bulkhead sent to servers because a deadline passed or a client left.",
+            0,
+        );
+        describe(
+            "bulkhead_inflight_statements",
+            None,
+            "Statements running on servers now.",
+            1,
+        );
+        describe(
+            "bulkhead_concurrency_limit",
+            None,
+            "Current limit on statements in flight.",
+            1,
+        );
+
+        let class = |c: Class| ClassMetrics {
+            statements: OUTCOMES.map(|(_, outcome)| {
+                counter(
+                    &recorder,
+                    "bulkhead_statements_total",
+                    &[("class", c.label()), ("outcome", outcome)],
+                )
+            }),
+            duration: recorder.register_histogram(
+                &Key::from_parts(
+                    "bulkhead_statement_duration_seconds",
+                    labels(&[("class", c.label())]),
+                ),
+                &METADATA,
+            ),
+            inflight: gauge(
+                &recorder,
+                "bulkhead_inflight_statements",
+                &[("class", c.label())],
+            ),
+            limit: gauge(
+                &recorder,
+                "bulkhead_concurrency_limit",
+                &[("class", c.label())],
+            ),
+        };
+        Metrics {
+            client_connections: gauge(&recorder, "bulkhead_client_connections", &[]),
+            server_connections: gauge(&recorder, "bulkhead_server_connections", &[]),
+            cancels_sent: counter(&recorder, "bulkhead_cancels_sent_total", &[]),
+            read: class(Class::Read),
+            write: class(Class::Write),
+            handle,
+            recorder: Arc::new(recorder),
+        }
+    }
+
+    pub fn class(&self, c: Class) -> &ClassMetrics {
+        match c {
+            Class::Read => &self.read,
+            Class::Write => &self.write,
+        }
+    }
+
+    /// Registers a counter later (labels known only at run time, such as a backend address).
+    pub fn counter(&self, name: &'static str, label_pairs: &[(&'static str, &str)]) -> Counter {
+        counter(&self.recorder, name, label_pairs)
+    }
+
+    /// Registers a gauge later.
+    pub fn gauge(&self, name: &'static str, label_pairs: &[(&'static str, &str)]) -> Gauge {
+        gauge(&self.recorder, name, label_pairs)
+    }
+
+    /// The Prometheus text exposition of everything recorded.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Vec<Label> {
+    pairs
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect()
+}
+
+fn counter(r: &PrometheusRecorder, name: &'static str, pairs: &[(&'static str, &str)]) -> Counter {
+    r.register_counter(&Key::from_parts(name, labels(pairs)), &METADATA)
+}
+
+fn gauge(r: &PrometheusRecorder, name: &'static str, pairs: &[(&'static str, &str)]) -> Gauge {
+    r.register_gauge(&Key::from_parts(name, labels(pairs)), &METADATA)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_metrics_render_with_help_and_labels() {
+        let m = Metrics::new();
+        m.client_connections.increment(2.0);
+        m.write.statement(Outcome::Timeout).increment(1);
+        m.read.duration.record(0.003);
+        let text = m.render();
+        assert!(
+            text.contains("# HELP bulkhead_client_connections"),
+            "{text}"
+        );
+        assert!(text.contains("bulkhead_client_connections 2"), "{text}");
+        assert!(
+            text.contains("bulkhead_statements_total{class=\"write\",outcome=\"timeout\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "bulkhead_statement_duration_seconds_bucket{class=\"read\",le=\"0.005\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn two_instances_do_not_share_numbers() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.cancels_sent.increment(5);
+        assert!(a.render().contains("bulkhead_cancels_sent_total 5"));
+        assert!(b.render().contains("bulkhead_cancels_sent_total 0"));
+    }
+}

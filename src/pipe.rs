@@ -1,0 +1,380 @@
+//! One direction of a session: bytes read from one peer, framed into messages in place, and
+//! written to the other peer.
+//!
+//! A message is held whole only when bulkhead must look inside it and it is no larger than
+//! [`INSPECT_LIMIT`]; every other message is forwarded as soon as its header has been read, and
+//! the rest of it streams through. So a 1 GiB DataRow or CopyData costs no more memory than a
+//! small one, and everything framed in one read goes out in one write.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::protocol::framing::{FrameError, Header, parse_header};
+
+/// The most of one message held for inspection. Statement text beyond it is not seen.
+pub const INSPECT_LIMIT: usize = 64 * 1024;
+
+/// Stop reading from the source while this much is buffered: backpressure.
+const HIGH_WATER: usize = 2 * INSPECT_LIMIT;
+
+/// Spare room made before each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, Default)]
+pub struct Pipe {
+    /// Bytes read from the source and not yet written to the destination.
+    buf: BytesMut,
+    /// `buf[..ready]` has been framed and may be written.
+    ready: usize,
+    /// Bytes of the current message still to come from the source. They pass through without
+    /// framing, so a large message is never held whole.
+    streaming: usize,
+    /// Messages bulkhead made itself, written after `buf[..ready]`. While any wait, framing
+    /// pauses, so nothing the source sends later can overtake them.
+    inject: BytesMut,
+    /// The source has closed.
+    eof: bool,
+}
+
+impl Pipe {
+    /// The header of the next message if it can be decided on now: a message whose tag
+    /// `inspect` selects needs its whole body (or [`INSPECT_LIMIT`] of it) buffered; any other
+    /// needs only its header. `Ok(None)` means read more first.
+    pub fn next(&self, inspect: impl Fn(u8) -> bool) -> Result<Option<Header>, FrameError> {
+        if self.streaming > 0 || !self.inject.is_empty() {
+            return Ok(None);
+        }
+        let unframed = &self.buf[self.ready..];
+        let Some(h) = parse_header(unframed)? else {
+            return Ok(None);
+        };
+        let needed = if inspect(h.tag) {
+            h.total().min(5 + INSPECT_LIMIT)
+        } else {
+            5
+        };
+        Ok((unframed.len() >= needed).then_some(h))
+    }
+
+    /// The body of the message `next` returned, as much of it as is buffered (all of it when
+    /// it was selected for inspection and fits in [`INSPECT_LIMIT`]).
+    pub fn body(&self, h: &Header) -> &[u8] {
+        let start = self.ready + 5;
+        let end = (self.ready + h.total()).min(self.buf.len());
+        &self.buf[start..end]
+    }
+
+    /// The buffered body, to be rewritten in place.
+    pub fn body_mut(&mut self, h: &Header) -> &mut [u8] {
+        let start = self.ready + 5;
+        let end = (self.ready + h.total()).min(self.buf.len());
+        &mut self.buf[start..end]
+    }
+
+    /// Whether the whole message is buffered.
+    pub fn is_whole(&self, h: &Header) -> bool {
+        self.buf.len() - self.ready >= h.total()
+    }
+
+    /// Passes the current message on; whatever of it has not arrived yet will stream.
+    pub fn forward(&mut self, h: &Header) {
+        let have = (self.buf.len() - self.ready).min(h.total());
+        self.ready += have;
+        self.streaming = h.total() - have;
+    }
+
+    /// Replaces the current message, which must be whole, with `with`.
+    pub fn replace(&mut self, h: &Header, with: &[u8]) {
+        debug_assert!(self.is_whole(h));
+        let (start, len) = (self.ready, h.total());
+        self.buf.copy_within(start + len.., start);
+        self.buf.truncate(self.buf.len() - len);
+        self.inject.extend_from_slice(with);
+    }
+
+    /// Puts bytes already read from the source (before the relay began) in front of the
+    /// stream, to be framed like any other.
+    pub fn preload(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Drops a message that has been read only in part and none of which was forwarded, so an
+    /// error of bulkhead's own can follow cleanly. Returns false if part of a message has
+    /// already gone out, when nothing the peer could parse can follow it.
+    pub fn discard_partial(&mut self) -> bool {
+        if self.streaming > 0 {
+            return false;
+        }
+        self.buf.truncate(self.ready);
+        true
+    }
+
+    /// Queues a message of bulkhead's own after everything framed so far.
+    pub fn inject(&mut self) -> &mut BytesMut {
+        &mut self.inject
+    }
+
+    /// Whether anything is waiting to be written.
+    pub fn has_output(&self) -> bool {
+        self.ready > 0 || !self.inject.is_empty()
+    }
+
+    /// Whether the source has been read to its end.
+    pub fn is_eof(&self) -> bool {
+        self.eof
+    }
+
+    /// Whether part of a message has been read but not all of it.
+    pub fn mid_message(&self) -> bool {
+        self.streaming > 0 || self.buf.len() > self.ready
+    }
+
+    /// Whether reading more is allowed now; false means the destination is behind.
+    pub fn wants_read(&self) -> bool {
+        !self.eof && self.buf.len() < HIGH_WATER
+    }
+
+    /// Reads what the source has. `Ready(Ok(0))` means it closed.
+    pub fn poll_read_from<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut R,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(source),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == 0 {
+            self.eof = true;
+        }
+        // Bytes of a message already being streamed need no framing.
+        let through = (self.buf.len() - self.ready).min(self.streaming);
+        self.ready += through;
+        self.streaming -= through;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes everything framed, then everything injected. `Ready(Ok(true))` if any bytes
+    /// went out, `Ready(Ok(false))` if there was nothing to write.
+    pub fn poll_write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dest: &mut W,
+    ) -> Poll<io::Result<bool>> {
+        let mut wrote = false;
+        while self.ready > 0 {
+            let n = ready!(Pin::new(&mut *dest).poll_write(cx, &self.buf[..self.ready]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.buf.advance(n);
+            self.ready -= n;
+            wrote = true;
+        }
+        while !self.inject.is_empty() {
+            let n = ready!(Pin::new(&mut *dest).poll_write(cx, &self.inject))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.inject.advance(n);
+            wrote = true;
+        }
+        if wrote {
+            ready!(Pin::new(&mut *dest).poll_flush(cx))?;
+        }
+        Poll::Ready(Ok(wrote))
+    }
+
+    /// Gives the buffers' memory back when nothing is in them, so an idle session costs
+    /// little. The next read allocates again.
+    pub fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+        if self.inject.is_empty() && self.inject.capacity() > 0 {
+            self.inject = BytesMut::new();
+        }
+    }
+
+    #[cfg(test)]
+    fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        let through = (self.buf.len() - self.ready).min(self.streaming);
+        self.ready += through;
+        self.streaming -= through;
+    }
+
+    #[cfg(test)]
+    fn take_output(&mut self) -> Vec<u8> {
+        let mut out = self.buf.split_to(self.ready).to_vec();
+        self.ready = 0;
+        out.extend_from_slice(&self.inject.split());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn inspect_queries(tag: u8) -> bool {
+        tag == b'Q'
+    }
+
+    /// Frames everything available, forwarding each message; returns the tags seen.
+    fn drain(p: &mut Pipe) -> Vec<u8> {
+        let mut tags = vec![];
+        while let Some(h) = p.next(inspect_queries).unwrap() {
+            tags.push(h.tag);
+            p.forward(&h);
+        }
+        tags
+    }
+
+    #[test]
+    fn two_messages_in_one_read_are_both_framed() {
+        let mut p = Pipe::default();
+        let mut bytes = msg(b'Q', b"SELECT 1\0");
+        bytes.extend(msg(b'S', b""));
+        p.feed(&bytes);
+        assert_eq!(drain(&mut p), b"QS");
+        assert_eq!(p.take_output(), bytes);
+        assert!(!p.mid_message());
+    }
+
+    #[test]
+    fn inspected_message_waits_until_whole() {
+        let bytes = msg(b'Q', b"SELECT 1\0");
+        let mut p = Pipe::default();
+        for i in 0..bytes.len() - 1 {
+            p.feed(&bytes[i..i + 1]);
+            assert!(
+                p.next(inspect_queries).unwrap().is_none(),
+                "after {} bytes",
+                i + 1
+            );
+        }
+        p.feed(&bytes[bytes.len() - 1..]);
+        let h = p.next(inspect_queries).unwrap().unwrap();
+        assert_eq!(p.body(&h), b"SELECT 1\0");
+        p.forward(&h);
+        assert_eq!(p.take_output(), bytes);
+    }
+
+    #[test]
+    fn uninspected_message_streams_after_its_header() {
+        let body = vec![7u8; 100_000];
+        let bytes = msg(b'd', &body);
+        let mut p = Pipe::default();
+        p.feed(&bytes[..3]);
+        assert!(p.next(inspect_queries).unwrap().is_none());
+        p.feed(&bytes[3..1000]);
+        let h = p.next(inspect_queries).unwrap().unwrap();
+        assert_eq!(h.tag, b'd');
+        p.forward(&h);
+        assert!(p.mid_message());
+        let mut out = p.take_output();
+        assert_eq!(out.len(), 1000);
+        // The rest arrives in pieces and passes straight through, unframed.
+        for chunk in bytes[1000..].chunks(30_000) {
+            p.feed(chunk);
+            assert!(p.next(inspect_queries).unwrap().is_none());
+            out.extend(p.take_output());
+        }
+        assert!(!p.mid_message());
+        assert_eq!(out, bytes);
+        // A message after it is framed again.
+        p.feed(&msg(b'S', b""));
+        assert_eq!(drain(&mut p), b"S");
+    }
+
+    #[test]
+    fn oversized_inspected_message_is_inspected_by_its_prefix_then_streamed() {
+        let mut text = b"SELECT '".to_vec();
+        text.extend(vec![b'x'; 200_000]);
+        text.extend_from_slice(b"'\0");
+        let bytes = msg(b'Q', &text);
+        let mut p = Pipe::default();
+        p.feed(&bytes[..5 + INSPECT_LIMIT - 1]);
+        assert!(p.next(inspect_queries).unwrap().is_none());
+        p.feed(&bytes[5 + INSPECT_LIMIT - 1..5 + INSPECT_LIMIT + 10]);
+        let h = p.next(inspect_queries).unwrap().unwrap();
+        assert!(!p.is_whole(&h));
+        assert!(p.body(&h).starts_with(b"SELECT '"));
+        assert_eq!(p.body(&h).len(), INSPECT_LIMIT + 10);
+        p.forward(&h);
+        let mut out = p.take_output();
+        p.feed(&bytes[5 + INSPECT_LIMIT + 10..]);
+        out.extend(p.take_output());
+        assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn bad_lengths_are_frame_errors() {
+        let mut p = Pipe::default();
+        p.feed(b"Q\0\0\0\x03");
+        assert!(matches!(
+            p.next(inspect_queries),
+            Err(FrameError::TooShort { .. })
+        ));
+        let mut p = Pipe::default();
+        p.feed(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            p.next(inspect_queries),
+            Err(FrameError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn replaced_message_keeps_its_place_in_the_stream() {
+        let mut p = Pipe::default();
+        let mut bytes = msg(b'A', b"1");
+        bytes.extend(msg(b'K', b"12345678"));
+        bytes.extend(msg(b'Z', b"I"));
+        p.feed(&bytes);
+        let h = p.next(|_| true).unwrap().unwrap();
+        p.forward(&h);
+        let h = p.next(|_| true).unwrap().unwrap();
+        assert_eq!(h.tag, b'K');
+        p.replace(&h, &msg(b'K', b"abcdefgh"));
+        // Framing pauses until the replacement is written, so Z cannot overtake it.
+        assert!(p.next(|_| true).unwrap().is_none());
+        let mut out = p.take_output();
+        out.extend(drain_all(&mut p));
+        let mut want = msg(b'A', b"1");
+        want.extend(msg(b'K', b"abcdefgh"));
+        want.extend(msg(b'Z', b"I"));
+        assert_eq!(out, want);
+    }
+
+    fn drain_all(p: &mut Pipe) -> Vec<u8> {
+        drain(p);
+        p.take_output()
+    }
+
+    #[test]
+    fn release_gives_back_memory_only_when_empty() {
+        let mut p = Pipe::default();
+        p.feed(&msg(b'Q', b"SELECT 1\0"));
+        p.release_if_empty();
+        assert!(p.buf.capacity() > 0);
+        drain_all(&mut p);
+        p.release_if_empty();
+        assert_eq!(p.buf.capacity(), 0);
+    }
+}

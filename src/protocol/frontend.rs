@@ -1,0 +1,71 @@
+//! Messages a client sends, and the fields of the few bulkhead looks inside. Every decoder
+//! takes a message body (after the five header bytes) that may be truncated; a field that does
+//! not fit is `None`.
+
+use super::cstr;
+
+pub const BIND_TAG: u8 = b'B';
+pub const CLOSE_TAG: u8 = b'C';
+pub const COPY_DATA_TAG: u8 = b'd';
+pub const COPY_DONE_TAG: u8 = b'c';
+pub const COPY_FAIL_TAG: u8 = b'f';
+pub const DESCRIBE_TAG: u8 = b'D';
+pub const EXECUTE_TAG: u8 = b'E';
+pub const FLUSH_TAG: u8 = b'H';
+pub const FUNCTION_CALL_TAG: u8 = b'F';
+pub const PARSE_TAG: u8 = b'P';
+pub const PASSWORD_TAG: u8 = b'p';
+pub const QUERY_TAG: u8 = b'Q';
+pub const SYNC_TAG: u8 = b'S';
+pub const TERMINATE_TAG: u8 = b'X';
+
+/// The statement text of a Query; without the terminator if it was cut off.
+pub fn query_text(body: &[u8]) -> &[u8] {
+    cstr(body).map_or(body, |(text, _)| text)
+}
+
+/// Statement name and text of a Parse. The text may be cut short if the body was.
+pub fn parse_message(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (name, rest) = cstr(body)?;
+    Some((name, query_text(rest)))
+}
+
+/// Portal and statement names of a Bind.
+pub fn bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (portal, rest) = cstr(body)?;
+    let (statement, _) = cstr(rest)?;
+    Some((portal, statement))
+}
+
+/// Portal name of an Execute.
+pub fn execute_portal(body: &[u8]) -> Option<&[u8]> {
+    cstr(body).map(|(portal, _)| portal)
+}
+
+/// What a Close names: `(b'S', statement)` or `(b'P', portal)`.
+pub fn close_target(body: &[u8]) -> Option<(u8, &[u8])> {
+    let (&kind, rest) = body.split_first()?;
+    let (name, _) = cstr(rest)?;
+    Some((kind, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoders_read_their_fields() {
+        assert_eq!(query_text(b"SELECT 1\0"), b"SELECT 1");
+        assert_eq!(query_text(b"SELECT 1 /* cut"), b"SELECT 1 /* cut");
+        assert_eq!(
+            parse_message(b"s1\0INSERT INTO t VALUES ($1)\0\0\0"),
+            Some((&b"s1"[..], &b"INSERT INTO t VALUES ($1)"[..]))
+        );
+        assert_eq!(parse_message(b"no terminator"), None);
+        assert_eq!(bind_names(b"\0s1\0\0\0"), Some((&b""[..], &b"s1"[..])));
+        assert_eq!(bind_names(b"p\0"), None);
+        assert_eq!(execute_portal(b"p1\0\0\0\0\0"), Some(&b"p1"[..]));
+        assert_eq!(close_target(b"Ss1\0"), Some((b'S', &b"s1"[..])));
+        assert_eq!(close_target(b""), None);
+    }
+}

@@ -1,0 +1,478 @@
+//! One client's life: the first packet, the server connection, the relay, and a clean end.
+//!
+//! The relay is one task that polls both directions itself, so neither can block the other:
+//! a client busy sending COPY data while the server sends notices makes progress both ways.
+
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep, timeout};
+use tracing::{debug, info, warn};
+
+use crate::cancel::Target;
+use crate::errors::Refusal;
+use crate::pipe::Pipe;
+use crate::protocol::backend::{self, Severity, TxStatus};
+use crate::protocol::framing::FrameError;
+use crate::protocol::{frontend, startup};
+use crate::upstream;
+use crate::{Phase, Shared};
+
+/// How long bulkhead's last words to a client may take to write before it gives up on them.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves one accepted client connection to its end. `_alive` is dropped when the session
+/// ends, which is how the server knows it has drained.
+pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mpsc::Sender<()>) {
+    let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
+    let started = Instant::now();
+    let startup_deadline = started + shared.config.timeouts.startup;
+    let first = match timeout_at(startup_deadline, read_first_packet(&shared, &mut client)).await {
+        Ok(Ok(Some(first))) => first,
+        Ok(Ok(None)) => return,
+        Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
+        Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
+    };
+    let (mut server, addr) = match upstream::connect(&shared.config.database).await {
+        Ok(connected) => connected,
+        Err(why) => {
+            warn!(%why, "no server accepted the connection");
+            return refuse(&mut client, Refusal::NoServer(why)).await;
+        }
+    };
+    let _server_gauge = GaugeGuard::new(&shared.metrics.server_connections);
+    debug!(server = %addr, "connected to server");
+    if let Err(e) = server.write_all(&first.packet).await {
+        return refuse(&mut client, Refusal::ServerLost(e.to_string())).await;
+    }
+    let mut relay = Relay::new(client, server, addr, first.leftover);
+    relay.deadline.as_mut().reset(startup_deadline);
+    let end = relay.run(&shared).await;
+    if let Some(pid) = relay.client_pid {
+        shared.cancels.remove(pid);
+    }
+    relay.finish(&shared, end).await;
+}
+
+/// A StartupMessage to forward, and anything the client sent after it.
+struct FirstPacket {
+    packet: BytesMut,
+    leftover: BytesMut,
+}
+
+/// Reads the first packet, answering encryption requests and handling cancel requests on the
+/// way. `Ok(None)` means the connection has nothing more to do (a cancel, or the client left).
+async fn read_first_packet(
+    shared: &Shared,
+    client: &mut TcpStream,
+) -> Result<Option<FirstPacket>, Refusal> {
+    let mut buf = BytesMut::with_capacity(512);
+    let mut negotiations = 0;
+    loop {
+        let parsed = startup::parse(&buf).map_err(|e| match e {
+            startup::StartupError::UnsupportedProtocol { .. } => {
+                Refusal::UnsupportedProtocol(e.to_string())
+            }
+            _ => Refusal::ClientProtocol(e.to_string()),
+        })?;
+        let Some((packet, len)) = parsed else {
+            match client.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => continue,
+            }
+        };
+        match packet {
+            startup::Startup::SslRequest | startup::Startup::GssEncRequest => {
+                negotiations += 1;
+                if negotiations > 2 {
+                    return Err(Refusal::ClientProtocol(
+                        "too many encryption requests".into(),
+                    ));
+                }
+                buf.advance(len);
+                // No TLS or GSSAPI here: 'N' tells the client to go on in plaintext.
+                if client.write_all(b"N").await.is_err() {
+                    return Ok(None);
+                }
+            }
+            startup::Startup::Cancel { pid, key } => {
+                forward_cancel(shared, pid, key).await;
+                return Ok(None);
+            }
+            startup::Startup::Start { params, .. } => {
+                debug!(
+                    user = params.get("user").unwrap_or(""),
+                    database = params.get("database").unwrap_or(""),
+                    "startup"
+                );
+                let packet = buf.split_to(len);
+                return Ok(Some(FirstPacket {
+                    packet,
+                    leftover: buf,
+                }));
+            }
+        }
+    }
+}
+
+/// Passes a client's CancelRequest to the backend its key stands for; drops it when the key is
+/// not a live session's, so no client can cancel another's statement.
+async fn forward_cancel(shared: &Shared, pid: i32, key: &[u8]) {
+    match shared.cancels.lookup(pid, key) {
+        Some(target) => {
+            debug!(pid, server = %target.addr, "forwarding client cancel request");
+            if let Err(e) = upstream::send_cancel(
+                target.addr,
+                target.pid,
+                &target.key,
+                shared.config.database.connect_timeout,
+            )
+            .await
+            {
+                warn!(error = %e, "could not forward cancel request");
+            }
+        }
+        None => debug!(pid, "dropped cancel request with an unknown key"),
+    }
+}
+
+/// Sends a refusal to a client that has no server yet, then closes.
+async fn refuse(client: &mut TcpStream, refusal: Refusal) {
+    info!(?refusal, "refusing connection");
+    let mut out = BytesMut::new();
+    refusal.write(&mut out);
+    let _ = timeout(FAREWELL_TIMEOUT, async {
+        client.write_all(&out).await?;
+        client.shutdown().await
+    })
+    .await;
+}
+
+async fn timeout_at<F: std::future::Future>(
+    deadline: Instant,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::time::timeout_at(deadline, f).await
+}
+
+/// Why the relay stopped.
+#[derive(Debug)]
+enum End {
+    /// The client closed its connection (after Terminate or not).
+    ClientLeft,
+    /// The client broke the protocol.
+    ClientBroke(String),
+    /// The server closed or broke its connection.
+    ServerLost(String),
+    /// The session reached a point where it can close without losing anything, while draining.
+    Drained,
+    /// bulkhead is closing every session now.
+    Closing,
+    /// The client did not finish startup in time.
+    StartupTimeout,
+}
+
+struct Relay {
+    client: TcpStream,
+    server: TcpStream,
+    /// Client to server.
+    up: Pipe,
+    /// Server to client.
+    down: Pipe,
+    /// The server address this session is connected to; cancels go there.
+    server_addr: SocketAddr,
+    /// The server's own cancel key, once it has sent BackendKeyData.
+    server_key: Option<(i32, Vec<u8>)>,
+    /// The process id bulkhead gave the client, to unregister at the end.
+    client_pid: Option<i32>,
+    /// The first ReadyForQuery has been seen: authentication is over.
+    authenticated: bool,
+    /// Transaction status from the last ReadyForQuery.
+    tx: TxStatus,
+    /// Requests sent (Query, FunctionCall, Sync) whose ReadyForQuery has not come back.
+    pending: u32,
+    /// The server's last ErrorResponse was FATAL: it has told the client why it is leaving.
+    server_said_fatal: bool,
+    /// The client sent Terminate.
+    client_terminated: bool,
+    /// bulkhead is draining: end the session at its next quiet point.
+    draining: bool,
+    /// One timer for the session: the startup deadline, later statement deadlines.
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl Relay {
+    fn new(
+        client: TcpStream,
+        server: TcpStream,
+        server_addr: SocketAddr,
+        leftover: BytesMut,
+    ) -> Self {
+        let mut up = Pipe::default();
+        up.preload(&leftover);
+        Relay {
+            client,
+            server,
+            up,
+            down: Pipe::default(),
+            server_addr,
+            server_key: None,
+            client_pid: None,
+            authenticated: false,
+            tx: TxStatus::Idle,
+            pending: 0,
+            server_said_fatal: false,
+            client_terminated: false,
+            draining: false,
+            deadline: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+        }
+    }
+
+    /// Relays until the session has to end, and says why.
+    async fn run(&mut self, shared: &Shared) -> End {
+        let mut phase = shared.phase.clone();
+        if *phase.borrow_and_update() != Phase::Running {
+            return End::Closing;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                changed = phase.changed() => {
+                    let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closing };
+                    match now {
+                        Phase::Running => {}
+                        Phase::Draining if self.is_quiet() => return End::Drained,
+                        Phase::Draining => self.draining = true,
+                        Phase::Closing => return End::Closing,
+                    }
+                }
+                end = poll_fn(|cx| self.poll_relay(cx, shared)) => return end,
+            }
+        }
+    }
+
+    /// Moves bytes both ways until something ends the session. Returns `Pending` when neither
+    /// side can make progress.
+    fn poll_relay(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Poll<End> {
+        loop {
+            let mut progress = false;
+
+            if self.up.wants_read() {
+                match self.up.poll_read_from(cx, &mut self.client) {
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(e)) => {
+                        debug!(error = %e, "client connection failed");
+                        return Poll::Ready(End::ClientLeft);
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if let Err(e) = self.frame_client() {
+                return Poll::Ready(End::ClientBroke(e.to_string()));
+            }
+            match self.up.poll_write_to(cx, &mut self.server) {
+                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Err(e)) => return Poll::Ready(End::ServerLost(e.to_string())),
+                Poll::Pending => {}
+            }
+
+            if self.down.wants_read() {
+                match self.down.poll_read_from(cx, &mut self.server) {
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(End::ServerLost(e.to_string())),
+                    Poll::Pending => {}
+                }
+            }
+            if let Err(why) = self.frame_server(shared) {
+                return Poll::Ready(End::ServerLost(why));
+            }
+            match self.down.poll_write_to(cx, &mut self.client) {
+                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "client connection failed");
+                    return Poll::Ready(End::ClientLeft);
+                }
+                Poll::Pending => {}
+            }
+
+            if self.down.is_eof() && !self.down.has_output() {
+                return Poll::Ready(End::ServerLost("the server closed the connection".into()));
+            }
+            if self.up.is_eof() && !self.up.has_output() {
+                return Poll::Ready(End::ClientLeft);
+            }
+            if self.draining && self.is_quiet() {
+                return Poll::Ready(End::Drained);
+            }
+            if !self.authenticated && self.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::StartupTimeout);
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Frames what the client sent and keeps count of requests.
+    fn frame_client(&mut self) -> Result<(), FrameError> {
+        while let Some(h) = self.up.next(|_| false)? {
+            if self.authenticated {
+                match h.tag {
+                    frontend::QUERY_TAG | frontend::FUNCTION_CALL_TAG | frontend::SYNC_TAG => {
+                        self.pending += 1
+                    }
+                    frontend::TERMINATE_TAG => self.client_terminated = true,
+                    _ => {}
+                }
+            }
+            self.up.forward(&h);
+        }
+        Ok(())
+    }
+
+    /// Frames what the server sent: swaps its cancel key for the client's own, and follows
+    /// ReadyForQuery and fatal errors.
+    fn frame_server(&mut self, shared: &Shared) -> Result<(), String> {
+        let inspect = |tag| {
+            matches!(
+                tag,
+                backend::READY_FOR_QUERY_TAG
+                    | backend::ERROR_RESPONSE_TAG
+                    | backend::BACKEND_KEY_DATA_TAG
+            )
+        };
+        while let Some(h) = self
+            .down
+            .next(inspect)
+            .map_err(|e| format!("invalid message from server: {e}"))?
+        {
+            match h.tag {
+                backend::READY_FOR_QUERY_TAG => {
+                    let status = match self.down.body(&h) {
+                        [b] => TxStatus::from_byte(*b),
+                        _ => None,
+                    }
+                    .ok_or("invalid ReadyForQuery from server")?;
+                    self.tx = status;
+                    if self.authenticated {
+                        self.pending = self.pending.saturating_sub(1);
+                    } else {
+                        self.authenticated = true;
+                    }
+                }
+                backend::ERROR_RESPONSE_TAG => {
+                    let info = backend::error_info(self.down.body(&h));
+                    self.server_said_fatal =
+                        matches!(info.severity, Severity::Fatal | Severity::Panic);
+                }
+                backend::BACKEND_KEY_DATA_TAG if !self.authenticated && self.down.is_whole(&h) => {
+                    let (pid, key) = backend::backend_key_data(self.down.body(&h))
+                        .ok_or("invalid BackendKeyData from server")?;
+                    let target = Target {
+                        addr: self.server_addr,
+                        pid,
+                        key: key.to_vec(),
+                    };
+                    self.server_key = Some((pid, key.to_vec()));
+                    let (client_pid, secret) = shared.cancels.register(target);
+                    self.client_pid = Some(client_pid);
+                    let mut own = BytesMut::with_capacity(13);
+                    backend::write_backend_key_data(&mut own, client_pid, &secret);
+                    self.down.replace(&h, &own);
+                    continue;
+                }
+                _ => {}
+            }
+            self.down.forward(&h);
+        }
+        Ok(())
+    }
+
+    /// Nothing in flight and no transaction open: closing now loses nothing.
+    fn is_quiet(&self) -> bool {
+        self.authenticated
+            && self.pending == 0
+            && self.tx == TxStatus::Idle
+            && !self.up.mid_message()
+            && !self.up.has_output()
+    }
+
+    /// Ends the session: tells the client why when it should hear it, cancels a statement the
+    /// server may still be running, and closes both connections.
+    async fn finish(&mut self, shared: &Shared, end: End) {
+        let refusal = match &end {
+            End::ClientLeft => None,
+            End::ClientBroke(why) => Some(Refusal::ClientProtocol(why.clone())),
+            End::ServerLost(_) if self.server_said_fatal => None,
+            End::ServerLost(why) => Some(Refusal::ServerLost(why.clone())),
+            End::Drained | End::Closing => Some(Refusal::ShuttingDown),
+            End::StartupTimeout => Some(Refusal::StartupTimeout),
+        };
+        match &end {
+            End::ClientLeft | End::Drained => debug!(?end, "session ended"),
+            _ => info!(?end, "session ended"),
+        }
+        let server_running = self.pending > 0 || self.up.mid_message();
+        if server_running && !matches!(end, End::ServerLost(_)) {
+            self.cancel_on_server(shared);
+        }
+        if self.is_quiet() && !self.client_terminated {
+            // A polite goodbye keeps the server's log free of "unexpected EOF" lines.
+            let _ = timeout(FAREWELL_TIMEOUT, self.server.write_all(b"X\0\0\0\x04")).await;
+        }
+        if let Some(refusal) = refusal {
+            // A message half-sent to the client cannot be followed by an error it could parse.
+            if self.down.discard_partial() {
+                refusal.write(self.down.inject());
+            }
+        }
+        let client = &mut self.client;
+        let down = &mut self.down;
+        let _ = timeout(FAREWELL_TIMEOUT, async {
+            poll_fn(|cx| down.poll_write_to(cx, client)).await?;
+            client.shutdown().await
+        })
+        .await;
+    }
+
+    /// Sends a CancelRequest for whatever the server is running for this session. Runs on its
+    /// own task so closing the session does not wait for it.
+    fn cancel_on_server(&self, shared: &Shared) {
+        let Some((pid, key)) = self.server_key.clone() else {
+            return;
+        };
+        shared.metrics.cancels_sent.increment(1);
+        let addr = self.server_addr;
+        let within = shared.config.database.connect_timeout + shared.config.timeouts.cancel_grace;
+        info!(server = %addr, pid, "cancelling the statement of a session that ended");
+        tokio::spawn(async move {
+            if let Err(e) = upstream::send_cancel(addr, pid, &key, within).await {
+                warn!(error = %e, "cancel request failed");
+            }
+        });
+    }
+}
+
+/// Increments a gauge now and decrements it when dropped.
+struct GaugeGuard(metrics::Gauge);
+
+impl GaugeGuard {
+    fn new(g: &metrics::Gauge) -> Self {
+        g.increment(1.0);
+        GaugeGuard(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
