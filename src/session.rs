@@ -4,6 +4,7 @@
 //! a client busy sending COPY data while the server sends notices makes progress both ways.
 
 use std::future::{Future, poll_fn};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -144,6 +145,15 @@ async fn forward_cancel(shared: &Shared, pid: i32, key: &[u8]) {
     }
 }
 
+/// After a half-close, reads until the client closes too. Closing a socket that still has
+/// unread input makes the kernel send a reset, and a reset can destroy the last words the
+/// client has not read yet.
+async fn linger(client: &mut TcpStream) -> io::Result<()> {
+    let mut sink = [0u8; 512];
+    while client.read(&mut sink).await? > 0 {}
+    Ok(())
+}
+
 /// Sends a refusal to a client that has no server yet, then closes.
 async fn refuse(client: &mut TcpStream, refusal: Refusal) {
     info!(?refusal, "refusing connection");
@@ -151,7 +161,8 @@ async fn refuse(client: &mut TcpStream, refusal: Refusal) {
     refusal.write(&mut out);
     let _ = timeout(FAREWELL_TIMEOUT, async {
         client.write_all(&out).await?;
-        client.shutdown().await
+        client.shutdown().await?;
+        linger(client).await
     })
     .await;
 }
@@ -438,7 +449,8 @@ impl Relay {
         let down = &mut self.down;
         let _ = timeout(FAREWELL_TIMEOUT, async {
             poll_fn(|cx| down.poll_write_to(cx, client)).await?;
-            client.shutdown().await
+            client.shutdown().await?;
+            linger(client).await
         })
         .await;
     }

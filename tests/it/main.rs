@@ -1,0 +1,5 @@
+//! Integration tests: real PostgreSQL servers started by the suite, real clients, bulkhead in
+//! process (or as the real binary where signals matter).
+
+mod passthrough;
+mod support;

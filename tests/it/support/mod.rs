@@ -1,0 +1,394 @@
+//! What the integration tests stand on: throwaway PostgreSQL clusters, an in-process bulkhead
+//! on port 0, a raw protocol client for byte-level cases, and polling with a deadline.
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bulkhead::{Bulkhead, Config};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+
+/// The unprivileged user the server runs as when the tests run as root.
+const SERVER_USER: &str = "postgres";
+
+/// Directory holding initdb, pg_ctl and postgres. `BULKHEAD_PG_BIN` overrides the search.
+pub fn pg_bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Ok(dir) = std::env::var("BULKHEAD_PG_BIN") {
+            return PathBuf::from(dir);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|bin| bin.join("initdb").exists())
+            .collect();
+        // Highest major version first.
+        found.sort_by_key(|p| {
+            let v = p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok());
+            std::cmp::Reverse(v.unwrap_or(0))
+        });
+        if let Some(dir) = found.into_iter().next() {
+            return dir;
+        }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if dir.join("initdb").exists() {
+                return dir;
+            }
+        }
+        panic!(
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in /usr/lib/postgresql/*/bin \
+             or via pg_config. Install them with `apt-get install -y postgresql` or point BULKHEAD_PG_BIN at them."
+        )
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command for a server binary, run as the unprivileged user when we are root.
+fn server_command(program: &str) -> Command {
+    let path = pg_bin_dir().join(program);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", SERVER_USER, "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn give_to_server_user(path: &Path) {
+    if is_root() {
+        run(
+            Command::new("chown").args(["-R", SERVER_USER]).arg(path),
+            "chown",
+        );
+    }
+}
+
+/// A cluster initialised once per test run; each test copies it, which is far faster than initdb.
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let version = pg_bin_dir()
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        let dir = base.join(format!("pg-template-{}", version.unwrap_or_default()));
+        if dir.join("PG_VERSION").exists() {
+            return dir;
+        }
+        let building = base.join(format!("pg-template-building-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&building);
+        std::fs::create_dir_all(&building).unwrap();
+        give_to_server_user(&building);
+        let mut initdb = server_command("initdb");
+        initdb.arg("-D").arg(&building).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
+        run(&mut initdb, "initdb");
+        std::fs::write(
+            building.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all scram_user 127.0.0.1/32 scram-sha-256\n\
+             host all md5_user 127.0.0.1/32 md5\n\
+             host all all 127.0.0.1/32 trust\n\
+             host replication all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        give_to_server_user(&building);
+        // Another test process may have won the race; either copy is good.
+        if std::fs::rename(&building, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&building);
+        }
+        dir
+    })
+}
+
+/// A throwaway PostgreSQL server on a free loopback port, stopped and removed when dropped.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Cluster {
+    /// Starts a cluster with the given extra postgresql.conf lines.
+    pub fn start_with(settings: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-pg-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        run(
+            Command::new("cp").arg("-a").arg(template()).arg(&data),
+            "copy template cluster",
+        );
+        let mut conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             fsync = off\nfull_page_writes = off\nmax_connections = 200\n\
+             wal_level = replica\nmax_wal_senders = 5\nhot_standby = on\nlog_min_messages = warning\n",
+            dir.path().display()
+        );
+        for line in settings {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+            .unwrap();
+        give_to_server_user(dir.path());
+        let mut cluster = Cluster { dir, port: 0 };
+        cluster.start_on_free_port();
+        cluster
+    }
+
+    pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    fn start_on_free_port(&mut self) {
+        for attempt in 0..5 {
+            self.port = free_port();
+            std::fs::write(
+                self.data().join("postgresql.auto.conf"),
+                format!("port = {}\n", self.port),
+            )
+            .unwrap();
+            give_to_server_user(&self.data());
+            let mut cmd = self.pg_ctl();
+            cmd.args(["start", "-w", "-t", "60", "-l"])
+                .arg(self.dir.path().join("server.log"));
+            let out = cmd.output().expect("run pg_ctl");
+            if out.status.success() {
+                return;
+            }
+            eprintln!(
+                "pg_ctl start failed (attempt {attempt}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        panic!("could not start PostgreSQL; its log:\n{}", self.log());
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn pg_ctl(&self) -> Command {
+        let mut c = server_command("pg_ctl");
+        c.arg("-D").arg(self.data());
+        c
+    }
+
+    /// `pg_ctl stop -m MODE` (smart, fast or immediate).
+    pub fn stop(&self, mode: &str) {
+        let mut c = self.pg_ctl();
+        c.args(["stop", "-w", "-m", mode]);
+        run(&mut c, "pg_ctl stop");
+    }
+
+    /// Starts a stopped cluster again on the same port.
+    pub fn start_again(&self) {
+        let mut c = self.pg_ctl();
+        c.args(["start", "-w", "-t", "60", "-l"])
+            .arg(self.dir.path().join("server.log"));
+        run(&mut c, "pg_ctl start");
+    }
+
+    /// A direct connection, not through bulkhead, as the superuser.
+    pub async fn connect(&self) -> Client {
+        connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        ))
+        .await
+    }
+
+    /// Runs SQL directly against the server with psql and returns its unaligned output.
+    pub fn psql(&self, sql: &str) -> String {
+        let mut c = Command::new("psql");
+        c.args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["-p", &self.port.to_string(), "-c", sql]);
+        run(&mut c, "psql").trim().to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self
+            .pg_ctl()
+            .args(["stop", "-w", "-m", "immediate"])
+            .output();
+    }
+}
+
+/// A port nobody listens on right now. Another process could take it before we do; callers
+/// that bind it retry.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects with tokio-postgres and drives the connection on its own task.
+pub async fn connect(params: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(params, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {params}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A bulkhead running in this process on a port of its own.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub bulkhead: Arc<Bulkhead>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// A configuration that points at `cluster` and otherwise keeps the defaults.
+pub fn config_for(cluster: &Cluster) -> Config {
+    let mut config = Config::default();
+    config.database.hosts = vec![cluster.addr()];
+    config
+}
+
+impl Proxy {
+    pub async fn start(config: Config) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bulkhead = Arc::new(Bulkhead::new(config));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let b = bulkhead.clone();
+        let task = tokio::spawn(async move {
+            b.serve(listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Proxy {
+            addr,
+            bulkhead,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn params(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            self.addr.port()
+        )
+    }
+
+    /// A tokio-postgres session through bulkhead, as the superuser.
+    pub async fn connect(&self) -> Client {
+        connect(&self.params("postgres")).await
+    }
+
+    /// Stops accepting, drains and waits for the proxy to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, or panics after `within` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The SQLSTATE of a tokio-postgres error, or a panic that shows the error.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    match e.code() {
+        Some(code) => code.code().to_string(),
+        None => panic!("expected a server error with a SQLSTATE, got: {e:?}"),
+    }
+}
