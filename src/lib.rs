@@ -14,6 +14,7 @@
 //! run several in one process.
 
 pub mod cancel;
+pub mod classify;
 pub mod config;
 pub mod errors;
 pub mod metrics;

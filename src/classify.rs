@@ -1,0 +1,481 @@
+//! Statement classification: is this text a read, a write, or the end of a transaction?
+//!
+//! Looks only at tokens: comments, string literals, quoted identifiers and dollar-quoted bodies
+//! are skipped, so a keyword inside them counts for nothing. A multi-statement string is as
+//! strong as its strongest statement. Anything not recognised as a read is a write: a wrong
+//! "write" costs a shorter deadline, a wrong "read" could hang a client behind a stuck commit.
+
+/// What a statement does, as far as its text tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Read,
+    /// COMMIT, END or PREPARE TRANSACTION: a write if the transaction wrote, else a read.
+    Commit,
+    Write,
+}
+
+/// Classifies statement text. `complete` is false when only a prefix of the text was seen;
+/// then anything that looks like a read is taken as a write, since the unseen rest could write.
+pub fn classify(sql: &[u8], complete: bool) -> Kind {
+    let mut kind = Kind::Read;
+    let mut tokens = Tokens::new(sql);
+    let mut start = 0;
+    loop {
+        let token = tokens.next();
+        if matches!(token, None | Some(Token::Semicolon)) {
+            let end = if token.is_none() {
+                sql.len()
+            } else {
+                tokens.at - 1
+            };
+            kind = kind.max(classify_statement(&sql[start..end]));
+            start = tokens.at;
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    if !complete && kind == Kind::Read {
+        Kind::Write
+    } else {
+        kind
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token<'a> {
+    Word(&'a [u8]),
+    Open,
+    Close,
+    Semicolon,
+    /// Literals, quoted identifiers, parameters, operators: anything that is not a keyword.
+    Other,
+}
+
+impl Token<'_> {
+    fn is(&self, keyword: &str) -> bool {
+        matches!(self, Token::Word(w) if w.eq_ignore_ascii_case(keyword.as_bytes()))
+    }
+}
+
+/// Classifies one statement (no top-level semicolons). Scans its text again for each rule
+/// instead of collecting tokens, so classification allocates nothing.
+fn classify_statement(text: &[u8]) -> Kind {
+    // Leading parentheses: "(SELECT 1) UNION (SELECT 2)".
+    let mut tokens = Tokens::new(text).skip_while(|t| *t == Token::Open);
+    let Some(first) = tokens.next() else {
+        return Kind::Read;
+    };
+    let second = tokens.next();
+    let second_is = |k: &str| second.is_some_and(|t| t.is(k));
+    let Token::Word(word) = first else {
+        return Kind::Write;
+    };
+    let is = |k: &str| word.eq_ignore_ascii_case(k.as_bytes());
+    if is("SELECT") || is("VALUES") || is("TABLE") || is("DECLARE") {
+        select_like(text, is("DECLARE"))
+    } else if is("WITH") {
+        let writes = Tokens::new(text)
+            .any(|t| t.is("INSERT") || t.is("UPDATE") || t.is("DELETE") || t.is("MERGE"));
+        if writes {
+            Kind::Write
+        } else {
+            select_like(text, false)
+        }
+    } else if is("EXPLAIN") {
+        explain(text)
+    } else if is("COPY") {
+        copy(text)
+    } else if is("COMMIT") || is("END") {
+        // COMMIT PREPARED finishes a prepared transaction: always a write.
+        if second_is("PREPARED") {
+            Kind::Write
+        } else {
+            Kind::Commit
+        }
+    } else if is("PREPARE") && second_is("TRANSACTION") {
+        Kind::Commit
+    } else if is("ROLLBACK") || is("ABORT") {
+        if second_is("PREPARED") {
+            Kind::Write
+        } else {
+            Kind::Read
+        }
+    } else if [
+        "SHOW",
+        "SET",
+        "RESET",
+        "BEGIN",
+        "START",
+        "SAVEPOINT",
+        "RELEASE",
+        "FETCH",
+        "MOVE",
+        "CLOSE",
+        "LISTEN",
+        "UNLISTEN",
+        "DISCARD",
+        "DEALLOCATE",
+        "PREPARE",
+    ]
+    .iter()
+    .any(|k| is(k))
+    {
+        Kind::Read
+    } else {
+        Kind::Write
+    }
+}
+
+/// SELECT and its relatives read, unless they lock rows (FOR UPDATE / SHARE), create a table
+/// (SELECT INTO), or call a sequence function.
+fn select_like(text: &[u8], cursor: bool) -> Kind {
+    let mut tokens = Tokens::new(text).peekable();
+    while let Some(t) = tokens.next() {
+        let next = tokens.peek().copied();
+        let locks = t.is("FOR")
+            && next.is_some_and(|n| n.is("UPDATE") || n.is("SHARE") || n.is("NO") || n.is("KEY"));
+        let creates = t.is("INTO") && !cursor;
+        let sequence = (t.is("NEXTVAL") || t.is("SETVAL")) && next == Some(Token::Open);
+        if locks || creates || sequence {
+            return Kind::Write;
+        }
+    }
+    Kind::Read
+}
+
+/// EXPLAIN reads, but EXPLAIN ANALYZE runs the statement, so it is what the statement is.
+fn explain(text: &[u8]) -> Kind {
+    if !Tokens::new(text).any(|t| t.is("ANALYZE") || t.is("ANALYSE")) {
+        return Kind::Read;
+    }
+    const INNER: [&str; 11] = [
+        "SELECT", "VALUES", "TABLE", "WITH", "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE",
+        "EXECUTE", "DECLARE",
+    ];
+    let mut tokens = Tokens::new(text);
+    while let Some(t) = tokens.next() {
+        if INNER.iter().any(|k| t.is(k)) {
+            let Token::Word(w) = t else { unreachable!() };
+            return classify_statement(&text[tokens.at - w.len()..]);
+        }
+    }
+    Kind::Write
+}
+
+/// COPY ... FROM writes; COPY ... TO reads. Only the outer level counts: a query in
+/// parentheses has FROM clauses of its own.
+fn copy(text: &[u8]) -> Kind {
+    let mut depth = 0i32;
+    for t in Tokens::new(text) {
+        match t {
+            Token::Open => depth += 1,
+            Token::Close => depth -= 1,
+            _ if depth == 0 && t.is("FROM") => return Kind::Write,
+            _ if depth == 0 && t.is("TO") => return Kind::Read,
+            _ => {}
+        }
+    }
+    Kind::Write
+}
+
+struct Tokens<'a> {
+    sql: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = Token<'a>;
+
+    fn next(&mut self) -> Option<Token<'a>> {
+        self.next_token()
+    }
+}
+
+impl<'a> Tokens<'a> {
+    fn new(sql: &'a [u8]) -> Self {
+        Tokens { sql, at: 0 }
+    }
+
+    fn peek(&self, ahead: usize) -> Option<u8> {
+        self.sql.get(self.at + ahead).copied()
+    }
+
+    fn next_token(&mut self) -> Option<Token<'a>> {
+        loop {
+            let c = self.peek(0)?;
+            match c {
+                b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => self.at += 1,
+                b'-' if self.peek(1) == Some(b'-') => {
+                    while self.peek(0).is_some_and(|c| c != b'\n') {
+                        self.at += 1;
+                    }
+                }
+                b'/' if self.peek(1) == Some(b'*') => self.block_comment(),
+                b'(' => return self.one(Token::Open),
+                b')' => return self.one(Token::Close),
+                b';' => return self.one(Token::Semicolon),
+                b'\'' => {
+                    self.quoted(b'\'', false);
+                    return Some(Token::Other);
+                }
+                b'"' => {
+                    self.quoted(b'"', false);
+                    return Some(Token::Other);
+                }
+                b'$' => {
+                    self.dollar();
+                    return Some(Token::Other);
+                }
+                c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                    // E'...' is a string with backslash escapes.
+                    if (c == b'e' || c == b'E') && self.peek(1) == Some(b'\'') {
+                        self.at += 1;
+                        self.quoted(b'\'', true);
+                        return Some(Token::Other);
+                    }
+                    let start = self.at;
+                    while self.peek(0).is_some_and(|c| {
+                        c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+                    }) {
+                        self.at += 1;
+                    }
+                    return Some(Token::Word(&self.sql[start..self.at]));
+                }
+                _ => return self.one(Token::Other),
+            }
+        }
+    }
+
+    fn one(&mut self, t: Token<'a>) -> Option<Token<'a>> {
+        self.at += 1;
+        Some(t)
+    }
+
+    /// `/* ... */`, which nests in PostgreSQL.
+    fn block_comment(&mut self) {
+        let mut depth = 0;
+        while let Some(c) = self.peek(0) {
+            if c == b'/' && self.peek(1) == Some(b'*') {
+                depth += 1;
+                self.at += 2;
+            } else if c == b'*' && self.peek(1) == Some(b'/') {
+                depth -= 1;
+                self.at += 2;
+                if depth == 0 {
+                    return;
+                }
+            } else {
+                self.at += 1;
+            }
+        }
+    }
+
+    /// A quoted string or identifier; a doubled quote is an escaped quote.
+    fn quoted(&mut self, quote: u8, backslash_escapes: bool) {
+        self.at += 1;
+        while let Some(c) = self.peek(0) {
+            self.at += 1;
+            if backslash_escapes && c == b'\\' {
+                self.at += 1;
+            } else if c == quote {
+                if self.peek(0) == Some(quote) {
+                    self.at += 1;
+                } else {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `$tag$ ... $tag$`, or a parameter such as `$1`.
+    fn dollar(&mut self) {
+        let rest = &self.sql[self.at + 1..];
+        let tag_len = rest
+            .iter()
+            .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
+            .count();
+        let is_tag =
+            rest.get(tag_len) == Some(&b'$') && !rest.first().is_some_and(|c| c.is_ascii_digit());
+        if !is_tag {
+            self.at += 1 + tag_len;
+            return;
+        }
+        let delimiter = &self.sql[self.at..self.at + tag_len + 2];
+        let body_start = self.at + delimiter.len();
+        match self.sql[body_start..]
+            .windows(delimiter.len())
+            .position(|w| w == delimiter)
+        {
+            Some(end) => self.at = body_start + end + delimiter.len(),
+            None => self.at = self.sql.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Kind::{Commit, Read, Write};
+    use super::*;
+
+    #[track_caller]
+    fn check(sql: &str, want: Kind) {
+        assert_eq!(classify(sql.as_bytes(), true), want, "{sql}");
+    }
+
+    #[test]
+    fn reads() {
+        for sql in [
+            "SELECT 1",
+            "select * from t where a = 1",
+            "  \n\tSELECT 1",
+            "(SELECT 1) UNION (SELECT 2)",
+            "((select 1))",
+            "VALUES (1), (2)",
+            "TABLE accounts",
+            "SHOW work_mem",
+            "SET search_path = app",
+            "RESET ALL",
+            "BEGIN",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            "START TRANSACTION READ ONLY",
+            "ROLLBACK",
+            "ABORT",
+            "ROLLBACK TO SAVEPOINT a",
+            "SAVEPOINT a",
+            "RELEASE SAVEPOINT a",
+            "FETCH 10 FROM c",
+            "MOVE NEXT IN c",
+            "CLOSE c",
+            "LISTEN events",
+            "UNLISTEN *",
+            "DISCARD ALL",
+            "DEALLOCATE s1",
+            "PREPARE q AS SELECT 1",
+            "EXPLAIN SELECT 1",
+            "EXPLAIN DELETE FROM t",
+            "EXPLAIN (COSTS OFF) UPDATE t SET a = 1",
+            "EXPLAIN ANALYZE SELECT 1",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT * FROM r",
+            "COPY t TO STDOUT",
+            "COPY (SELECT * FROM a WHERE b IN (SELECT c FROM d)) TO STDOUT WITH (FORMAT csv)",
+            "copy t (a, b) to stdout",
+            "DECLARE c CURSOR FOR SELECT * FROM t",
+            "SELECT substring('abc' FOR 2)",
+            "SELECT 'INSERT INTO t VALUES (1)'",
+            "SELECT $$DELETE FROM t$$",
+            "SELECT $body$ UPDATE t SET a = 1 $body$",
+            "SELECT \"update\" FROM t",
+            "SELECT E'it\\'s; DELETE FROM t'",
+            "SELECT 'it''s; DELETE FROM t'",
+            "-- DELETE FROM t\nSELECT 1",
+            "/* DELETE FROM t */ SELECT 1",
+            "/* nested /* DELETE */ still comment */ SELECT 1",
+            "SELECT 1; SELECT 2",
+            "SELECT $1::int",
+            "SELECT a$b FROM t",
+            "",
+            "   ",
+            ";",
+            "-- only a comment",
+            "SELECT pg_sleep(1)",
+            "SELECT * FROM t FOR ORDINALITY",
+        ] {
+            check(sql, Read);
+        }
+    }
+
+    #[test]
+    fn writes() {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "insert into t select * from s",
+            "UPDATE t SET a = 1",
+            "DELETE FROM t",
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+            "TRUNCATE t",
+            "CREATE TABLE t (a int)",
+            "ALTER TABLE t ADD COLUMN b int",
+            "DROP TABLE t",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "GRANT SELECT ON t TO u",
+            "COMMENT ON TABLE t IS 'x'",
+            "VACUUM t",
+            "ANALYZE t",
+            "CLUSTER t",
+            "REINDEX TABLE t",
+            "REFRESH MATERIALIZED VIEW v",
+            "LOCK TABLE t IN ACCESS EXCLUSIVE MODE",
+            "NOTIFY events, 'x'",
+            "CALL proc(1)",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "EXECUTE q(1)",
+            "CHECKPOINT",
+            "COPY t FROM STDIN",
+            "COPY t (a, b) FROM STDIN WITH (FORMAT csv)",
+            "copy t from '/tmp/x'",
+            "SELECT * FROM t FOR UPDATE",
+            "SELECT * FROM t WHERE id = 1 FOR SHARE",
+            "SELECT * FROM t FOR NO KEY UPDATE SKIP LOCKED",
+            "SELECT * FROM t FOR KEY SHARE",
+            "select * from t for update nowait",
+            "(SELECT * FROM t FOR UPDATE)",
+            "SELECT * INTO new_t FROM t",
+            "SELECT nextval('s')",
+            "SELECT setval('s', 10)",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x",
+            "WITH u AS (UPDATE t SET a = 1 RETURNING a) SELECT count(*) FROM u",
+            "WITH x AS (SELECT * FROM t FOR UPDATE) SELECT * FROM x",
+            "EXPLAIN ANALYZE DELETE FROM t",
+            "EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1",
+            "EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING 1) SELECT 1",
+            "SELECT 1; DELETE FROM t",
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT",
+            "/* SELECT */ INSERT INTO t VALUES (1)",
+            "-- SELECT\nUPDATE t SET a = 1",
+            "SELECT 'x'; UPDATE t SET a = 1 -- trailing",
+            "COMMIT PREPARED 'tx1'",
+            "ROLLBACK PREPARED 'tx1'",
+            "SECURITY LABEL ON TABLE t IS 'x'",
+            "IMPORT FOREIGN SCHEMA s FROM SERVER f INTO l",
+            "FROBNICATE everything",
+            "42",
+            "'a string first'",
+            "DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE",
+        ] {
+            check(sql, Write);
+        }
+    }
+
+    #[test]
+    fn transaction_ends() {
+        for sql in [
+            "COMMIT",
+            "commit work",
+            "END",
+            "END TRANSACTION",
+            "PREPARE TRANSACTION 'tx1'",
+            "SELECT 1; COMMIT",
+        ] {
+            check(sql, Commit);
+        }
+        check("INSERT INTO t VALUES (1); COMMIT", Write);
+    }
+
+    #[test]
+    fn unterminated_constructs_do_not_hide_later_text_forever() {
+        // An unterminated string swallows the rest, as the server would reject it anyway.
+        check("SELECT 'unterminated; DELETE FROM t", Read);
+        check("SELECT $$ unterminated", Read);
+        check("SELECT 1 /* unterminated comment", Read);
+    }
+
+    #[test]
+    fn text_seen_only_in_part_is_a_write_unless_it_already_writes() {
+        assert_eq!(classify(b"SELECT 1, 2, 3", false), Write);
+        assert_eq!(classify(b"INSERT INTO t VALUES ('x", false), Write);
+        assert_eq!(classify(b"COMMIT", false), Commit);
+    }
+}
