@@ -1,9 +1,37 @@
 //! The one place where what went wrong becomes what a client reads: SQLSTATE, severity, a
 //! message that begins "bulkhead:" and a HINT saying what to do (DESIGN.md §3.8).
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 
+use crate::metrics::Class;
 use crate::protocol::backend::{ErrorFields, Severity, write_error};
+
+/// Which deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub class: Class,
+    pub limit: Duration,
+    /// The server stopped reading what bulkhead sent it (TCP backpressure), rather than taking
+    /// too long to answer.
+    pub stalled: bool,
+}
+
+impl std::fmt::Display for Deadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let limit = humantime::format_duration(self.limit);
+        if self.stalled {
+            write!(
+                f,
+                "the server accepted no data for the {} deadline of {limit}",
+                self.class.label()
+            )
+        } else {
+            write!(f, "the {} deadline of {limit} passed", self.class.label())
+        }
+    }
+}
 
 /// An error bulkhead raises itself, toward a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +49,14 @@ pub enum Refusal {
     ShuttingDown,
     /// The client took longer than [timeouts] startup to authenticate. FATAL 08P01.
     StartupTimeout,
+    /// A deadline passed and the server cancelled the statement. ERROR 57014; the session goes on.
+    Cancelled(Deadline),
+    /// A deadline passed and the server did not answer the cancel within the grace period.
+    /// FATAL 57014 for a read; 40003 for a write, whose outcome is unknown.
+    Unanswered { deadline: Deadline, grace: Duration },
+    /// bulkhead's cancel freed a COMMIT waiting for synchronous replication: committed locally,
+    /// not confirmed by the standby. FATAL 40003.
+    CommitUnconfirmed(Deadline),
 }
 
 impl Refusal {
@@ -63,6 +99,48 @@ impl Refusal {
                 "bulkhead: the client did not complete startup in time".into(),
                 "Raise [timeouts] startup if authentication is slow.",
             ),
+            Refusal::Cancelled(deadline) => (
+                Severity::Error,
+                "57014",
+                format!("bulkhead: canceling statement because {deadline}"),
+                match deadline.class {
+                    Class::Read => {
+                        "The statement was cancelled on the server; the session goes on. Raise [timeouts] read if it needs longer."
+                    }
+                    Class::Write => {
+                        "The statement was cancelled on the server and did not take effect; the session goes on. Raise [timeouts] write if it needs longer."
+                    }
+                },
+            ),
+            Refusal::Unanswered { deadline, grace } if deadline.class == Class::Read => (
+                Severity::Fatal,
+                "57014",
+                format!(
+                    "bulkhead: {deadline} and the server did not answer the cancel within {}; closing the connection",
+                    humantime::format_duration(*grace)
+                ),
+                "The server may be overloaded or stuck. Reconnect and retry.",
+            ),
+            Refusal::Unanswered { deadline, grace } => (
+                Severity::Fatal,
+                "40003",
+                format!(
+                    "bulkhead: {deadline} and the server did not answer the cancel within {}; \
+                     the write may or may not have been committed",
+                    humantime::format_duration(*grace)
+                ),
+                "Check whether the write took effect before retrying it. The connection was closed.",
+            ),
+            Refusal::CommitUnconfirmed(deadline) => (
+                Severity::Fatal,
+                "40003",
+                format!(
+                    "bulkhead: {deadline} while the commit waited for synchronous replication; \
+                     it committed locally but no standby confirmed it"
+                ),
+                "The durability you asked for was not confirmed. Check the transaction with \
+                 pg_xact_status() before retrying. The connection was closed.",
+            ),
         };
         write_error(
             out,
@@ -81,6 +159,39 @@ mod tests {
     use super::*;
     use crate::protocol::backend::error_info;
 
+    fn read() -> Deadline {
+        Deadline {
+            class: Class::Read,
+            limit: Duration::from_secs(30),
+            stalled: false,
+        }
+    }
+
+    fn write() -> Deadline {
+        Deadline {
+            class: Class::Write,
+            limit: Duration::from_millis(500),
+            stalled: false,
+        }
+    }
+
+    #[test]
+    fn deadline_messages_say_which_deadline_passed() {
+        let mut out = BytesMut::new();
+        Refusal::Cancelled(write()).write(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("the write deadline of 500ms passed"),
+            "{text}"
+        );
+        let stalled = Deadline {
+            stalled: true,
+            ..write()
+        };
+        assert!(stalled.to_string().contains("accepted no data"));
+        assert_eq!(error_info(&out[5..]).severity, Severity::Error);
+    }
+
     #[test]
     fn every_refusal_has_sqlstate_message_and_hint() {
         let cases = [
@@ -90,6 +201,22 @@ mod tests {
             (Refusal::NoServer("x".into()), "57P03"),
             (Refusal::ShuttingDown, "57P01"),
             (Refusal::StartupTimeout, "08P01"),
+            (Refusal::Cancelled(read()), "57014"),
+            (
+                Refusal::Unanswered {
+                    deadline: read(),
+                    grace: Duration::from_secs(1),
+                },
+                "57014",
+            ),
+            (
+                Refusal::Unanswered {
+                    deadline: write(),
+                    grace: Duration::from_secs(1),
+                },
+                "40003",
+            ),
+            (Refusal::CommitUnconfirmed(write()), "40003"),
         ];
         for (refusal, code) in cases {
             let mut out = BytesMut::new();

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod pipe;
 pub mod protocol;
 mod session;
+pub mod tracker;
 pub mod upstream;
 
 use std::future::Future;

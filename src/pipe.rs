@@ -38,6 +38,8 @@ pub struct Pipe {
     inject: BytesMut,
     /// The source has closed.
     eof: bool,
+    /// Bytes written to the destination so far, so a caller can tell progress from none.
+    written: u64,
 }
 
 impl Pipe {
@@ -113,6 +115,17 @@ impl Pipe {
         true
     }
 
+    /// Drops everything framed and not yet written.
+    pub fn discard_framed(&mut self) {
+        self.buf.advance(self.ready);
+        self.ready = 0;
+    }
+
+    /// Bytes written to the destination so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Queues a message of bulkhead's own after everything framed so far.
     pub fn inject(&mut self) -> &mut BytesMut {
         &mut self.inject
@@ -177,6 +190,7 @@ impl Pipe {
             }
             self.buf.advance(n);
             self.ready -= n;
+            self.written += n as u64;
             wrote = true;
         }
         while !self.inject.is_empty() {
@@ -185,6 +199,7 @@ impl Pipe {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.inject.advance(n);
+            self.written += n as u64;
             wrote = true;
         }
         if wrote {

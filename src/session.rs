@@ -19,11 +19,14 @@ use tokio::time::{Instant, Sleep, timeout};
 use tracing::{debug, info, warn};
 
 use crate::cancel::Target;
-use crate::errors::Refusal;
+use crate::classify::classify;
+use crate::errors::{Deadline, Refusal};
+use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
 use crate::protocol::backend::{self, Severity, TxStatus};
 use crate::protocol::framing::FrameError;
 use crate::protocol::{frontend, startup};
+use crate::tracker::Tracker;
 use crate::upstream;
 use crate::{Phase, Shared};
 
@@ -54,8 +57,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mp
     if let Err(e) = server.write_all(&first.packet).await {
         return refuse(&mut client, Refusal::ServerLost(e.to_string())).await;
     }
-    let mut relay = Relay::new(client, server, addr, first.leftover);
-    relay.deadline.as_mut().reset(startup_deadline);
+    let mut relay = Relay::new(client, server, addr, first.leftover, startup_deadline);
     let end = relay.run(&shared).await;
     if let Some(pid) = relay.client_pid {
         shared.cancels.remove(pid);
@@ -189,6 +191,18 @@ enum End {
     Closing,
     /// The client did not finish startup in time.
     StartupTimeout,
+    /// A deadline passed and the server did not answer bulkhead's cancel in time.
+    Unanswered(Deadline),
+    /// bulkhead's cancel released a commit that was waiting for synchronous replication.
+    CommitUnconfirmed(Deadline),
+}
+
+/// bulkhead has sent a CancelRequest because a deadline passed, and waits for the answer.
+#[derive(Debug, Clone, Copy)]
+struct Cancelling {
+    deadline: Deadline,
+    /// If the request is not answered by then, the session is closed.
+    give_up_at: Instant,
 }
 
 struct Relay {
@@ -204,20 +218,32 @@ struct Relay {
     server_key: Option<(i32, Vec<u8>)>,
     /// The process id bulkhead gave the client, to unregister at the end.
     client_pid: Option<i32>,
-    /// The first ReadyForQuery has been seen: authentication is over.
-    authenticated: bool,
+    /// Until the first ReadyForQuery, authentication is in progress and this is its deadline.
+    startup_deadline: Option<Instant>,
     /// Transaction status from the last ReadyForQuery.
     tx: TxStatus,
-    /// Requests sent (Query, FunctionCall, Sync) whose ReadyForQuery has not come back.
-    pending: u32,
+    /// Requests in flight, their classes and the head's clock.
+    tracker: Tracker,
+    /// The head request got an ErrorResponse (for the outcome metric).
+    head_failed: bool,
+    /// bulkhead cancelled the head request because a deadline passed.
+    head_timed_out: bool,
+    /// Set while bulkhead waits for the server to answer its cancel.
+    cancelling: Option<Cancelling>,
+    /// Since when bytes for the server have been waiting because it does not read them.
+    stalled_since: Option<Instant>,
     /// The server's last ErrorResponse was FATAL: it has told the client why it is leaving.
     server_said_fatal: bool,
     /// The client sent Terminate.
     client_terminated: bool,
     /// bulkhead is draining: end the session at its next quiet point.
     draining: bool,
-    /// One timer for the session: the startup deadline, later statement deadlines.
-    deadline: Pin<Box<Sleep>>,
+    /// One timer for the session, set to the earliest thing that can expire. It is moved
+    /// earlier at once but later only lazily (when it fires early), so most requests cost no
+    /// timer update.
+    timer: Pin<Box<Sleep>>,
+    /// What `timer` is set to, if it is armed.
+    timer_at: Option<Instant>,
 }
 
 impl Relay {
@@ -226,9 +252,11 @@ impl Relay {
         server: TcpStream,
         server_addr: SocketAddr,
         leftover: BytesMut,
+        startup_deadline: Instant,
     ) -> Self {
         let mut up = Pipe::default();
         up.preload(&leftover);
+        let now = Instant::now();
         Relay {
             client,
             server,
@@ -237,14 +265,23 @@ impl Relay {
             server_addr,
             server_key: None,
             client_pid: None,
-            authenticated: false,
+            startup_deadline: Some(startup_deadline),
             tx: TxStatus::Idle,
-            pending: 0,
+            tracker: Tracker::new(now),
+            head_failed: false,
+            head_timed_out: false,
+            cancelling: None,
+            stalled_since: None,
             server_said_fatal: false,
             client_terminated: false,
             draining: false,
-            deadline: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            timer: Box::pin(tokio::time::sleep_until(startup_deadline)),
+            timer_at: Some(startup_deadline),
         }
+    }
+
+    fn authenticated(&self) -> bool {
+        self.startup_deadline.is_none()
     }
 
     /// Relays until the session has to end, and says why.
@@ -270,8 +307,8 @@ impl Relay {
         }
     }
 
-    /// Moves bytes both ways until something ends the session. Returns `Pending` when neither
-    /// side can make progress.
+    /// Moves bytes both ways and keeps the deadlines until something ends the session.
+    /// Returns `Pending` when neither side can make progress and no deadline has passed.
     fn poll_relay(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Poll<End> {
         loop {
             let mut progress = false;
@@ -289,10 +326,22 @@ impl Relay {
             if let Err(e) = self.frame_client() {
                 return Poll::Ready(End::ClientBroke(e.to_string()));
             }
+            let before = self.up.written();
             match self.up.poll_write_to(cx, &mut self.server) {
-                Poll::Ready(Ok(wrote)) => progress |= wrote,
+                Poll::Ready(Ok(wrote)) => {
+                    progress |= wrote;
+                    self.stalled_since = None;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(End::ServerLost(e.to_string())),
-                Poll::Pending => {}
+                // The server accepts nothing more for now: its stall clock runs from the last
+                // byte it did accept.
+                Poll::Pending if self.up.written() != before => {
+                    progress = true;
+                    self.stalled_since = Some(Instant::now());
+                }
+                Poll::Pending => {
+                    self.stalled_since.get_or_insert_with(Instant::now);
+                }
             }
 
             if self.down.wants_read() {
@@ -302,8 +351,10 @@ impl Relay {
                     Poll::Pending => {}
                 }
             }
-            if let Err(why) = self.frame_server(shared) {
-                return Poll::Ready(End::ServerLost(why));
+            match self.frame_server(shared) {
+                Ok(None) => {}
+                Ok(Some(end)) => return Poll::Ready(end),
+                Err(why) => return Poll::Ready(End::ServerLost(why)),
             }
             match self.down.poll_write_to(cx, &mut self.client) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
@@ -323,8 +374,8 @@ impl Relay {
             if self.draining && self.is_quiet() {
                 return Poll::Ready(End::Drained);
             }
-            if !self.authenticated && self.deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(End::StartupTimeout);
+            if let Some(end) = self.poll_deadlines(cx, shared) {
+                return Poll::Ready(end);
             }
             if !progress {
                 return Poll::Pending;
@@ -332,14 +383,125 @@ impl Relay {
         }
     }
 
-    /// Frames what the client sent and keeps count of requests.
+    /// The earliest moment something can expire: startup, the head request's deadline, a
+    /// stalled write, or the grace period of a cancel in progress.
+    fn next_deadline(&self, shared: &Shared) -> Option<Instant> {
+        if let Some(at) = self.startup_deadline {
+            return Some(at);
+        }
+        if let Some(c) = self.cancelling {
+            return Some(c.give_up_at);
+        }
+        let t = &shared.config.timeouts;
+        let head = self.tracker.deadline(t.read, t.write);
+        let stall = self.stalled_since.map(|since| since + t.write);
+        match (head, stall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Keeps the timer on the earliest deadline and acts on any that has passed.
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Option<End> {
+        loop {
+            let Some(want) = self.next_deadline(shared) else {
+                self.timer_at = None;
+                return None;
+            };
+            if self.timer_at.is_none_or(|at| want < at) {
+                self.timer.as_mut().reset(want);
+                self.timer_at = Some(want);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            self.timer_at = None;
+            let now = Instant::now();
+            if now < want {
+                continue; // The timer was set for a deadline that has since moved later.
+            }
+            if self.startup_deadline.is_some() {
+                return Some(End::StartupTimeout);
+            }
+            if let Some(c) = self.cancelling {
+                return Some(End::Unanswered(c.deadline));
+            }
+            self.start_cancel(shared, now);
+        }
+    }
+
+    /// A deadline has passed: ask the server to cancel, and give it `cancel_grace` to answer.
+    fn start_cancel(&mut self, shared: &Shared, now: Instant) {
+        let t = &shared.config.timeouts;
+        let stalled = self
+            .stalled_since
+            .is_some_and(|since| since + t.write <= now);
+        let class = if stalled {
+            Class::Write
+        } else {
+            self.tracker.head().unwrap_or(Class::Write)
+        };
+        let limit = if class == Class::Write {
+            t.write
+        } else {
+            t.read
+        };
+        let deadline = Deadline {
+            class,
+            limit,
+            stalled,
+        };
+        info!(%deadline, "deadline passed; cancelling the statement on the server");
+        self.cancelling = Some(Cancelling {
+            deadline,
+            give_up_at: now + t.cancel_grace,
+        });
+        self.head_timed_out = true;
+        self.cancel_on_server(shared);
+    }
+
+    /// Frames what the client sent, classifies statements and keeps track of requests.
     fn frame_client(&mut self) -> Result<(), FrameError> {
-        while let Some(h) = self.up.next(|_| false)? {
-            if self.authenticated {
+        let inspect = |tag| {
+            matches!(
+                tag,
+                frontend::QUERY_TAG
+                    | frontend::PARSE_TAG
+                    | frontend::BIND_TAG
+                    | frontend::EXECUTE_TAG
+                    | frontend::CLOSE_TAG
+            )
+        };
+        while let Some(h) = self.up.next(inspect)? {
+            if self.authenticated() {
+                let now = Instant::now();
+                let body = self.up.body(&h);
+                let t = &mut self.tracker;
                 match h.tag {
-                    frontend::QUERY_TAG | frontend::FUNCTION_CALL_TAG | frontend::SYNC_TAG => {
-                        self.pending += 1
+                    frontend::QUERY_TAG => {
+                        let whole = self.up.is_whole(&h);
+                        t.query(classify(frontend::query_text(body), whole), now);
                     }
+                    frontend::PARSE_TAG => {
+                        let (name, text) = frontend::parse_message(body).unwrap_or((b"", b""));
+                        t.parse(name, classify(text, self.up.is_whole(&h)), now);
+                    }
+                    frontend::BIND_TAG => {
+                        let (portal, statement) =
+                            frontend::bind_names(body).unwrap_or((b"", b"\0"));
+                        t.bind(portal, statement, now);
+                    }
+                    frontend::EXECUTE_TAG => {
+                        t.execute(frontend::execute_portal(body).unwrap_or(b"\0"), now)
+                    }
+                    frontend::CLOSE_TAG => {
+                        let (what, name) = frontend::close_target(body).unwrap_or((b'S', b""));
+                        t.close(what, name, now);
+                    }
+                    frontend::DESCRIBE_TAG | frontend::FLUSH_TAG => t.extended(now),
+                    frontend::SYNC_TAG => t.sync(now),
+                    frontend::FUNCTION_CALL_TAG => t.function_call(now),
+                    frontend::COPY_DONE_TAG | frontend::COPY_FAIL_TAG => t.copy_in_ended(now),
                     frontend::TERMINATE_TAG => self.client_terminated = true,
                     _ => {}
                 }
@@ -349,16 +511,18 @@ impl Relay {
         Ok(())
     }
 
-    /// Frames what the server sent: swaps its cancel key for the client's own, and follows
-    /// ReadyForQuery and fatal errors.
-    fn frame_server(&mut self, shared: &Shared) -> Result<(), String> {
+    /// Frames what the server sent: swaps its cancel key for the client's own, follows
+    /// ReadyForQuery and errors, and turns the answer to one of bulkhead's cancels into the
+    /// error the client should see.
+    fn frame_server(&mut self, shared: &Shared) -> Result<Option<End>, String> {
+        let cancelling = self.cancelling.is_some();
         let inspect = |tag| {
             matches!(
                 tag,
                 backend::READY_FOR_QUERY_TAG
                     | backend::ERROR_RESPONSE_TAG
                     | backend::BACKEND_KEY_DATA_TAG
-            )
+            ) || (cancelling && tag == backend::NOTICE_RESPONSE_TAG)
         };
         while let Some(h) = self
             .down
@@ -373,18 +537,45 @@ impl Relay {
                     }
                     .ok_or("invalid ReadyForQuery from server")?;
                     self.tx = status;
-                    if self.authenticated {
-                        self.pending = self.pending.saturating_sub(1);
-                    } else {
-                        self.authenticated = true;
+                    if self.startup_deadline.take().is_none() {
+                        self.request_finished(shared, status);
                     }
                 }
                 backend::ERROR_RESPONSE_TAG => {
                     let info = backend::error_info(self.down.body(&h));
                     self.server_said_fatal =
                         matches!(info.severity, Severity::Fatal | Severity::Panic);
+                    self.head_failed = true;
+                    if let Some(c) = self.cancelling {
+                        if info.code == b"57014"
+                            && info.severity == Severity::Error
+                            && self.down.is_whole(&h)
+                        {
+                            // The server's "canceling statement due to user request" would
+                            // puzzle the client: say which deadline passed instead.
+                            let mut own = BytesMut::new();
+                            Refusal::Cancelled(c.deadline).write(&mut own);
+                            self.down.replace(&h, &own);
+                            continue;
+                        }
+                    }
                 }
-                backend::BACKEND_KEY_DATA_TAG if !self.authenticated && self.down.is_whole(&h) => {
+                backend::NOTICE_RESPONSE_TAG => {
+                    if let Some(c) = self.cancelling {
+                        let info = backend::error_info(self.down.body(&h));
+                        // The answer to cancelling a commit that waits for synchronous
+                        // replication: a WARNING (01000) that it committed locally only.
+                        if c.deadline.class == Class::Write && info.code == b"01000" {
+                            return Ok(Some(End::CommitUnconfirmed(c.deadline)));
+                        }
+                    }
+                }
+                backend::COPY_IN_RESPONSE_TAG | backend::COPY_BOTH_RESPONSE_TAG => {
+                    self.tracker.copy_in_started()
+                }
+                backend::BACKEND_KEY_DATA_TAG
+                    if !self.authenticated() && self.down.is_whole(&h) =>
+                {
                     let (pid, key) = backend::backend_key_data(self.down.body(&h))
                         .ok_or("invalid BackendKeyData from server")?;
                     let target = Target {
@@ -404,13 +595,33 @@ impl Relay {
             }
             self.down.forward(&h);
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// The head request's ReadyForQuery: record how it went and start the next one's clock.
+    fn request_finished(&mut self, shared: &Shared, status: TxStatus) {
+        let Some(done) = self.tracker.ready(status, Instant::now()) else {
+            return;
+        };
+        let outcome = if self.head_timed_out {
+            Outcome::Timeout
+        } else if self.head_failed {
+            Outcome::Error
+        } else {
+            Outcome::Ok
+        };
+        let m = shared.metrics.class(done.class);
+        m.statement(outcome).increment(1);
+        m.duration.record(done.took.as_secs_f64());
+        self.head_failed = false;
+        self.head_timed_out = false;
+        self.cancelling = None;
     }
 
     /// Nothing in flight and no transaction open: closing now loses nothing.
     fn is_quiet(&self) -> bool {
-        self.authenticated
-            && self.pending == 0
+        self.authenticated()
+            && self.tracker.in_flight() == 0
             && self.tx == TxStatus::Idle
             && !self.up.mid_message()
             && !self.up.has_output()
@@ -426,13 +637,28 @@ impl Relay {
             End::ServerLost(why) => Some(Refusal::ServerLost(why.clone())),
             End::Drained | End::Closing => Some(Refusal::ShuttingDown),
             End::StartupTimeout => Some(Refusal::StartupTimeout),
+            End::Unanswered(deadline) => Some(Refusal::Unanswered {
+                deadline: *deadline,
+                grace: shared.config.timeouts.cancel_grace,
+            }),
+            End::CommitUnconfirmed(deadline) => Some(Refusal::CommitUnconfirmed(*deadline)),
         };
         match &end {
             End::ClientLeft | End::Drained => debug!(?end, "session ended"),
             _ => info!(?end, "session ended"),
         }
-        let server_running = self.pending > 0 || self.up.mid_message();
-        if server_running && !matches!(end, End::ServerLost(_)) {
+        if let Some(class) = self.tracker.head() {
+            if matches!(end, End::Unanswered(_) | End::CommitUnconfirmed(_)) {
+                shared
+                    .metrics
+                    .class(class)
+                    .statement(Outcome::Timeout)
+                    .increment(1);
+            }
+        }
+        let server_running = self.tracker.in_flight() > 0 || self.up.mid_message();
+        let cancelled_already = matches!(end, End::Unanswered(_) | End::CommitUnconfirmed(_));
+        if server_running && !cancelled_already && !matches!(end, End::ServerLost(_)) {
             self.cancel_on_server(shared);
         }
         if self.is_quiet() && !self.client_terminated {
@@ -442,6 +668,11 @@ impl Relay {
         if let Some(refusal) = refusal {
             // A message half-sent to the client cannot be followed by an error it could parse.
             if self.down.discard_partial() {
+                if cancelled_already {
+                    // Whatever the server said about the abandoned request must not reach the
+                    // client ahead of the verdict; drop what is framed and not yet written.
+                    self.down.discard_framed();
+                }
                 refusal.write(self.down.inject());
             }
         }
@@ -456,7 +687,7 @@ impl Relay {
     }
 
     /// Sends a CancelRequest for whatever the server is running for this session. Runs on its
-    /// own task so closing the session does not wait for it.
+    /// own task so the session does not wait for it.
     fn cancel_on_server(&self, shared: &Shared) {
         let Some((pid, key)) = self.server_key.clone() else {
             return;
@@ -464,7 +695,7 @@ impl Relay {
         shared.metrics.cancels_sent.increment(1);
         let addr = self.server_addr;
         let within = shared.config.database.connect_timeout + shared.config.timeouts.cancel_grace;
-        info!(server = %addr, pid, "cancelling the statement of a session that ended");
+        debug!(server = %addr, pid, "sending cancel request");
         tokio::spawn(async move {
             if let Err(e) = upstream::send_cancel(addr, pid, &key, within).await {
                 warn!(error = %e, "cancel request failed");

@@ -1,0 +1,362 @@
+//! What one session has asked the server and not yet had answered: the requests in flight,
+//! their classes, and when the one the server is working on must finish. Pure bookkeeping,
+//! with the clock passed in.
+//!
+//! A request is everything up to the ReadyForQuery that answers it: one Query, one
+//! FunctionCall, or the extended-protocol messages up to and including a Sync. The server works
+//! on them in order, so only the head of the queue runs; its clock starts when it was sent or
+//! when the request before it completed, whichever is later (DESIGN.md §3.2).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::classify::Kind;
+use crate::metrics::Class;
+use crate::protocol::backend::TxStatus;
+
+/// Requests in flight beyond which the queue grows instead of reusing its space; pipelines
+/// deeper than this cost one allocation, once.
+const QUEUE_CAPACITY: usize = 16;
+
+#[derive(Debug)]
+pub struct Tracker {
+    /// Class of each request sent and not yet answered, oldest first.
+    queue: VecDeque<Class>,
+    /// The newest request has extended-protocol messages but no Sync yet.
+    open: bool,
+    /// When the head request's clock started.
+    head_started: Instant,
+    /// The server is waiting for the client's COPY data: the clock is paused.
+    copy_in: bool,
+    /// A write was sent since the last time the session was idle outside a transaction, so a
+    /// COMMIT now is a write.
+    tx_wrote: bool,
+    /// Named prepared statements and what they do.
+    statements: HashMap<Box<[u8]>, Kind>,
+    unnamed_statement: Kind,
+    /// Named portals and what they do; they die with their transaction.
+    portals: HashMap<Box<[u8]>, Kind>,
+    unnamed_portal: Kind,
+}
+
+/// A request the server has answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub class: Class,
+    pub took: Duration,
+}
+
+impl Tracker {
+    pub fn new(now: Instant) -> Self {
+        Tracker {
+            queue: VecDeque::with_capacity(QUEUE_CAPACITY),
+            open: false,
+            head_started: now,
+            copy_in: false,
+            tx_wrote: false,
+            statements: HashMap::new(),
+            unnamed_statement: Kind::Read,
+            portals: HashMap::new(),
+            unnamed_portal: Kind::Read,
+        }
+    }
+
+    /// A simple Query went to the server.
+    pub fn query(&mut self, kind: Kind, now: Instant) {
+        self.open = false;
+        let class = self.resolve(kind);
+        self.push(class, now);
+    }
+
+    /// A FunctionCall went to the server. What a function does is unknown: a write.
+    pub fn function_call(&mut self, now: Instant) {
+        self.open = false;
+        self.push(Class::Write, now);
+    }
+
+    /// Parse: remember what the statement does.
+    pub fn parse(&mut self, name: &[u8], kind: Kind, now: Instant) {
+        self.extended(now);
+        if name.is_empty() {
+            self.unnamed_statement = kind;
+        } else {
+            self.statements.insert(name.into(), kind);
+        }
+    }
+
+    /// Bind: the portal does what its statement does. An unknown statement is a write.
+    pub fn bind(&mut self, portal: &[u8], statement: &[u8], now: Instant) {
+        self.extended(now);
+        let kind = if statement.is_empty() {
+            self.unnamed_statement
+        } else {
+            self.statements
+                .get(statement)
+                .copied()
+                .unwrap_or(Kind::Write)
+        };
+        if portal.is_empty() {
+            self.unnamed_portal = kind;
+        } else {
+            self.portals.insert(portal.into(), kind);
+        }
+    }
+
+    /// Execute: the open request is at least as strong as the portal it runs.
+    pub fn execute(&mut self, portal: &[u8], now: Instant) {
+        self.extended(now);
+        let kind = if portal.is_empty() {
+            self.unnamed_portal
+        } else {
+            self.portals.get(portal).copied().unwrap_or(Kind::Write)
+        };
+        let class = self.resolve(kind);
+        if let Some(last) = self.queue.back_mut() {
+            if class == Class::Write {
+                *last = Class::Write;
+            }
+        }
+    }
+
+    /// Close of a statement (`b'S'`) or portal (`b'P'`).
+    pub fn close(&mut self, what: u8, name: &[u8], now: Instant) {
+        self.extended(now);
+        match what {
+            b'S' => {
+                self.statements.remove(name);
+            }
+            _ => {
+                self.portals.remove(name);
+            }
+        }
+    }
+
+    /// Any other extended-protocol message (Describe, Flush): part of the open request.
+    pub fn extended(&mut self, now: Instant) {
+        if !self.open {
+            self.open = true;
+            self.push(Class::Read, now);
+        }
+    }
+
+    /// Sync: ends the open request, or is a request of its own.
+    pub fn sync(&mut self, now: Instant) {
+        self.extended(now);
+        self.open = false;
+    }
+
+    /// The server is now waiting for COPY data from the client; the clock pauses.
+    pub fn copy_in_started(&mut self) {
+        self.copy_in = true;
+    }
+
+    /// The client finished (or abandoned) its COPY data; the server's clock starts again.
+    pub fn copy_in_ended(&mut self, now: Instant) {
+        if self.copy_in {
+            self.copy_in = false;
+            self.head_started = now;
+        }
+    }
+
+    /// ReadyForQuery: the head request is answered.
+    pub fn ready(&mut self, status: TxStatus, now: Instant) -> Option<Finished> {
+        let class = self.queue.pop_front()?;
+        let took = now.saturating_duration_since(self.head_started);
+        self.head_started = now;
+        self.copy_in = false;
+        if self.queue.is_empty() && status == TxStatus::Idle {
+            self.tx_wrote = false;
+            if !self.portals.is_empty() {
+                self.portals.clear();
+            }
+        }
+        Some(Finished { class, took })
+    }
+
+    /// The class of the request the server is working on, if any.
+    pub fn head(&self) -> Option<Class> {
+        self.queue.front().copied()
+    }
+
+    /// When the head request must be answered, given the deadline for each class; `None` while
+    /// nothing runs or the server waits for COPY data.
+    pub fn deadline(&self, read: Duration, write: Duration) -> Option<Instant> {
+        let class = self.head()?;
+        if self.copy_in {
+            return None;
+        }
+        Some(self.head_started + if class == Class::Write { write } else { read })
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn resolve(&mut self, kind: Kind) -> Class {
+        match kind {
+            Kind::Read => Class::Read,
+            Kind::Commit if !self.tx_wrote => Class::Read,
+            Kind::Commit | Kind::Write => {
+                self.tx_wrote = true;
+                Class::Write
+            }
+        }
+    }
+
+    fn push(&mut self, class: Class, now: Instant) {
+        if self.queue.is_empty() {
+            self.head_started = now;
+        }
+        self.queue.push_back(class);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READ: Duration = Duration::from_secs(30);
+    const WRITE: Duration = Duration::from_secs(5);
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn simple_query_deadline_follows_its_class() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        assert_eq!(t.deadline(READ, WRITE), None);
+        t.query(Kind::Read, t0);
+        assert_eq!(t.deadline(READ, WRITE), Some(t0 + READ));
+        let done = t.ready(TxStatus::Idle, at(t0, 7)).unwrap();
+        assert_eq!(
+            done,
+            Finished {
+                class: Class::Read,
+                took: Duration::from_millis(7)
+            }
+        );
+        t.query(Kind::Write, at(t0, 10));
+        assert_eq!(t.deadline(READ, WRITE), Some(at(t0, 10) + WRITE));
+    }
+
+    #[test]
+    fn pipelined_request_clock_starts_when_the_one_before_completes() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.query(Kind::Read, t0);
+        t.query(Kind::Write, at(t0, 1));
+        t.ready(TxStatus::Idle, at(t0, 500));
+        assert_eq!(t.head(), Some(Class::Write));
+        assert_eq!(t.deadline(READ, WRITE), Some(at(t0, 500) + WRITE));
+        assert_eq!(t.in_flight(), 1);
+    }
+
+    #[test]
+    fn execute_inherits_the_class_of_its_prepared_statement() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.parse(b"ins", Kind::Write, t0);
+        t.parse(b"sel", Kind::Read, t0);
+        t.sync(t0);
+        assert_eq!(
+            t.ready(TxStatus::Idle, t0).unwrap().class,
+            Class::Read,
+            "Parse alone writes nothing"
+        );
+        t.bind(b"", b"sel", t0);
+        t.execute(b"", t0);
+        t.sync(t0);
+        t.bind(b"p1", b"ins", t0);
+        t.execute(b"p1", t0);
+        t.sync(t0);
+        assert_eq!(t.ready(TxStatus::Idle, t0).unwrap().class, Class::Read);
+        assert_eq!(t.ready(TxStatus::Idle, t0).unwrap().class, Class::Write);
+        // Unknown statement or portal: a write.
+        t.bind(b"", b"never-parsed", t0);
+        t.execute(b"", t0);
+        t.sync(t0);
+        assert_eq!(t.head(), Some(Class::Write));
+    }
+
+    #[test]
+    fn closed_statement_is_forgotten() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.parse(b"s", Kind::Read, t0);
+        t.close(b'S', b"s", t0);
+        t.bind(b"", b"s", t0);
+        t.execute(b"", t0);
+        assert_eq!(t.head(), Some(Class::Write));
+    }
+
+    #[test]
+    fn commit_is_a_write_only_after_the_transaction_wrote() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.query(Kind::Read, t0); // BEGIN
+        t.ready(TxStatus::InBlock, t0);
+        t.query(Kind::Commit, t0);
+        assert_eq!(t.head(), Some(Class::Read));
+        t.ready(TxStatus::Idle, t0);
+        t.query(Kind::Read, t0); // BEGIN
+        t.ready(TxStatus::InBlock, t0);
+        t.query(Kind::Write, t0);
+        t.ready(TxStatus::InBlock, t0);
+        t.query(Kind::Commit, t0);
+        assert_eq!(t.head(), Some(Class::Write));
+        t.ready(TxStatus::Idle, t0);
+        t.query(Kind::Commit, t0);
+        assert_eq!(
+            t.head(),
+            Some(Class::Read),
+            "the next transaction starts clean"
+        );
+    }
+
+    #[test]
+    fn copy_in_pauses_the_clock_until_the_client_is_done() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.query(Kind::Write, t0);
+        t.copy_in_started();
+        assert_eq!(t.deadline(READ, WRITE), None);
+        t.copy_in_ended(at(t0, 60_000));
+        assert_eq!(t.deadline(READ, WRITE), Some(at(t0, 60_000) + WRITE));
+    }
+
+    #[test]
+    fn named_portals_die_with_their_transaction() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.parse(b"s", Kind::Read, t0);
+        t.bind(b"p", b"s", t0);
+        t.sync(t0);
+        t.ready(TxStatus::Idle, t0);
+        t.execute(b"p", t0);
+        assert_eq!(
+            t.head(),
+            Some(Class::Write),
+            "p no longer exists; unknown is a write"
+        );
+    }
+
+    #[test]
+    fn a_lone_sync_is_a_request_of_its_own() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.sync(t0);
+        t.sync(t0);
+        assert_eq!(t.in_flight(), 2);
+        assert!(t.ready(TxStatus::Idle, t0).is_some());
+        assert!(t.ready(TxStatus::Idle, t0).is_some());
+        assert!(
+            t.ready(TxStatus::Idle, t0).is_none(),
+            "a stray ReadyForQuery finishes nothing"
+        );
+    }
+}
