@@ -1,5 +1,6 @@
 //! Integration tests: real PostgreSQL servers started by the suite, real clients, bulkhead in
 //! process (or as the real binary where signals matter).
 
+mod deadlines;
 mod passthrough;
 mod support;

@@ -215,7 +215,13 @@ async fn client_cancel_stops_pg_sleep_and_the_session_goes_on() {
     let started = Instant::now();
     token.cancel_query(NoTls).await.unwrap();
     let (result, c) = sleeper.await.unwrap();
-    assert_eq!(sqlstate(&result.unwrap_err()), "57014");
+    let err = result.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014");
+    // The client's own cancel gets the server's answer unchanged.
+    assert_eq!(
+        err.as_db_error().unwrap().message(),
+        "canceling statement due to user request"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(
         c.query_one("SELECT 5::int", &[])
