@@ -17,6 +17,7 @@ pub mod cancel;
 pub mod classify;
 pub mod config;
 pub mod errors;
+pub mod live;
 pub mod metrics;
 pub mod pipe;
 pub mod protocol;
@@ -48,7 +49,8 @@ pub enum Phase {
 
 /// What every session of one proxy shares.
 pub(crate) struct Shared {
-    pub config: Config,
+    /// Settings; SIGHUP may change timeouts, circuit and limits.
+    pub live: live::Live,
     pub cancels: cancel::Registry,
     pub metrics: Metrics,
     pub phase: watch::Receiver<Phase>,
@@ -64,7 +66,7 @@ impl Bulkhead {
     pub fn new(config: Config) -> Self {
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let shared = Arc::new(Shared {
-            config,
+            live: live::Live::new(config),
             cancels: cancel::Registry::default(),
             metrics: Metrics::new(),
             phase: phase_rx,
@@ -74,6 +76,12 @@ impl Bulkhead {
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// Applies a reloaded configuration: timeouts, circuit and limits take effect for every
+    /// session, running ones included. Returns the sections whose changes need a restart.
+    pub fn reload(&self, config: Config) -> Vec<&'static str> {
+        self.shared.live.reload(config)
     }
 
     /// Accepts clients on `listener` until `shutdown` resolves, then drains: stops accepting,
@@ -106,7 +114,7 @@ impl Bulkhead {
             }
         }
         drop(listener);
-        let drain = self.shared.config.timeouts.drain;
+        let drain = self.shared.live.get().timeouts.drain;
         info!(
             ?drain,
             "draining: no new connections; sessions end when their transaction does"

@@ -7,7 +7,9 @@ use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use bulkhead::Config;
+use std::sync::Arc;
+
+use bulkhead::{Bulkhead, Config};
 
 /// A resilient PostgreSQL connection proxy.
 #[derive(Parser)]
@@ -76,32 +78,48 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
         }
     };
     info!(address = %config.listen.address, hosts = ?config.database.hosts, "listening");
+    let proxy = Arc::new(Bulkhead::new(config));
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    let reloader = proxy.clone();
     let shutdown = async move {
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            error!("cannot install signal handlers");
-            return;
-        };
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: draining"); return; }
                 _ = int.recv() => { info!("SIGINT: draining"); return; }
-                _ = hup.recv() => match Config::load(&path) {
-                    // Live reload of settings arrives with the features that use them.
-                    Ok(_) => warn!("SIGHUP: configuration is valid; applying it needs a restart in this version"),
-                    Err(e) => error!(error = %e, "SIGHUP: configuration rejected; keeping the running one"),
-                },
+                _ = hup.recv() => reload(&reloader, &path),
             }
         }
     };
-    match bulkhead::run(config, listener, shutdown).await {
+    match proxy.serve(listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "stopped");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGHUP: read the file again; apply what can change live, say what needs a restart.
+fn reload(proxy: &Bulkhead, path: &std::path::Path) {
+    match Config::load(path) {
+        Ok(config) => {
+            let needs_restart = proxy.reload(config);
+            if needs_restart.is_empty() {
+                info!("SIGHUP: configuration reloaded");
+            } else {
+                warn!(
+                    sections = ?needs_restart,
+                    "SIGHUP: timeouts, circuit and limits reloaded; changes to these sections need a restart"
+                );
+            }
+        }
+        Err(e) => error!(error = %e, "SIGHUP: configuration rejected; keeping the running one"),
     }
 }

@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::cancel::Target;
 use crate::classify::classify;
+use crate::config::Config;
 use crate::errors::{Deadline, Refusal};
+use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
 use crate::protocol::backend::{self, Severity, TxStatus};
@@ -37,15 +39,21 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// ends, which is how the server knows it has drained.
 pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mpsc::Sender<()>) {
     let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
+    let config = Snapshot::new(&shared.live);
     let started = Instant::now();
-    let startup_deadline = started + shared.config.timeouts.startup;
-    let first = match timeout_at(startup_deadline, read_first_packet(&shared, &mut client)).await {
+    let startup_deadline = started + config.config().timeouts.startup;
+    let first = match timeout_at(
+        startup_deadline,
+        read_first_packet(&shared, config.config(), &mut client),
+    )
+    .await
+    {
         Ok(Ok(Some(first))) => first,
         Ok(Ok(None)) => return,
         Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
         Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
     };
-    let (mut server, addr) = match upstream::connect(&shared.config.database).await {
+    let (mut server, addr) = match upstream::connect(&config.config().database).await {
         Ok(connected) => connected,
         Err(why) => {
             warn!(%why, "no server accepted the connection");
@@ -57,7 +65,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mp
     if let Err(e) = server.write_all(&first.packet).await {
         return refuse(&mut client, Refusal::ServerLost(e.to_string())).await;
     }
-    let mut relay = Relay::new(client, server, addr, first.leftover, startup_deadline);
+    let mut relay = Relay::new(
+        client,
+        server,
+        addr,
+        first.leftover,
+        startup_deadline,
+        config,
+    );
     let end = relay.run(&shared).await;
     if let Some(pid) = relay.client_pid {
         shared.cancels.remove(pid);
@@ -75,6 +90,7 @@ struct FirstPacket {
 /// way. `Ok(None)` means the connection has nothing more to do (a cancel, or the client left).
 async fn read_first_packet(
     shared: &Shared,
+    config: &Config,
     client: &mut TcpStream,
 ) -> Result<Option<FirstPacket>, Refusal> {
     let mut buf = BytesMut::with_capacity(512);
@@ -107,7 +123,7 @@ async fn read_first_packet(
                 }
             }
             startup::Startup::Cancel { pid, key } => {
-                forward_cancel(shared, pid, key).await;
+                forward_cancel(shared, config, pid, key).await;
                 return Ok(None);
             }
             startup::Startup::Start { params, .. } => {
@@ -128,7 +144,7 @@ async fn read_first_packet(
 
 /// Passes a client's CancelRequest to the backend its key stands for; drops it when the key is
 /// not a live session's, so no client can cancel another's statement.
-async fn forward_cancel(shared: &Shared, pid: i32, key: &[u8]) {
+async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: &[u8]) {
     match shared.cancels.lookup(pid, key) {
         Some(target) => {
             debug!(pid, server = %target.addr, "forwarding client cancel request");
@@ -136,7 +152,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, key: &[u8]) {
                 target.addr,
                 target.pid,
                 &target.key,
-                shared.config.database.connect_timeout,
+                config.database.connect_timeout,
             )
             .await
             {
@@ -244,6 +260,8 @@ struct Relay {
     timer: Pin<Box<Sleep>>,
     /// What `timer` is set to, if it is armed.
     timer_at: Option<Instant>,
+    /// This session's copy of the settings, refreshed after a reload.
+    config: Snapshot,
 }
 
 impl Relay {
@@ -253,6 +271,7 @@ impl Relay {
         server_addr: SocketAddr,
         leftover: BytesMut,
         startup_deadline: Instant,
+        config: Snapshot,
     ) -> Self {
         let mut up = Pipe::default();
         up.preload(&leftover);
@@ -277,6 +296,7 @@ impl Relay {
             draining: false,
             timer: Box::pin(tokio::time::sleep_until(startup_deadline)),
             timer_at: Some(startup_deadline),
+            config,
         }
     }
 
@@ -310,6 +330,7 @@ impl Relay {
     /// Moves bytes both ways and keeps the deadlines until something ends the session.
     /// Returns `Pending` when neither side can make progress and no deadline has passed.
     fn poll_relay(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Poll<End> {
+        self.config.current(&shared.live);
         loop {
             let mut progress = false;
 
@@ -385,14 +406,14 @@ impl Relay {
 
     /// The earliest moment something can expire: startup, the head request's deadline, a
     /// stalled write, or the grace period of a cancel in progress.
-    fn next_deadline(&self, shared: &Shared) -> Option<Instant> {
+    fn next_deadline(&self) -> Option<Instant> {
         if let Some(at) = self.startup_deadline {
             return Some(at);
         }
         if let Some(c) = self.cancelling {
             return Some(c.give_up_at);
         }
-        let t = &shared.config.timeouts;
+        let t = &self.config.config().timeouts;
         let head = self.tracker.deadline(t.read, t.write);
         let stall = self.stalled_since.map(|since| since + t.write);
         match (head, stall) {
@@ -404,7 +425,7 @@ impl Relay {
     /// Keeps the timer on the earliest deadline and acts on any that has passed.
     fn poll_deadlines(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Option<End> {
         loop {
-            let Some(want) = self.next_deadline(shared) else {
+            let Some(want) = self.next_deadline() else {
                 self.timer_at = None;
                 return None;
             };
@@ -432,7 +453,7 @@ impl Relay {
 
     /// A deadline has passed: ask the server to cancel, and give it `cancel_grace` to answer.
     fn start_cancel(&mut self, shared: &Shared, now: Instant) {
-        let t = &shared.config.timeouts;
+        let t = &self.config.config().timeouts;
         let stalled = self
             .stalled_since
             .is_some_and(|since| since + t.write <= now);
@@ -639,7 +660,7 @@ impl Relay {
             End::StartupTimeout => Some(Refusal::StartupTimeout),
             End::Unanswered(deadline) => Some(Refusal::Unanswered {
                 deadline: *deadline,
-                grace: shared.config.timeouts.cancel_grace,
+                grace: self.config.config().timeouts.cancel_grace,
             }),
             End::CommitUnconfirmed(deadline) => Some(Refusal::CommitUnconfirmed(*deadline)),
         };
@@ -694,7 +715,8 @@ impl Relay {
         };
         shared.metrics.cancels_sent.increment(1);
         let addr = self.server_addr;
-        let within = shared.config.database.connect_timeout + shared.config.timeouts.cancel_grace;
+        let c = self.config.config();
+        let within = c.database.connect_timeout + c.timeouts.cancel_grace;
         debug!(server = %addr, pid, "sending cancel request");
         tokio::spawn(async move {
             if let Err(e) = upstream::send_cancel(addr, pid, &key, within).await {

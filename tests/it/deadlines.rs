@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{Cluster, Proxy, config_for, eventually, sqlstate};
+use crate::support::{Binary, Cluster, Proxy, config_for, eventually, sqlstate};
 
 const READ: Duration = Duration::from_millis(1500);
 const WRITE: Duration = Duration::from_millis(500);
@@ -403,4 +403,32 @@ async fn server_that_stops_reading_counts_as_a_stuck_write() {
         fatal.1
     );
     assert!(took < WRITE + GRACE + SLACK, "after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_deadline_of_sessions_already_open() {
+    let pg = Cluster::start();
+    let bin = Binary::start(&pg, "[timeouts]\nread = \"30s\"\n").await;
+    let c = crate::support::connect(&bin.params()).await;
+    let pid = backend_pid(&c).await;
+    c.simple_query("SELECT pg_sleep(0.6)").await.unwrap();
+    std::fs::write(
+        &bin.config_path,
+        Binary::config_text(bin.port, &pg, "[timeouts]\nread = \"300ms\"\n"),
+    )
+    .unwrap();
+    bin.signal(libc::SIGHUP);
+    let err = eventually(
+        "the new read deadline to apply",
+        Duration::from_secs(10),
+        || async { c.simple_query("SELECT pg_sleep(0.6)").await.err() },
+    )
+    .await;
+    assert_eq!(sqlstate(&err), "57014");
+    assert!(
+        error_message(&err).contains("read deadline of 300ms"),
+        "{}",
+        error_message(&err)
+    );
+    assert_eq!(backend_pid(&c).await, pid, "the session was kept");
 }

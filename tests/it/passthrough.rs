@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 
 use crate::support::raw::{Raw, field, first_packet, msg, startup_packet};
-use crate::support::{Cluster, Proxy, config_for, eventually, free_port, sqlstate};
+use crate::support::{Binary, Cluster, Proxy, config_for, eventually, free_port, sqlstate};
 
 const SECONDS_10: Duration = Duration::from_secs(10);
 
@@ -712,44 +712,19 @@ async fn drain_period_over_closes_open_transactions_and_they_roll_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_binary_drains_on_sigterm_and_exits_zero() {
     let pg = Cluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = dir.path().join("bulkhead.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\naddress = \"127.0.0.1:{port}\"\n[database]\nhosts = [\"{}\"]\n",
-            pg.addr()
-        ),
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .arg("--config")
-        .arg(&config)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let params = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-    let client = eventually("bulkhead to accept", SECONDS_10, || async {
-        tokio_postgres::connect(&params, NoTls).await.ok()
-    })
-    .await;
-    let (c, conn) = client;
+    let mut bin = Binary::start(&pg, "").await;
+    let (c, conn) = tokio_postgres::connect(&bin.params(), NoTls).await.unwrap();
     let conn = tokio::spawn(conn);
     // A simple query: query_one would leave a statement whose Close the client sends later,
     // and a Close racing the shutdown takes the 57P01 meant for the connection.
     assert_eq!(c.simple_query("SELECT 1").await.unwrap().len(), 3);
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    assert_eq!(
-        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) },
-        0
-    );
+    bin.signal(libc::SIGTERM);
     let end = tokio::time::timeout(SECONDS_10, conn)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(sqlstate(&end.unwrap_err()), "57P01");
-    let status = tokio::time::timeout(SECONDS_10, child.wait())
+    let status = tokio::time::timeout(SECONDS_10, bin.child.wait())
         .await
         .unwrap()
         .unwrap();

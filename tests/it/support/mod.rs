@@ -392,3 +392,62 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
         None => panic!("expected a server error with a SQLSTATE, got: {e:?}"),
     }
 }
+
+/// The real `bulkhead` binary, started with a config file of its own; killed when dropped.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    pub port: u16,
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    /// Starts the binary with `[listen]` on a free port plus `extra` TOML, and waits until it
+    /// accepts a session.
+    pub async fn start(cluster: &Cluster, extra: &str) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config_path = dir.path().join("bulkhead.toml");
+        std::fs::write(&config_path, Binary::config_text(port, cluster, extra)).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg("--config")
+            .arg(&config_path)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let b = Binary {
+            child,
+            port,
+            config_path,
+            _dir: dir,
+        };
+        eventually("bulkhead to accept", Duration::from_secs(10), || async {
+            tokio_postgres::connect(&b.params(), NoTls)
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        b
+    }
+
+    pub fn config_text(port: u16, cluster: &Cluster, extra: &str) -> String {
+        format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\n[database]\nhosts = [\"{}\"]\n{extra}",
+            cluster.addr()
+        )
+    }
+
+    pub fn params(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("bulkhead still running") as i32;
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
