@@ -42,6 +42,36 @@ pub fn classify(sql: &[u8], complete: bool) -> Kind {
     }
 }
 
+/// Statements that end or rewind a transaction block, which is what a failed block accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// ROLLBACK or ABORT (not PREPARED).
+    Rollback,
+    /// ROLLBACK TO [SAVEPOINT] name.
+    RollbackTo,
+    /// COMMIT or END (not PREPARED): in a failed block, PostgreSQL rolls back instead.
+    Commit,
+}
+
+/// Whether `sql` is a single ROLLBACK, ROLLBACK TO or COMMIT statement.
+pub fn transaction_control(sql: &[u8]) -> Option<Control> {
+    let mut tokens = Tokens::new(sql);
+    let first = tokens.next()?;
+    let mut rest = tokens.filter(|t| *t != Token::Semicolon);
+    let second = rest.next();
+    let is_to = second.is_some_and(|t| t.is("TO"));
+    let plain = second.is_none() || second.is_some_and(|t| t.is("WORK") || t.is("TRANSACTION"));
+    if first.is("ROLLBACK") && is_to {
+        Some(Control::RollbackTo)
+    } else if (first.is("ROLLBACK") || first.is("ABORT")) && plain {
+        Some(Control::Rollback)
+    } else if (first.is("COMMIT") || first.is("END")) && plain {
+        Some(Control::Commit)
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token<'a> {
     Word(&'a [u8]),
@@ -462,6 +492,27 @@ mod tests {
             check(sql, Commit);
         }
         check("INSERT INTO t VALUES (1); COMMIT", Write);
+    }
+
+    #[test]
+    fn transaction_control_statements() {
+        let cases = [
+            ("ROLLBACK", Some(Control::Rollback)),
+            ("rollback work;", Some(Control::Rollback)),
+            ("ABORT", Some(Control::Rollback)),
+            ("ROLLBACK TO SAVEPOINT a", Some(Control::RollbackTo)),
+            ("rollback to a", Some(Control::RollbackTo)),
+            ("COMMIT", Some(Control::Commit)),
+            ("END TRANSACTION", Some(Control::Commit)),
+            ("/* c */ commit", Some(Control::Commit)),
+            ("COMMIT PREPARED 'x'", None),
+            ("ROLLBACK PREPARED 'x'", None),
+            ("SELECT 1", None),
+            ("", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(transaction_control(sql.as_bytes()), want, "{sql}");
+        }
     }
 
     #[test]

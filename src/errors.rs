@@ -57,6 +57,16 @@ pub enum Refusal {
     /// bulkhead's cancel freed a COMMIT waiting for synchronous replication: committed locally,
     /// not confirmed by the standby. FATAL 40003.
     CommitUnconfirmed(Deadline),
+    /// The write circuit is open; retry in `retry_in`. ERROR 57P03.
+    CircuitOpen { retry_in: Duration },
+    /// A statement in a block that failed because bulkhead refused a write. ERROR 25P02.
+    InFailedBlock,
+    /// No concurrency slot came free within queue_timeout. ERROR 53400.
+    Shed { waited: Duration },
+    /// No writable primary appeared within hold_new_connections. FATAL 57P03.
+    NoPrimary(String),
+    /// The session's primary was demoted or replaced. FATAL 57P01.
+    Demoted,
 }
 
 impl Refusal {
@@ -141,6 +151,43 @@ impl Refusal {
                 "The durability you asked for was not confirmed. Check the transaction with \
                  pg_xact_status() before retrying. The connection was closed.",
             ),
+            Refusal::CircuitOpen { retry_in } => (
+                Severity::Error,
+                "57P03",
+                format!(
+                    "bulkhead: write refused: the write circuit is open after repeated write failures; retry in {}",
+                    humantime::format_duration(round_up(*retry_in))
+                ),
+                "Writes fail fast while the database cannot commit (for example during a failover); reads go on. \
+                 Retry the transaction after the time given.",
+            ),
+            Refusal::InFailedBlock => (
+                Severity::Error,
+                "25P02",
+                "bulkhead: current transaction is aborted, commands ignored until end of transaction block".into(),
+                "A write in this transaction was refused earlier. End the block with ROLLBACK and retry it.",
+            ),
+            Refusal::Shed { waited } => (
+                Severity::Error,
+                "53400",
+                format!(
+                    "bulkhead: statement shed: the database is at its concurrency limit and no slot came free within {}",
+                    humantime::format_duration(*waited)
+                ),
+                "The database is overloaded; back off and retry. The statement did not run.",
+            ),
+            Refusal::NoPrimary(why) => (
+                Severity::Fatal,
+                "57P03",
+                format!("bulkhead: no writable primary is available: {why}"),
+                "The database is failing over or unreachable. Retry in a few seconds.",
+            ),
+            Refusal::Demoted => (
+                Severity::Fatal,
+                "57P01",
+                "bulkhead: terminating connection because its primary was replaced".into(),
+                "Reconnect; new connections go to the new primary.",
+            ),
         };
         write_error(
             out,
@@ -152,6 +199,11 @@ impl Refusal {
             },
         );
     }
+}
+
+/// Whole seconds (at least one) for a retry hint.
+fn round_up(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(Duration::from_secs(1))
 }
 
 #[cfg(test)]
@@ -217,6 +269,21 @@ mod tests {
                 "40003",
             ),
             (Refusal::CommitUnconfirmed(write()), "40003"),
+            (
+                Refusal::CircuitOpen {
+                    retry_in: Duration::from_millis(1500),
+                },
+                "57P03",
+            ),
+            (Refusal::InFailedBlock, "25P02"),
+            (Refusal::NoPrimary("x".into()), "57P03"),
+            (
+                Refusal::Shed {
+                    waited: Duration::from_millis(100),
+                },
+                "53400",
+            ),
+            (Refusal::Demoted, "57P01"),
         ];
         for (refusal, code) in cases {
             let mut out = BytesMut::new();

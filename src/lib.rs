@@ -13,6 +13,7 @@
 //! State is passed, never global: [`Bulkhead`] owns everything one proxy needs, so a test can
 //! run several in one process.
 
+pub mod breaker;
 pub mod cancel;
 pub mod classify;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod errors;
 pub mod live;
 pub mod metrics;
 pub mod pipe;
+pub mod probe;
 pub mod protocol;
 mod session;
 pub mod tracker;
@@ -54,6 +56,8 @@ pub(crate) struct Shared {
     pub cancels: cancel::Registry,
     pub metrics: Metrics,
     pub phase: watch::Receiver<Phase>,
+    /// Hosts, their roles and write circuits, and the primary, as the probe sees them.
+    pub topology: probe::Topology,
 }
 
 /// One proxy instance.
@@ -65,17 +69,25 @@ pub struct Bulkhead {
 impl Bulkhead {
     pub fn new(config: Config) -> Self {
         let (phase, phase_rx) = watch::channel(Phase::Running);
+        let metrics = Metrics::new();
+        let topology = probe::Topology::new(&config.database.hosts, &metrics);
         let shared = Arc::new(Shared {
             live: live::Live::new(config),
             cancels: cancel::Registry::default(),
-            metrics: Metrics::new(),
+            metrics,
             phase: phase_rx,
+            topology,
         });
         Bulkhead { shared, phase }
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// Hosts, roles, circuits and the primary as the probe last saw them.
+    pub fn topology(&self) -> &probe::Topology {
+        &self.shared.topology
     }
 
     /// Applies a reloaded configuration: timeouts, circuit and limits take effect for every
@@ -93,6 +105,7 @@ impl Bulkhead {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
+        let probes = probe::spawn(&self.shared);
         let mut next_id: u64 = 0;
         tokio::pin!(shutdown);
         loop {
@@ -127,6 +140,9 @@ impl Bulkhead {
             all_ended.recv().await;
         }
         info!("all sessions ended");
+        for probe in probes {
+            probe.abort();
+        }
         Ok(())
     }
 }

@@ -192,6 +192,12 @@ impl Metrics {
         gauge(&self.recorder, name, label_pairs)
     }
 
+    /// Registers a histogram later.
+    pub fn histogram(&self, name: &'static str, label_pairs: &[(&'static str, &str)]) -> Histogram {
+        self.recorder
+            .register_histogram(&Key::from_parts(name, labels(label_pairs)), &METADATA)
+    }
+
     /// The Prometheus text exposition of everything recorded.
     pub fn render(&self) -> String {
         self.handle.render()

@@ -40,6 +40,8 @@ pub struct Pipe {
     eof: bool,
     /// Bytes written to the destination so far, so a caller can tell progress from none.
     written: u64,
+    /// Bytes of a skipped message still to come from the source; they are dropped on arrival.
+    discard: usize,
 }
 
 impl Pipe {
@@ -47,7 +49,7 @@ impl Pipe {
     /// `inspect` selects needs its whole body (or [`INSPECT_LIMIT`] of it) buffered; any other
     /// needs only its header. `Ok(None)` means read more first.
     pub fn next(&self, inspect: impl Fn(u8) -> bool) -> Result<Option<Header>, FrameError> {
-        if self.streaming > 0 || !self.inject.is_empty() {
+        if self.streaming > 0 || self.discard > 0 || !self.inject.is_empty() {
             return Ok(None);
         }
         let unframed = &self.buf[self.ready..];
@@ -89,13 +91,23 @@ impl Pipe {
         self.streaming = h.total() - have;
     }
 
-    /// Replaces the current message, which must be whole, with `with`.
+    /// Drops the current message: what is buffered now, and the rest as it arrives.
+    pub fn skip(&mut self, h: &Header) {
+        let have = (self.buf.len() - self.ready).min(h.total());
+        self.remove_at_ready(have);
+        self.discard = h.total() - have;
+    }
+
+    /// Replaces the current message with `with`, which keeps its place in the stream.
     pub fn replace(&mut self, h: &Header, with: &[u8]) {
-        debug_assert!(self.is_whole(h));
-        let (start, len) = (self.ready, h.total());
+        self.skip(h);
+        self.inject.extend_from_slice(with);
+    }
+
+    fn remove_at_ready(&mut self, len: usize) {
+        let start = self.ready;
         self.buf.copy_within(start + len.., start);
         self.buf.truncate(self.buf.len() - len);
-        self.inject.extend_from_slice(with);
     }
 
     /// Puts bytes already read from the source (before the relay began) in front of the
@@ -143,7 +155,7 @@ impl Pipe {
 
     /// Whether part of a message has been read but not all of it.
     pub fn mid_message(&self) -> bool {
-        self.streaming > 0 || self.buf.len() > self.ready
+        self.streaming > 0 || self.discard > 0 || self.buf.len() > self.ready
     }
 
     /// Whether reading more is allowed now; false means the destination is behind.
@@ -168,7 +180,11 @@ impl Pipe {
         if n == 0 {
             self.eof = true;
         }
-        // Bytes of a message already being streamed need no framing.
+        // Bytes of a skipped message are dropped; bytes of a message already being streamed
+        // need no framing.
+        let dropped = (self.buf.len() - self.ready).min(self.discard);
+        self.remove_at_ready(dropped);
+        self.discard -= dropped;
         let through = (self.buf.len() - self.ready).min(self.streaming);
         self.ready += through;
         self.streaming -= through;
@@ -222,6 +238,9 @@ impl Pipe {
     #[cfg(test)]
     fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
+        let dropped = (self.buf.len() - self.ready).min(self.discard);
+        self.remove_at_ready(dropped);
+        self.discard -= dropped;
         let through = (self.buf.len() - self.ready).min(self.streaming);
         self.ready += through;
         self.streaming -= through;
@@ -375,6 +394,29 @@ mod tests {
         want.extend(msg(b'K', b"abcdefgh"));
         want.extend(msg(b'Z', b"I"));
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn skipped_message_is_dropped_even_while_it_streams() {
+        let mut p = Pipe::default();
+        let big = msg(b'B', &vec![1u8; 100_000]);
+        let mut bytes = msg(b'P', b"\0x\0\0\0");
+        bytes.extend_from_slice(&big[..1000]);
+        p.feed(&bytes);
+        let h = p.next(|_| false).unwrap().unwrap();
+        p.forward(&h);
+        let h = p.next(|_| false).unwrap().unwrap();
+        assert_eq!(h.tag, b'B');
+        p.skip(&h);
+        p.feed(&big[1000..50_000]);
+        assert!(p.next(|_| false).unwrap().is_none());
+        let mut rest = big[50_000..].to_vec();
+        rest.extend(msg(b'S', b""));
+        p.feed(&rest);
+        assert_eq!(drain(&mut p), b"S");
+        let mut want = msg(b'P', b"\0x\0\0\0");
+        want.extend(msg(b'S', b""));
+        assert_eq!(p.take_output(), want);
     }
 
     fn drain_all(p: &mut Pipe) -> Vec<u8> {

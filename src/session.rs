@@ -18,17 +18,19 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, timeout};
 use tracing::{debug, info, warn};
 
+use crate::breaker::Decision;
 use crate::cancel::Target;
-use crate::classify::classify;
+use crate::classify::{Control, classify, transaction_control};
 use crate::config::Config;
 use crate::errors::{Deadline, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
+use crate::probe::circuit_settings;
 use crate::protocol::backend::{self, Severity, TxStatus};
 use crate::protocol::framing::FrameError;
 use crate::protocol::{frontend, startup};
-use crate::tracker::Tracker;
+use crate::tracker::{Effect, Refused, Tracker};
 use crate::upstream;
 use crate::{Phase, Shared};
 
@@ -53,11 +55,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mp
         Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
         Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
     };
-    let (mut server, addr) = match upstream::connect(&config.config().database).await {
+    let (mut server, addr, host) = match connect_primary(&shared, config.config()).await {
         Ok(connected) => connected,
         Err(why) => {
-            warn!(%why, "no server accepted the connection");
-            return refuse(&mut client, Refusal::NoServer(why)).await;
+            warn!(%why, "no writable primary for a new session");
+            return refuse(&mut client, Refusal::NoPrimary(why)).await;
         }
     };
     let _server_gauge = GaugeGuard::new(&shared.metrics.server_connections);
@@ -69,6 +71,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mp
         client,
         server,
         addr,
+        host,
         first.leftover,
         startup_deadline,
         config,
@@ -78,6 +81,40 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mp
         shared.cancels.remove(pid);
     }
     relay.finish(&shared, end).await;
+}
+
+/// Connects to the writable primary, waiting up to [circuit] hold_new_connections for one to be
+/// known and to accept, so a short failover is ridden through. Returns the stream, the address
+/// reached and the host's index.
+async fn connect_primary(
+    shared: &Shared,
+    config: &Config,
+) -> Result<(TcpStream, SocketAddr, usize), String> {
+    let deadline = Instant::now() + config.circuit.hold_new_connections;
+    let mut primary = shared.topology.watch_primary();
+    let mut last_error = String::from("none is known");
+    loop {
+        let known = tokio::time::timeout_at(deadline, primary.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|p| p.clone()));
+        let Some(p) = known else {
+            return Err(format!(
+                "{last_error} (waited {})",
+                humantime::format_duration(config.circuit.hold_new_connections)
+            ));
+        };
+        match upstream::connect(&p.address, config.database.connect_timeout).await {
+            Ok((stream, addr)) => return Ok((stream, addr, p.index)),
+            Err(e) => last_error = e,
+        }
+        // Wait for the probe to see a change, but try again at least every probe interval.
+        let retry = (Instant::now() + config.probe.interval).min(deadline);
+        let _ = tokio::time::timeout_at(retry, primary.changed()).await;
+        if Instant::now() >= deadline {
+            return Err(last_error);
+        }
+    }
 }
 
 /// A StartupMessage to forward, and anything the client sent after it.
@@ -201,8 +238,12 @@ enum End {
     ClientBroke(String),
     /// The server closed or broke its connection.
     ServerLost(String),
+    /// The server accepted the connection but did not answer the startup packet in time.
+    ServerSilent(String),
     /// The session reached a point where it can close without losing anything, while draining.
     Drained,
+    /// The session's primary was replaced, and the session reached a quiet point.
+    Demoted,
     /// bulkhead is closing every session now.
     Closing,
     /// The client did not finish startup in time.
@@ -221,6 +262,21 @@ struct Cancelling {
     give_up_at: Instant,
 }
 
+/// The Sync that stands in for a refused Query: the server answers it with ReadyForQuery and
+/// does nothing else.
+const SYNC: &[u8] = b"S\0\0\0\x04";
+
+/// What a COMMIT in a failed block becomes, as PostgreSQL itself does.
+const ROLLBACK_QUERY: &[u8] = b"Q\0\0\0\x0dROLLBACK\0";
+
+/// Why `frame_client` stopped.
+enum Hold {
+    /// Everything buffered has been framed.
+    Done,
+    /// The next message must wait until earlier requests are answered.
+    Wait,
+}
+
 struct Relay {
     client: TcpStream,
     server: TcpStream,
@@ -230,18 +286,29 @@ struct Relay {
     down: Pipe,
     /// The server address this session is connected to; cancels go there.
     server_addr: SocketAddr,
+    /// Which of [database] hosts that is: its write circuit, and whether it is still primary.
+    host: usize,
     /// The server's own cancel key, once it has sent BackendKeyData.
     server_key: Option<(i32, Vec<u8>)>,
     /// The process id bulkhead gave the client, to unregister at the end.
     client_pid: Option<i32>,
     /// Until the first ReadyForQuery, authentication is in progress and this is its deadline.
     startup_deadline: Option<Instant>,
+    /// Until the server's first byte, how long it may stay silent after the startup packet.
+    hello_deadline: Option<Instant>,
     /// Transaction status from the last ReadyForQuery.
     tx: TxStatus,
+    /// The client believes its transaction block failed (bulkhead refused a write in it) while
+    /// the server's block is still open: only ROLLBACK, ROLLBACK TO or COMMIT get through.
+    client_tx_failed: bool,
+    /// The rest of a refused extended-protocol batch is dropped up to its Sync.
+    skip_to_sync: bool,
     /// Requests in flight, their classes and the head's clock.
     tracker: Tracker,
     /// The head request got an ErrorResponse (for the outcome metric).
     head_failed: bool,
+    /// The head request got 25006 (read-only transaction): the host is no longer a primary.
+    head_read_only: bool,
     /// bulkhead cancelled the head request because a deadline passed.
     head_timed_out: bool,
     /// Set while bulkhead waits for the server to answer its cancel.
@@ -252,8 +319,8 @@ struct Relay {
     server_said_fatal: bool,
     /// The client sent Terminate.
     client_terminated: bool,
-    /// bulkhead is draining: end the session at its next quiet point.
-    draining: bool,
+    /// End the session at its next quiet point, with this ending.
+    leave_when_quiet: Option<fn() -> End>,
     /// One timer for the session, set to the earliest thing that can expire. It is moved
     /// earlier at once but later only lazily (when it fires early), so most requests cost no
     /// timer update.
@@ -269,6 +336,7 @@ impl Relay {
         client: TcpStream,
         server: TcpStream,
         server_addr: SocketAddr,
+        host: usize,
         leftover: BytesMut,
         startup_deadline: Instant,
         config: Snapshot,
@@ -276,26 +344,34 @@ impl Relay {
         let mut up = Pipe::default();
         up.preload(&leftover);
         let now = Instant::now();
+        let hello_deadline = now + config.config().database.connect_timeout;
         Relay {
             client,
             server,
             up,
             down: Pipe::default(),
             server_addr,
+            host,
             server_key: None,
             client_pid: None,
             startup_deadline: Some(startup_deadline),
+            hello_deadline: Some(hello_deadline),
             tx: TxStatus::Idle,
+            client_tx_failed: false,
+            skip_to_sync: false,
             tracker: Tracker::new(now),
             head_failed: false,
+            head_read_only: false,
             head_timed_out: false,
             cancelling: None,
             stalled_since: None,
             server_said_fatal: false,
             client_terminated: false,
-            draining: false,
-            timer: Box::pin(tokio::time::sleep_until(startup_deadline)),
-            timer_at: Some(startup_deadline),
+            leave_when_quiet: None,
+            timer: Box::pin(tokio::time::sleep_until(
+                hello_deadline.min(startup_deadline),
+            )),
+            timer_at: Some(hello_deadline.min(startup_deadline)),
             config,
         }
     }
@@ -310,6 +386,8 @@ impl Relay {
         if *phase.borrow_and_update() != Phase::Running {
             return End::Closing;
         }
+        let mut primary = shared.topology.watch_primary();
+        primary.borrow_and_update();
         loop {
             tokio::select! {
                 biased;
@@ -318,8 +396,21 @@ impl Relay {
                     match now {
                         Phase::Running => {}
                         Phase::Draining if self.is_quiet() => return End::Drained,
-                        Phase::Draining => self.draining = true,
+                        Phase::Draining => self.leave_when_quiet = Some(|| End::Drained),
                         Phase::Closing => return End::Closing,
+                    }
+                }
+                Ok(()) = primary.changed() => {
+                    // Another host is primary now: this session's server takes no more writes.
+                    // (No primary at all is a failover in progress; the session ends on its own
+                    // if its server is gone.)
+                    let replaced = primary.borrow_and_update().as_ref().is_some_and(|p| p.index != self.host);
+                    if replaced {
+                        info!("primary replaced; the session ends when its transaction does");
+                        if self.is_quiet() {
+                            return End::Demoted;
+                        }
+                        self.leave_when_quiet = Some(|| End::Demoted);
                     }
                 }
                 end = poll_fn(|cx| self.poll_relay(cx, shared)) => return end,
@@ -344,7 +435,7 @@ impl Relay {
                     Poll::Pending => {}
                 }
             }
-            if let Err(e) = self.frame_client() {
+            if let Err(e) = self.frame_client(shared) {
                 return Poll::Ready(End::ClientBroke(e.to_string()));
             }
             let before = self.up.written();
@@ -367,7 +458,12 @@ impl Relay {
 
             if self.down.wants_read() {
                 match self.down.poll_read_from(cx, &mut self.server) {
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(n)) => {
+                        progress = true;
+                        if n > 0 {
+                            self.hello_deadline = None;
+                        }
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(End::ServerLost(e.to_string())),
                     Poll::Pending => {}
                 }
@@ -392,8 +488,10 @@ impl Relay {
             if self.up.is_eof() && !self.up.has_output() {
                 return Poll::Ready(End::ClientLeft);
             }
-            if self.draining && self.is_quiet() {
-                return Poll::Ready(End::Drained);
+            if let Some(leave) = self.leave_when_quiet {
+                if self.is_quiet() {
+                    return Poll::Ready(leave());
+                }
             }
             if let Some(end) = self.poll_deadlines(cx, shared) {
                 return Poll::Ready(end);
@@ -404,11 +502,11 @@ impl Relay {
         }
     }
 
-    /// The earliest moment something can expire: startup, the head request's deadline, a
-    /// stalled write, or the grace period of a cancel in progress.
+    /// The earliest moment something can expire: startup, the server's first answer, the head
+    /// request's deadline, a stalled write, or the grace period of a cancel in progress.
     fn next_deadline(&self) -> Option<Instant> {
         if let Some(at) = self.startup_deadline {
-            return Some(at);
+            return Some(self.hello_deadline.map_or(at, |hello| hello.min(at)));
         }
         if let Some(c) = self.cancelling {
             return Some(c.give_up_at);
@@ -440,6 +538,14 @@ impl Relay {
             let now = Instant::now();
             if now < want {
                 continue; // The timer was set for a deadline that has since moved later.
+            }
+            if self.hello_deadline.is_some_and(|at| at <= now) {
+                let within =
+                    humantime::format_duration(self.config.config().database.connect_timeout);
+                return Some(End::ServerSilent(format!(
+                    "{} accepted the connection but did not answer within {within}",
+                    self.server_addr
+                )));
             }
             if self.startup_deadline.is_some() {
                 return Some(End::StartupTimeout);
@@ -481,8 +587,9 @@ impl Relay {
         self.cancel_on_server(shared);
     }
 
-    /// Frames what the client sent, classifies statements and keeps track of requests.
-    fn frame_client(&mut self) -> Result<(), FrameError> {
+    /// Frames what the client sent: classifies statements, keeps track of requests, and refuses
+    /// what must not run.
+    fn frame_client(&mut self, shared: &Shared) -> Result<Hold, FrameError> {
         let inspect = |tag| {
             matches!(
                 tag,
@@ -493,43 +600,198 @@ impl Relay {
                     | frontend::CLOSE_TAG
             )
         };
-        while let Some(h) = self.up.next(inspect)? {
-            if self.authenticated() {
-                let now = Instant::now();
-                let body = self.up.body(&h);
-                let t = &mut self.tracker;
-                match h.tag {
-                    frontend::QUERY_TAG => {
-                        let whole = self.up.is_whole(&h);
-                        t.query(classify(frontend::query_text(body), whole), now);
-                    }
-                    frontend::PARSE_TAG => {
-                        let (name, text) = frontend::parse_message(body).unwrap_or((b"", b""));
-                        t.parse(name, classify(text, self.up.is_whole(&h)), now);
-                    }
-                    frontend::BIND_TAG => {
-                        let (portal, statement) =
-                            frontend::bind_names(body).unwrap_or((b"", b"\0"));
-                        t.bind(portal, statement, now);
-                    }
-                    frontend::EXECUTE_TAG => {
-                        t.execute(frontend::execute_portal(body).unwrap_or(b"\0"), now)
-                    }
-                    frontend::CLOSE_TAG => {
-                        let (what, name) = frontend::close_target(body).unwrap_or((b'S', b""));
-                        t.close(what, name, now);
-                    }
-                    frontend::DESCRIBE_TAG | frontend::FLUSH_TAG => t.extended(now),
-                    frontend::SYNC_TAG => t.sync(now),
-                    frontend::FUNCTION_CALL_TAG => t.function_call(now),
-                    frontend::COPY_DONE_TAG | frontend::COPY_FAIL_TAG => t.copy_in_ended(now),
-                    frontend::TERMINATE_TAG => self.client_terminated = true,
-                    _ => {}
+        loop {
+            // Nothing after a refused request may run before its answer is known: it decides
+            // whether the client's transaction block has failed.
+            if self.authenticated() && self.tracker.refusal_in_flight() && !self.skip_to_sync {
+                return Ok(Hold::Wait);
+            }
+            let Some(h) = self.up.next(inspect)? else {
+                return Ok(Hold::Done);
+            };
+            if !self.authenticated() {
+                self.up.forward(&h);
+                continue;
+            }
+            let now = Instant::now();
+            if self.skip_to_sync {
+                if h.tag == frontend::SYNC_TAG {
+                    self.skip_to_sync = false;
+                    self.tracker.sync(now);
+                    self.up.forward(&h);
+                } else {
+                    self.up.skip(&h);
                 }
+                continue;
+            }
+            match h.tag {
+                frontend::QUERY_TAG => {
+                    if self.refusal_possible(shared) && self.tracker.in_flight() > 0 {
+                        return Ok(Hold::Wait);
+                    }
+                    let body = self.up.body(&h);
+                    let text = frontend::query_text(body);
+                    let kind = classify(text, self.up.is_whole(&h));
+                    let control = transaction_control(text);
+                    self.tracker.query(kind, now);
+                    if self.client_tx_failed {
+                        self.in_failed_block(&h, control, true);
+                        continue;
+                    }
+                    if self.tracker.last() == Some(Class::Write) && !self.admit_write(shared) {
+                        self.up.replace(&h, SYNC);
+                        continue;
+                    }
+                }
+                frontend::PARSE_TAG => {
+                    if self.client_tx_failed && !self.tracker.is_open() {
+                        if self.tracker.in_flight() > 0 {
+                            return Ok(Hold::Wait);
+                        }
+                        let (_, text) =
+                            frontend::parse_message(self.up.body(&h)).unwrap_or((b"", b""));
+                        let control = transaction_control(text);
+                        self.tracker.extended(now);
+                        self.in_failed_block(&h, control, false);
+                        if self.skip_to_sync {
+                            continue;
+                        }
+                    }
+                    let (name, text) =
+                        frontend::parse_message(self.up.body(&h)).unwrap_or((b"", b""));
+                    let kind = classify(text, self.up.is_whole(&h));
+                    self.tracker.parse(name, kind, now);
+                }
+                frontend::EXECUTE_TAG => {
+                    if self.refusal_possible(shared) && self.tracker.before_open() > 0 {
+                        return Ok(Hold::Wait);
+                    }
+                    if self.client_tx_failed && self.failed_batch_starts(now, &h) {
+                        continue;
+                    }
+                    let portal = frontend::execute_portal(self.up.body(&h)).unwrap_or(b"\0");
+                    let became_write = self.tracker.execute(portal, now);
+                    if became_write && !self.admit_write(shared) {
+                        self.skip_to_sync = true;
+                        self.up.skip(&h);
+                        continue;
+                    }
+                }
+                frontend::BIND_TAG
+                | frontend::CLOSE_TAG
+                | frontend::DESCRIBE_TAG
+                | frontend::FLUSH_TAG => {
+                    if self.client_tx_failed && self.failed_batch_starts(now, &h) {
+                        continue;
+                    }
+                    let body = self.up.body(&h);
+                    match h.tag {
+                        frontend::BIND_TAG => {
+                            let (portal, statement) =
+                                frontend::bind_names(body).unwrap_or((b"", b"\0"));
+                            self.tracker.bind(portal, statement, now);
+                        }
+                        frontend::CLOSE_TAG => {
+                            let (what, name) = frontend::close_target(body).unwrap_or((b'S', b""));
+                            self.tracker.close(what, name, now);
+                        }
+                        _ => self.tracker.extended(now),
+                    }
+                }
+                frontend::SYNC_TAG => self.tracker.sync(now),
+                frontend::FUNCTION_CALL_TAG => {
+                    self.tracker.function_call(now);
+                    if self.client_tx_failed {
+                        self.tracker
+                            .mark_last(Effect::Refused(Refused::InFailedBlock));
+                        self.up.replace(&h, SYNC);
+                        continue;
+                    }
+                }
+                frontend::COPY_DONE_TAG | frontend::COPY_FAIL_TAG => {
+                    self.tracker.copy_in_ended(now)
+                }
+                frontend::TERMINATE_TAG => self.client_terminated = true,
+                _ => {}
             }
             self.up.forward(&h);
         }
-        Ok(())
+    }
+
+    /// Whether the next write might be refused, so that it must wait for the answers to the
+    /// requests before it (the transaction status the refusal depends on). False in the
+    /// healthy steady state, where it costs one atomic load.
+    fn refusal_possible(&self, shared: &Shared) -> bool {
+        self.client_tx_failed || shared.topology.circuit(self.host).is_troubled()
+    }
+
+    /// Asks the write circuit whether the newest request, a write, may run; marks it refused or
+    /// as the trial if not plainly allowed.
+    fn admit_write(&mut self, shared: &Shared) -> bool {
+        let settings = circuit_settings(self.config.config());
+        match shared.topology.circuit(self.host).decide(&settings) {
+            Decision::Allow => true,
+            Decision::Trial => {
+                self.tracker.mark_last(Effect::Trial);
+                true
+            }
+            Decision::Refuse { retry_at } => {
+                self.tracker
+                    .mark_last(Effect::Refused(Refused::CircuitOpen { retry_at }));
+                false
+            }
+        }
+    }
+
+    /// The client's block has failed but the server's has not: let ROLLBACK and ROLLBACK TO
+    /// through, turn COMMIT into ROLLBACK (what PostgreSQL does with a failed block), refuse
+    /// anything else with 25P02. `simple` is a Query; otherwise the first message of a batch.
+    fn in_failed_block(
+        &mut self,
+        h: &crate::protocol::framing::Header,
+        control: Option<Control>,
+        simple: bool,
+    ) {
+        match control {
+            Some(Control::Rollback | Control::RollbackTo) => {
+                self.tracker.mark_last(Effect::EndsFailedBlock)
+            }
+            Some(Control::Commit) if simple => {
+                self.tracker.mark_last(Effect::EndsFailedBlock);
+                self.up.replace(h, ROLLBACK_QUERY);
+            }
+            Some(Control::Commit) => {
+                self.tracker.mark_last(Effect::EndsFailedBlock);
+                let name = frontend::parse_message(self.up.body(h))
+                    .map(|(n, _)| n.to_vec())
+                    .unwrap_or_default();
+                let mut parse = BytesMut::new();
+                frontend::write_parse(&mut parse, &name, b"ROLLBACK");
+                self.up.replace(h, &parse);
+                self.skip_to_sync = false;
+            }
+            None => {
+                self.tracker
+                    .mark_last(Effect::Refused(Refused::InFailedBlock));
+                if simple {
+                    self.up.replace(h, SYNC);
+                } else {
+                    self.skip_to_sync = true;
+                    self.up.skip(h);
+                }
+            }
+        }
+    }
+
+    /// In a failed block, a batch that does not start with a Parse of ROLLBACK or COMMIT is
+    /// refused whole. Returns true if the message was consumed that way.
+    fn failed_batch_starts(&mut self, now: Instant, h: &crate::protocol::framing::Header) -> bool {
+        if self.tracker.is_open() {
+            return false;
+        }
+        self.tracker.extended(now);
+        self.in_failed_block(h, None, false);
+        true
     }
 
     /// Frames what the server sent: swaps its cancel key for the client's own, follows
@@ -558,8 +820,13 @@ impl Relay {
                     }
                     .ok_or("invalid ReadyForQuery from server")?;
                     self.tx = status;
-                    if self.startup_deadline.take().is_none() {
-                        self.request_finished(shared, status);
+                    if self.startup_deadline.take().is_some() {
+                        self.down.forward(&h);
+                        continue;
+                    }
+                    if let Some(own) = self.request_finished(shared, status) {
+                        self.down.replace(&h, &own);
+                        continue;
                     }
                 }
                 backend::ERROR_RESPONSE_TAG => {
@@ -567,6 +834,7 @@ impl Relay {
                     self.server_said_fatal =
                         matches!(info.severity, Severity::Fatal | Severity::Panic);
                     self.head_failed = true;
+                    self.head_read_only |= info.code == b"25006";
                     if let Some(c) = self.cancelling {
                         if info.code == b"57014"
                             && info.severity == Severity::Error
@@ -619,24 +887,66 @@ impl Relay {
         Ok(None)
     }
 
-    /// The head request's ReadyForQuery: record how it went and start the next one's clock.
-    fn request_finished(&mut self, shared: &Shared, status: TxStatus) {
-        let Some(done) = self.tracker.ready(status, Instant::now()) else {
-            return;
-        };
-        let outcome = if self.head_timed_out {
-            Outcome::Timeout
-        } else if self.head_failed {
-            Outcome::Error
-        } else {
-            Outcome::Ok
+    /// The head request's ReadyForQuery: record how it went, tell the write circuit, and start
+    /// the next one's clock. Returns what the client gets instead of the server's
+    /// ReadyForQuery, for a request bulkhead refused.
+    fn request_finished(&mut self, shared: &Shared, status: TxStatus) -> Option<BytesMut> {
+        let done = self.tracker.ready(status, Instant::now())?;
+        let outcome = match done.effect {
+            Effect::Refused(_) => Outcome::Refused,
+            _ if self.head_timed_out => Outcome::Timeout,
+            _ if self.head_failed => Outcome::Error,
+            _ => Outcome::Ok,
         };
         let m = shared.metrics.class(done.class);
         m.statement(outcome).increment(1);
-        m.duration.record(done.took.as_secs_f64());
+        if !matches!(done.effect, Effect::Refused(_)) {
+            m.duration.record(done.took.as_secs_f64());
+        }
+        if done.class == Class::Write && !matches!(done.effect, Effect::Refused(_)) {
+            let settings = circuit_settings(self.config.config());
+            let circuit = shared.topology.circuit(self.host);
+            if self.head_timed_out {
+                circuit.failure(&settings, "write deadline passed");
+            } else if self.head_read_only {
+                circuit.failure(&settings, "read-only transaction (25006) from a primary");
+            } else {
+                circuit.success(&settings, done.effect == Effect::Trial);
+            }
+        }
         self.head_failed = false;
+        self.head_read_only = false;
         self.head_timed_out = false;
         self.cancelling = None;
+        match done.effect {
+            Effect::Refused(why) => {
+                let refusal = match why {
+                    Refused::CircuitOpen { retry_at } => Refusal::CircuitOpen {
+                        retry_in: retry_at.saturating_duration_since(Instant::now()),
+                    },
+                    Refused::InFailedBlock => Refusal::InFailedBlock,
+                    Refused::Shed { waited } => Refusal::Shed { waited },
+                };
+                // Exactly as if the server had raised the error: outside a block nothing
+                // changes; inside one, the block has failed.
+                let client_status = if status == TxStatus::Idle {
+                    TxStatus::Idle
+                } else {
+                    TxStatus::Failed
+                };
+                self.client_tx_failed =
+                    client_status == TxStatus::Failed && status == TxStatus::InBlock;
+                let mut own = BytesMut::new();
+                refusal.write(&mut own);
+                backend::write_ready_for_query(&mut own, client_status);
+                Some(own)
+            }
+            Effect::EndsFailedBlock => {
+                self.client_tx_failed = false;
+                None
+            }
+            Effect::Normal | Effect::Trial => None,
+        }
     }
 
     /// Nothing in flight and no transaction open: closing now loses nothing.
@@ -656,7 +966,9 @@ impl Relay {
             End::ClientBroke(why) => Some(Refusal::ClientProtocol(why.clone())),
             End::ServerLost(_) if self.server_said_fatal => None,
             End::ServerLost(why) => Some(Refusal::ServerLost(why.clone())),
+            End::ServerSilent(why) => Some(Refusal::NoServer(why.clone())),
             End::Drained | End::Closing => Some(Refusal::ShuttingDown),
+            End::Demoted => Some(Refusal::Demoted),
             End::StartupTimeout => Some(Refusal::StartupTimeout),
             End::Unanswered(deadline) => Some(Refusal::Unanswered {
                 deadline: *deadline,
@@ -668,14 +980,26 @@ impl Relay {
             End::ClientLeft | End::Drained => debug!(?end, "session ended"),
             _ => info!(?end, "session ended"),
         }
-        if let Some(class) = self.tracker.head() {
-            if matches!(end, End::Unanswered(_) | End::CommitUnconfirmed(_)) {
+        let settings = circuit_settings(self.config.config());
+        let circuit = shared.topology.circuit(self.host);
+        match &end {
+            End::Unanswered(d) | End::CommitUnconfirmed(d) => {
                 shared
                     .metrics
-                    .class(class)
+                    .class(d.class)
                     .statement(Outcome::Timeout)
                     .increment(1);
+                if d.class == Class::Write {
+                    circuit.failure(
+                        &settings,
+                        "write deadline passed and the cancel went unanswered",
+                    );
+                }
             }
+            End::ServerLost(_) if !self.server_said_fatal => {
+                circuit.failure(&settings, "server connection lost")
+            }
+            _ => {}
         }
         let server_running = self.tracker.in_flight() > 0 || self.up.mid_message();
         let cancelled_already = matches!(end, End::Unanswered(_) | End::CommitUnconfirmed(_));

@@ -16,14 +16,46 @@ use crate::classify::Kind;
 use crate::metrics::Class;
 use crate::protocol::backend::TxStatus;
 
+/// What bulkhead does with a request besides relaying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Relayed as it is.
+    Normal,
+    /// The one trial write of a half-open circuit: its result closes or reopens it.
+    Trial,
+    /// Not run: the server got a Sync in its place, and the client gets this error in front of
+    /// the ReadyForQuery that answers it.
+    Refused(Refused),
+    /// A ROLLBACK (or a COMMIT turned into one) that ends a block bulkhead failed.
+    EndsFailedBlock,
+}
+
+/// Why a request was not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The write circuit is open.
+    CircuitOpen { retry_at: Instant },
+    /// The transaction block failed earlier (a refused write), so commands are ignored until
+    /// it ends, as PostgreSQL does.
+    InFailedBlock,
+    /// No concurrency slot within queue_timeout (how long it waited).
+    Shed { waited: Duration },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Request {
+    class: Class,
+    effect: Effect,
+}
+
 /// Requests in flight beyond which the queue grows instead of reusing its space; pipelines
 /// deeper than this cost one allocation, once.
 const QUEUE_CAPACITY: usize = 16;
 
 #[derive(Debug)]
 pub struct Tracker {
-    /// Class of each request sent and not yet answered, oldest first.
-    queue: VecDeque<Class>,
+    /// Each request sent and not yet answered, oldest first.
+    queue: VecDeque<Request>,
     /// The newest request has extended-protocol messages but no Sync yet.
     open: bool,
     /// When the head request's clock started.
@@ -46,6 +78,7 @@ pub struct Tracker {
 pub struct Finished {
     pub class: Class,
     pub took: Duration,
+    pub effect: Effect,
 }
 
 impl Tracker {
@@ -104,8 +137,9 @@ impl Tracker {
         }
     }
 
-    /// Execute: the open request is at least as strong as the portal it runs.
-    pub fn execute(&mut self, portal: &[u8], now: Instant) {
+    /// Execute: the open request is at least as strong as the portal it runs. Returns true if
+    /// this made a read request a write.
+    pub fn execute(&mut self, portal: &[u8], now: Instant) -> bool {
         self.extended(now);
         let kind = if portal.is_empty() {
             self.unnamed_portal
@@ -113,10 +147,12 @@ impl Tracker {
             self.portals.get(portal).copied().unwrap_or(Kind::Write)
         };
         let class = self.resolve(kind);
-        if let Some(last) = self.queue.back_mut() {
-            if class == Class::Write {
-                *last = Class::Write;
+        match self.queue.back_mut() {
+            Some(last) if class == Class::Write && last.class == Class::Read => {
+                last.class = Class::Write;
+                true
             }
+            _ => false,
         }
     }
 
@@ -162,7 +198,7 @@ impl Tracker {
 
     /// ReadyForQuery: the head request is answered.
     pub fn ready(&mut self, status: TxStatus, now: Instant) -> Option<Finished> {
-        let class = self.queue.pop_front()?;
+        let Request { class, effect } = self.queue.pop_front()?;
         let took = now.saturating_duration_since(self.head_started);
         self.head_started = now;
         self.copy_in = false;
@@ -172,21 +208,55 @@ impl Tracker {
                 self.portals.clear();
             }
         }
-        Some(Finished { class, took })
+        Some(Finished {
+            class,
+            took,
+            effect,
+        })
     }
 
     /// The class of the request the server is working on, if any.
     pub fn head(&self) -> Option<Class> {
-        self.queue.front().copied()
+        self.queue.front().map(|r| r.class)
+    }
+
+    /// The class of the newest request, if any.
+    pub fn last(&self) -> Option<Class> {
+        self.queue.back().map(|r| r.class)
+    }
+
+    /// Sets what bulkhead does with the newest request.
+    pub fn mark_last(&mut self, effect: Effect) {
+        if let Some(last) = self.queue.back_mut() {
+            last.effect = effect;
+        }
+    }
+
+    /// Whether the newest request still takes extended messages (no Sync yet).
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Requests in flight before the open one: those the server must answer first.
+    pub fn before_open(&self) -> usize {
+        self.queue.len() - usize::from(self.open)
+    }
+
+    /// Whether a refused request is in flight: then client framing waits for its answer.
+    pub fn refusal_in_flight(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|r| matches!(r.effect, Effect::Refused(_)))
     }
 
     /// When the head request must be answered, given the deadline for each class; `None` while
     /// nothing runs or the server waits for COPY data.
     pub fn deadline(&self, read: Duration, write: Duration) -> Option<Instant> {
-        let class = self.head()?;
-        if self.copy_in {
+        let head = self.queue.front()?;
+        if self.copy_in || matches!(head.effect, Effect::Refused(_)) {
             return None;
         }
+        let class = head.class;
         Some(self.head_started + if class == Class::Write { write } else { read })
     }
 
@@ -210,7 +280,10 @@ impl Tracker {
         if self.queue.is_empty() {
             self.head_started = now;
         }
-        self.queue.push_back(class);
+        self.queue.push_back(Request {
+            class,
+            effect: Effect::Normal,
+        });
     }
 }
 
@@ -237,7 +310,8 @@ mod tests {
             done,
             Finished {
                 class: Class::Read,
-                took: Duration::from_millis(7)
+                took: Duration::from_millis(7),
+                effect: Effect::Normal
             }
         );
         t.query(Kind::Write, at(t0, 10));
@@ -272,7 +346,7 @@ mod tests {
         t.execute(b"", t0);
         t.sync(t0);
         t.bind(b"p1", b"ins", t0);
-        t.execute(b"p1", t0);
+        assert!(t.execute(b"p1", t0), "the request became a write");
         t.sync(t0);
         assert_eq!(t.ready(TxStatus::Idle, t0).unwrap().class, Class::Read);
         assert_eq!(t.ready(TxStatus::Idle, t0).unwrap().class, Class::Write);
@@ -343,6 +417,31 @@ mod tests {
             Some(Class::Write),
             "p no longer exists; unknown is a write"
         );
+    }
+
+    #[test]
+    fn refused_request_has_no_deadline_and_holds_the_client_back() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.query(Kind::Write, t0);
+        t.mark_last(Effect::Refused(Refused::InFailedBlock));
+        assert_eq!(t.deadline(READ, WRITE), None);
+        assert!(t.refusal_in_flight());
+        let done = t.ready(TxStatus::InBlock, t0).unwrap();
+        assert_eq!(done.effect, Effect::Refused(Refused::InFailedBlock));
+        assert!(!t.refusal_in_flight());
+    }
+
+    #[test]
+    fn requests_before_the_open_one_are_counted() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        t.query(Kind::Read, t0);
+        t.parse(b"", Kind::Write, t0);
+        assert!(t.is_open());
+        assert_eq!(t.before_open(), 1);
+        t.sync(t0);
+        assert_eq!(t.before_open(), 2);
     }
 
     #[test]

@@ -10,26 +10,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::config::Database;
 use crate::protocol::startup::CANCEL_REQUEST_CODE;
 
-/// Connects to the first of `db.hosts` that accepts within `db.connect_timeout`.
-/// Returns the stream and the address it reached, so cancels go to that same address even if
-/// a DNS name has moved since.
-pub async fn connect(db: &Database) -> Result<(TcpStream, SocketAddr), String> {
-    let mut reasons = Vec::new();
-    for host in &db.hosts {
-        match timeout(db.connect_timeout, TcpStream::connect(host.as_str())).await {
-            Ok(Ok(stream)) => {
-                stream.set_nodelay(true).ok();
-                let addr = stream.peer_addr().map_err(|e| format!("{host}: {e}"))?;
-                return Ok((stream, addr));
-            }
-            Ok(Err(e)) => reasons.push(format!("{host}: {e}")),
-            Err(_) => reasons.push(format!("{host}: no answer within {:?}", db.connect_timeout)),
+/// Connects to `address` (`host:port`, resolved now) within `within`. Returns the stream and
+/// the address it reached, so cancels go to that same address even if a name moves later.
+pub async fn connect(address: &str, within: Duration) -> Result<(TcpStream, SocketAddr), String> {
+    match timeout(within, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => {
+            stream.set_nodelay(true).ok();
+            let addr = stream.peer_addr().map_err(|e| format!("{address}: {e}"))?;
+            Ok((stream, addr))
         }
+        Ok(Err(e)) => Err(format!("{address}: {e}")),
+        Err(_) => Err(format!(
+            "{address}: no answer within {}",
+            humantime::format_duration(within)
+        )),
     }
-    Err(reasons.join("; "))
 }
 
 /// Asks the server at `addr` to cancel what backend `pid` is running, like

@@ -19,6 +19,18 @@ pub const QUERY_TAG: u8 = b'Q';
 pub const SYNC_TAG: u8 = b'S';
 pub const TERMINATE_TAG: u8 = b'X';
 
+/// Appends a Parse of `text` as statement `name`, with no parameter types.
+pub fn write_parse(out: &mut bytes::BytesMut, name: &[u8], text: &[u8]) {
+    use bytes::BufMut;
+    out.put_u8(PARSE_TAG);
+    out.put_u32((4 + name.len() + 1 + text.len() + 1 + 2) as u32);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(text);
+    out.put_u8(0);
+    out.put_u16(0);
+}
+
 /// The statement text of a Query; without the terminator if it was cut off.
 pub fn query_text(body: &[u8]) -> &[u8] {
     cstr(body).map_or(body, |(text, _)| text)

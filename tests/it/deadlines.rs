@@ -22,6 +22,8 @@ async fn setup_with(settings: &[&str]) -> (Cluster, Proxy) {
     config.timeouts.read = READ;
     config.timeouts.write = WRITE;
     config.timeouts.cancel_grace = GRACE;
+    // These tests cause write timeouts on purpose; the circuit is tested on its own.
+    config.circuit.failure_threshold = 1000;
     let proxy = Proxy::start(config).await;
     (pg, proxy)
 }

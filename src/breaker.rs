@@ -1,0 +1,365 @@
+//! The write circuit of one database host.
+//!
+//! [`Breaker`] is the pure state machine, with the clock passed in:
+//!
+//! ```text
+//!   Closed ──(failure_threshold consecutive failures)──► Open
+//!   Open ──(open_for has passed)──► HalfOpen
+//!   HalfOpen ──(a successful write check, or a successful trial write)──► Closed
+//!   HalfOpen ──(the trial or a check fails)──► Open
+//! ```
+//!
+//! [`Circuit`] shares one breaker among all sessions. While it is closed and healthy, asking it
+//! costs one atomic load; the mutex is taken only while something is wrong.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::warn;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Closed,
+    HalfOpen,
+    Open,
+}
+
+impl State {
+    /// The value of bulkhead_circuit_state: 0 closed, 1 half-open, 2 open.
+    pub fn gauge(self) -> f64 {
+        match self {
+            State::Closed => 0.0,
+            State::HalfOpen => 1.0,
+            State::Open => 2.0,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::HalfOpen => "half_open",
+            State::Open => "open",
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        self.gauge() as u8
+    }
+}
+
+/// What to do with a write that is about to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Allowed as the one trial write of a half-open circuit; report how it went.
+    Trial,
+    /// Refused; try again at `retry_at`.
+    Refuse {
+        retry_at: Instant,
+    },
+}
+
+/// The settings the breaker runs on (from `[circuit]`, reloadable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub failure_threshold: u32,
+    pub open_for: Duration,
+    /// A trial write not reported within this long no longer blocks the next trial.
+    pub trial_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breaker {
+    state: State,
+    failures: u32,
+    opened_at: Instant,
+    trial_started: Option<Instant>,
+}
+
+impl Breaker {
+    pub fn new(now: Instant) -> Self {
+        Breaker {
+            state: State::Closed,
+            failures: 0,
+            opened_at: now,
+            trial_started: None,
+        }
+    }
+
+    /// The state at `now` (an open circuit whose time is up is half-open).
+    pub fn state(&mut self, now: Instant, s: &Settings) -> State {
+        if self.state == State::Open && now >= self.opened_at + s.open_for {
+            self.state = State::HalfOpen;
+            self.trial_started = None;
+        }
+        self.state
+    }
+
+    pub fn decide(&mut self, now: Instant, s: &Settings) -> Decision {
+        match self.state(now, s) {
+            State::Closed => Decision::Allow,
+            State::Open => Decision::Refuse {
+                retry_at: self.opened_at + s.open_for,
+            },
+            State::HalfOpen => match self.trial_started {
+                Some(t) if now < t + s.trial_timeout => Decision::Refuse {
+                    retry_at: t + s.trial_timeout,
+                },
+                _ => {
+                    self.trial_started = Some(now);
+                    Decision::Trial
+                }
+            },
+        }
+    }
+
+    /// A write, trial write or write check succeeded.
+    pub fn success(&mut self, now: Instant, s: &Settings, trial_or_check: bool) {
+        match self.state(now, s) {
+            State::Closed => self.failures = 0,
+            State::HalfOpen if trial_or_check => {
+                self.state = State::Closed;
+                self.failures = 0;
+                self.trial_started = None;
+            }
+            // A write that started before the circuit opened proves little.
+            _ => {}
+        }
+    }
+
+    /// A write failed in a way that counts: a write deadline, a lost server connection, a
+    /// read-only error from a host that was primary, or a failed write check.
+    pub fn failure(&mut self, now: Instant, s: &Settings) {
+        match self.state(now, s) {
+            State::Closed => {
+                self.failures += 1;
+                if self.failures >= s.failure_threshold {
+                    self.open(now);
+                }
+            }
+            State::HalfOpen => self.open(now),
+            State::Open => {}
+        }
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    fn open(&mut self, now: Instant) {
+        self.state = State::Open;
+        self.opened_at = now;
+        self.trial_started = None;
+    }
+}
+
+/// One host's breaker, shared by every session and the probe.
+#[derive(Debug)]
+pub struct Circuit {
+    /// The backend this circuit guards, for logs.
+    name: String,
+    /// Mirror of the breaker's state, for the lock-free fast path.
+    state: AtomicU8,
+    /// Some failure has been counted since the last success: a success must take the lock.
+    dirty: AtomicBool,
+    breaker: Mutex<Breaker>,
+    gauge: metrics::Gauge,
+}
+
+impl Circuit {
+    pub fn new(name: String, gauge: metrics::Gauge) -> Self {
+        gauge.set(0.0);
+        Circuit {
+            name,
+            state: AtomicU8::new(State::Closed.as_u8()),
+            dirty: AtomicBool::new(false),
+            breaker: Mutex::new(Breaker::new(Instant::now())),
+            gauge,
+        }
+    }
+
+    /// Whether the circuit is anything but closed and clean: then writes must be decided
+    /// with care. One atomic load.
+    pub fn is_troubled(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != State::Closed.as_u8()
+    }
+
+    pub fn decide(&self, s: &Settings) -> Decision {
+        if self.state.load(Ordering::Relaxed) == State::Closed.as_u8() {
+            return Decision::Allow;
+        }
+        self.with(|b, now| b.decide(now, s), s)
+    }
+
+    pub fn success(&self, s: &Settings, trial_or_check: bool) {
+        if self.state.load(Ordering::Relaxed) == State::Closed.as_u8()
+            && !self.dirty.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        self.with(|b, now| b.success(now, s, trial_or_check), s);
+    }
+
+    pub fn failure(&self, s: &Settings, why: &str) {
+        tracing::debug!(backend = %self.name, why, "write failure counted");
+        self.with(|b, now| b.failure(now, s), s);
+    }
+
+    /// The state now, for health reports.
+    pub fn state(&self, s: &Settings) -> State {
+        self.with(|b, now| b.state(now, s), s)
+    }
+
+    /// Runs `f` on the breaker under the lock; logs and publishes a change of state once.
+    fn with<T>(&self, f: impl FnOnce(&mut Breaker, Instant) -> T, s: &Settings) -> T {
+        let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let before = b.state(now, s);
+        let out = f(&mut b, now);
+        let after = b.state(now, s);
+        self.dirty.store(b.failures() > 0, Ordering::Relaxed);
+        if before != after {
+            self.state.store(after.as_u8(), Ordering::Relaxed);
+            self.gauge.set(after.gauge());
+            match after {
+                State::Open => {
+                    warn!(backend = %self.name, open_for = ?s.open_for, "write circuit opened: writes are refused")
+                }
+                State::HalfOpen => {
+                    warn!(backend = %self.name, "write circuit half-open: the next good write or write check closes it")
+                }
+                State::Closed => {
+                    warn!(backend = %self.name, "write circuit closed: writes flow again")
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Settings = Settings {
+        failure_threshold: 3,
+        open_for: Duration::from_secs(5),
+        trial_timeout: Duration::from_secs(2),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_threshold_consecutive_failures_and_a_success_resets_the_count() {
+        let mut b = Breaker::new(Instant::now());
+        let now = Instant::now();
+        b.failure(now, &S);
+        b.failure(now, &S);
+        b.success(now, &S, false);
+        b.failure(now, &S);
+        b.failure(now, &S);
+        assert_eq!(b.decide(now, &S), Decision::Allow);
+        b.failure(now, &S);
+        assert_eq!(
+            b.decide(now, &S),
+            Decision::Refuse {
+                retry_at: now + S.open_for
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_opens_after_open_for_and_one_trial_closes_it() {
+        let mut b = Breaker::new(Instant::now());
+        for _ in 0..3 {
+            b.failure(Instant::now(), &S);
+        }
+        tokio::time::advance(Duration::from_millis(4999)).await;
+        assert_eq!(b.state(Instant::now(), &S), State::Open);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let now = Instant::now();
+        assert_eq!(b.state(now, &S), State::HalfOpen);
+        assert_eq!(b.decide(now, &S), Decision::Trial);
+        assert!(
+            matches!(b.decide(now, &S), Decision::Refuse { .. }),
+            "one trial at a time"
+        );
+        b.success(now, &S, true);
+        assert_eq!(b.state(now, &S), State::Closed);
+        assert_eq!(b.decide(now, &S), Decision::Allow);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_trial_opens_again_for_a_full_period() {
+        let mut b = Breaker::new(Instant::now());
+        for _ in 0..3 {
+            b.failure(Instant::now(), &S);
+        }
+        tokio::time::advance(S.open_for).await;
+        assert_eq!(b.decide(Instant::now(), &S), Decision::Trial);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        b.failure(Instant::now(), &S);
+        let reopened = Instant::now();
+        assert_eq!(
+            b.decide(reopened, &S),
+            Decision::Refuse {
+                retry_at: reopened + S.open_for
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_trial_stops_blocking_after_the_trial_timeout() {
+        let mut b = Breaker::new(Instant::now());
+        for _ in 0..3 {
+            b.failure(Instant::now(), &S);
+        }
+        tokio::time::advance(S.open_for).await;
+        assert_eq!(b.decide(Instant::now(), &S), Decision::Trial);
+        tokio::time::advance(S.trial_timeout).await;
+        assert_eq!(b.decide(Instant::now(), &S), Decision::Trial);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn write_check_success_closes_only_a_half_open_circuit() {
+        let mut b = Breaker::new(Instant::now());
+        for _ in 0..3 {
+            b.failure(Instant::now(), &S);
+        }
+        b.success(Instant::now(), &S, true);
+        assert_eq!(
+            b.state(Instant::now(), &S),
+            State::Open,
+            "open_for is not over"
+        );
+        tokio::time::advance(S.open_for).await;
+        b.success(Instant::now(), &S, true);
+        assert_eq!(b.state(Instant::now(), &S), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shared_circuit_publishes_its_state() {
+        let m = crate::metrics::Metrics::new();
+        let c = Circuit::new(
+            "db:5432".into(),
+            m.gauge("bulkhead_circuit_state", &[("backend", "db:5432")]),
+        );
+        assert_eq!(c.decide(&S), Decision::Allow);
+        for _ in 0..3 {
+            c.failure(&S, "test");
+        }
+        assert!(matches!(c.decide(&S), Decision::Refuse { .. }));
+        assert!(
+            m.render()
+                .contains("bulkhead_circuit_state{backend=\"db:5432\"} 2")
+        );
+        tokio::time::advance(S.open_for).await;
+        c.success(&S, true);
+        assert_eq!(c.state(&S), State::Closed);
+        assert_eq!(c.decide(&S), Decision::Allow);
+        assert!(
+            m.render()
+                .contains("bulkhead_circuit_state{backend=\"db:5432\"} 0")
+        );
+    }
+}
