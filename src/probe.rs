@@ -79,6 +79,9 @@ pub enum Report {
 /// Every host's state, the primary chosen from them, and each host's write circuit.
 pub struct Topology {
     hosts: Mutex<Vec<HostInfo>>,
+    /// The last host that was the writable primary, so a failover that passes through "no
+    /// primary" (as real ones do) is still counted.
+    last_primary: Mutex<Option<usize>>,
     circuits: Vec<Circuit>,
     primary: watch::Sender<Option<Primary>>,
     failovers: Counter,
@@ -122,6 +125,7 @@ impl Topology {
             .collect();
         Topology {
             hosts: Mutex::new(hosts),
+            last_primary: Mutex::new(None),
             circuits,
             primary: watch::channel(None).0,
             failovers: metrics.counter("bulkhead_failovers_total", &[]),
@@ -214,13 +218,17 @@ impl Topology {
             address: hosts[i].address.clone(),
         });
         if next.as_ref().map(|p| p.index) != current {
-            match (&current, &next) {
-                (Some(_), Some(p)) => {
+            let mut last = self.last_primary.lock().unwrap_or_else(|e| e.into_inner());
+            match &next {
+                Some(p) if last.is_some_and(|l| l != p.index) => {
                     self.failovers.increment(1);
                     warn!(primary = %p.address, "primary changed");
                 }
-                (None, Some(p)) => info!(primary = %p.address, "writable primary found"),
-                (_, None) => warn!("no writable primary"),
+                Some(p) => info!(primary = %p.address, "writable primary found"),
+                None => warn!("no writable primary"),
+            }
+            if let Some(p) = &next {
+                *last = Some(p.index);
             }
             self.primary.send_replace(next);
         }
@@ -254,31 +262,23 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
     let probe = &config.probe;
     let mut ticks = tokio::time::interval(probe.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut status_conn: Option<Client> = None;
     let mut write_conn: Option<Client> = None;
     let mut check: Option<WriteCheck> = None;
     loop {
         ticks.tick().await;
         let settings = circuit_settings(&shared.live.get());
         let started = Instant::now();
-        let report =
-            match tokio::time::timeout(probe.timeout, status(&mut status_conn, &params)).await {
-                Ok(Ok((in_recovery, timeline))) => Report::Up {
-                    in_recovery,
-                    timeline,
-                },
-                Ok(Err(e)) => {
-                    status_conn = None;
-                    Report::Down(e)
-                }
-                Err(_) => {
-                    status_conn = None;
-                    Report::Down(format!(
-                        "no answer within {}",
-                        humantime::format_duration(probe.timeout)
-                    ))
-                }
-            };
+        let report = match tokio::time::timeout(probe.timeout, status(&params)).await {
+            Ok(Ok((in_recovery, timeline))) => Report::Up {
+                in_recovery,
+                timeline,
+            },
+            Ok(Err(e)) => Report::Down(e),
+            Err(_) => Report::Down(format!(
+                "no answer within {}",
+                humantime::format_duration(probe.timeout)
+            )),
+        };
         let is_primary = matches!(
             report,
             Report::Up {
@@ -326,15 +326,11 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
     }
 }
 
-/// Reachable? In recovery? Which timeline?
-async fn status(
-    conn: &mut Option<Client>,
-    params: &tokio_postgres::Config,
-) -> Result<(bool, i64), String> {
-    if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        *conn = Some(connect(params).await?);
-    }
-    let client = conn.as_ref().expect("connected above");
+/// Reachable? In recovery? Which timeline? On a fresh connection every time: what matters is
+/// whether a new session can be had (a server whose postmaster is stopped still serves the
+/// backends it already has).
+async fn status(params: &tokio_postgres::Config) -> Result<(bool, i64), String> {
+    let client = connect(params).await?;
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), (SELECT timeline_id::int8 FROM pg_control_checkpoint())",

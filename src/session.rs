@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::breaker::Decision;
 use crate::cancel::Target;
-use crate::classify::{Control, classify, transaction_control};
+use crate::classify::{Control, Kind, classify, transaction_control};
 use crate::config::Config;
 use crate::errors::{Deadline, Refusal};
 use crate::live::Snapshot;
@@ -28,7 +28,7 @@ use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
 use crate::probe::circuit_settings;
 use crate::protocol::backend::{self, Severity, TxStatus};
-use crate::protocol::framing::FrameError;
+use crate::protocol::framing::{FrameError, Header};
 use crate::protocol::{frontend, startup};
 use crate::tracker::{Effect, Refused, Tracker};
 use crate::upstream;
@@ -629,18 +629,20 @@ impl Relay {
                     if self.refusal_possible(shared) && self.tracker.in_flight() > 0 {
                         return Ok(Hold::Wait);
                     }
-                    let body = self.up.body(&h);
-                    let text = frontend::query_text(body);
-                    let kind = classify(text, self.up.is_whole(&h));
-                    let control = transaction_control(text);
-                    self.tracker.query(kind, now);
+                    let text = frontend::query_text(self.up.body(&h));
                     if self.client_tx_failed {
-                        self.in_failed_block(&h, control, true);
-                        continue;
-                    }
-                    if self.tracker.last() == Some(Class::Write) && !self.admit_write(shared) {
-                        self.up.replace(&h, SYNC);
-                        continue;
+                        let control = transaction_control(text);
+                        self.tracker.query(Kind::Read, now);
+                        if self.in_failed_block(&h, control, true) {
+                            continue;
+                        }
+                    } else {
+                        let kind = classify(text, self.up.is_whole(&h));
+                        self.tracker.query(kind, now);
+                        if self.tracker.last() == Some(Class::Write) && !self.admit_write(shared) {
+                            self.up.replace(&h, SYNC);
+                            continue;
+                        }
                     }
                 }
                 frontend::PARSE_TAG => {
@@ -652,8 +654,7 @@ impl Relay {
                             frontend::parse_message(self.up.body(&h)).unwrap_or((b"", b""));
                         let control = transaction_control(text);
                         self.tracker.extended(now);
-                        self.in_failed_block(&h, control, false);
-                        if self.skip_to_sync {
+                        if self.in_failed_block(&h, control, false) {
                             continue;
                         }
                     }
@@ -746,29 +747,29 @@ impl Relay {
     /// The client's block has failed but the server's has not: let ROLLBACK and ROLLBACK TO
     /// through, turn COMMIT into ROLLBACK (what PostgreSQL does with a failed block), refuse
     /// anything else with 25P02. `simple` is a Query; otherwise the first message of a batch.
-    fn in_failed_block(
-        &mut self,
-        h: &crate::protocol::framing::Header,
-        control: Option<Control>,
-        simple: bool,
-    ) {
+    /// Returns true if the message was consumed (replaced or skipped), false if it is to be
+    /// forwarded as it is.
+    fn in_failed_block(&mut self, h: &Header, control: Option<Control>, simple: bool) -> bool {
         match control {
             Some(Control::Rollback | Control::RollbackTo) => {
-                self.tracker.mark_last(Effect::EndsFailedBlock)
+                self.tracker.mark_last(Effect::EndsFailedBlock);
+                false
             }
             Some(Control::Commit) if simple => {
                 self.tracker.mark_last(Effect::EndsFailedBlock);
                 self.up.replace(h, ROLLBACK_QUERY);
+                true
             }
             Some(Control::Commit) => {
                 self.tracker.mark_last(Effect::EndsFailedBlock);
                 let name = frontend::parse_message(self.up.body(h))
                     .map(|(n, _)| n.to_vec())
                     .unwrap_or_default();
+                self.tracker.parse(&name, Kind::Read, Instant::now());
                 let mut parse = BytesMut::new();
                 frontend::write_parse(&mut parse, &name, b"ROLLBACK");
                 self.up.replace(h, &parse);
-                self.skip_to_sync = false;
+                true
             }
             None => {
                 self.tracker
@@ -779,13 +780,14 @@ impl Relay {
                     self.skip_to_sync = true;
                     self.up.skip(h);
                 }
+                true
             }
         }
     }
 
     /// In a failed block, a batch that does not start with a Parse of ROLLBACK or COMMIT is
     /// refused whole. Returns true if the message was consumed that way.
-    fn failed_batch_starts(&mut self, now: Instant, h: &crate::protocol::framing::Header) -> bool {
+    fn failed_batch_starts(&mut self, now: Instant, h: &Header) -> bool {
         if self.tracker.is_open() {
             return false;
         }

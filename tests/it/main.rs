@@ -2,5 +2,6 @@
 //! process (or as the real binary where signals matter).
 
 mod deadlines;
+mod failover;
 mod passthrough;
 mod support;

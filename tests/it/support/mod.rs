@@ -187,11 +187,15 @@ impl Cluster {
     fn start_on_free_port(&mut self) {
         for attempt in 0..5 {
             self.port = free_port();
-            std::fs::write(
-                self.data().join("postgresql.auto.conf"),
-                format!("port = {}\n", self.port),
-            )
-            .unwrap();
+            // Keep what else is there (a standby's primary_conninfo), set the port.
+            let auto = self.data().join("postgresql.auto.conf");
+            let kept: String = std::fs::read_to_string(&auto)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("port"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&auto, format!("{kept}port = {}\n", self.port)).unwrap();
             give_to_server_user(&self.data());
             let mut cmd = self.pg_ctl();
             cmd.args(["start", "-w", "-t", "60", "-l"])
@@ -206,6 +210,54 @@ impl Cluster {
             );
         }
         panic!("could not start PostgreSQL; its log:\n{}", self.log());
+    }
+
+    /// A streaming standby of `primary` (pg_basebackup -R), started on a port of its own.
+    pub fn standby_of(primary: &Cluster) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-pg-")
+            .tempdir()
+            .unwrap();
+        give_to_server_user(dir.path());
+        let data = dir.path().join("data");
+        let mut backup = server_command("pg_basebackup");
+        backup.arg("-D").arg(&data).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+        ]);
+        run(&mut backup, "pg_basebackup");
+        let socket_dir = format!("\nunix_socket_directories = '{}'\n", dir.path().display());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, socket_dir.as_bytes()))
+            .unwrap();
+        give_to_server_user(dir.path());
+        let mut cluster = Cluster { dir, port: 0 };
+        cluster.start_on_free_port();
+        cluster
+    }
+
+    /// `pg_ctl promote`: the standby becomes a primary on the next timeline.
+    pub fn promote(&self) {
+        let mut c = self.pg_ctl();
+        c.args(["promote", "-w", "-t", "60"]);
+        run(&mut c, "pg_ctl promote");
+    }
+
+    /// The postmaster's process id.
+    pub fn postmaster_pid(&self) -> i32 {
+        let text =
+            std::fs::read_to_string(self.data().join("postmaster.pid")).expect("postmaster.pid");
+        text.lines().next().unwrap().trim().parse().unwrap()
     }
 
     pub fn data(&self) -> PathBuf {

@@ -1,0 +1,418 @@
+//! Issue 4: bulkhead follows the primary, and while the database cannot commit, writes fail fast
+//! behind the circuit breaker while reads go on. Real primaries and streaming standbys.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use bulkhead::Config;
+use bulkhead::probe::Role;
+
+use crate::support::{Cluster, Proxy, connect, eventually, sqlstate};
+
+const SECONDS_20: Duration = Duration::from_secs(20);
+
+/// Quick probing and short deadlines, so faults show within seconds.
+fn fast_config(hosts: &[&Cluster]) -> Config {
+    let mut config = Config::default();
+    config.database.hosts = hosts.iter().map(|c| c.addr()).collect();
+    config.database.connect_timeout = Duration::from_millis(1000);
+    config.probe.interval = Duration::from_millis(200);
+    config.probe.timeout = Duration::from_millis(400);
+    config.timeouts.write = Duration::from_millis(500);
+    config.timeouts.cancel_grace = Duration::from_millis(500);
+    config.circuit.failure_threshold = 3;
+    config.circuit.open_for = Duration::from_secs(1);
+    config.circuit.hold_new_connections = Duration::from_secs(10);
+    config
+}
+
+async fn first_value(c: &Client, sql: &str) -> String {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Stalls the commit path (synchronous replication to a standby that does not exist) and
+/// waits until bulkhead's write circuit has opened.
+async fn wedge_until_circuit_opens(pg: &Cluster, proxy: &Proxy) {
+    pg.psql("ALTER SYSTEM SET synchronous_standby_names = 'missing'");
+    pg.psql("SELECT pg_reload_conf()");
+    eventually("the write circuit to open", SECONDS_20, || async {
+        (circuit_state(proxy) == 2.0).then_some(())
+    })
+    .await;
+}
+
+fn unwedge(pg: &Cluster) {
+    pg.psql("ALTER SYSTEM RESET synchronous_standby_names");
+    pg.psql("SELECT pg_reload_conf()");
+}
+
+fn circuit_state(proxy: &Proxy) -> f64 {
+    let text = proxy.bulkhead.metrics().render();
+    text.lines()
+        .find(|l| l.starts_with("bulkhead_circuit_state{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_land_on_the_primary_even_when_a_standby_is_listed_first() {
+    let primary = Cluster::start();
+    let standby = Cluster::standby_of(&primary);
+    let proxy = Proxy::start(fast_config(&[&standby, &primary])).await;
+    let c = proxy.connect().await;
+    assert_eq!(first_value(&c, "SELECT pg_is_in_recovery()").await, "f");
+    c.batch_execute("CREATE TABLE landed (x int); INSERT INTO landed VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(primary.psql("SELECT count(*) FROM landed"), "1");
+    let hosts = proxy.bulkhead.topology().hosts();
+    assert_eq!(hosts[0].role, Role::Standby);
+    assert_eq!(hosts[1].role, Role::Primary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wedged_commit_path_opens_the_circuit_then_writes_fail_fast_while_reads_go_on() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE w (x int)");
+    let proxy = Proxy::start(fast_config(&[&pg])).await;
+    let reader = proxy.connect().await;
+    wedge_until_circuit_opens(&pg, &proxy).await;
+
+    let writer = proxy.connect().await;
+    for i in 0..20 {
+        let started = Instant::now();
+        let err = writer
+            .simple_query(&format!("INSERT INTO w VALUES ({i})"))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+        let db = err.as_db_error().unwrap();
+        assert!(db.message().contains("retry in"), "{}", db.message());
+        assert!(db.hint().is_some());
+        assert!(took < Duration::from_millis(50), "refusal took {took:?}");
+        assert_eq!(
+            first_value(&reader, "SELECT count(*) FROM w").await,
+            "0",
+            "reads go on"
+        );
+    }
+    assert!(
+        proxy
+            .bulkhead
+            .metrics()
+            .render()
+            .contains("bulkhead_statements_total{class=\"write\",outcome=\"refused\"} 20")
+    );
+
+    unwedge(&pg);
+    eventually("writes to flow again", SECONDS_20, || async {
+        writer.simple_query("INSERT INTO w VALUES (100)").await.ok()
+    })
+    .await;
+    assert_eq!(circuit_state(&proxy), 0.0);
+    assert_eq!(pg.psql("SELECT count(*) FROM w WHERE x = 100"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_write_in_a_psql_transaction_block_fails_the_block_and_commit_rolls_back() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE b (x int)");
+    let proxy = Proxy::start(fast_config(&[&pg])).await;
+    wedge_until_circuit_opens(&pg, &proxy).await;
+    let script = "\\set VERBOSITY verbose\nBEGIN;\nSELECT 1 AS one;\nINSERT INTO b VALUES (1);\nSELECT 2 AS two;\nCOMMIT;\nSELECT 3 AS three;\n";
+    let out = tokio::task::spawn_blocking({
+        let port = proxy.addr.port().to_string();
+        move || {
+            let mut child = std::process::Command::new("psql")
+                .args([
+                    "-X",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ERROR:  57P03: bulkhead: write refused"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ERROR:  25P02:"), "{stderr}");
+    assert!(
+        stdout.contains("ROLLBACK"),
+        "COMMIT of a failed block answers ROLLBACK: {stdout}"
+    );
+    assert!(!stdout.contains("two"), "{stdout}");
+    assert!(
+        stdout.contains("three"),
+        "session usable after the block: {stdout}"
+    );
+    unwedge(&pg);
+    assert_eq!(pg.psql("SELECT count(*) FROM b"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_prepared_write_in_a_transaction_leaves_client_and_server_agreeing() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE p (x int)");
+    let proxy = Proxy::start(fast_config(&[&pg])).await;
+    let c = proxy.connect().await;
+    let insert = c.prepare("INSERT INTO p VALUES ($1)").await.unwrap();
+    let select = c.prepare("SELECT count(*) FROM p").await.unwrap();
+    let pid = first_value(&c, "SELECT pg_backend_pid()").await;
+    wedge_until_circuit_opens(&pg, &proxy).await;
+
+    c.batch_execute("BEGIN").await.unwrap();
+    c.query_one(&select, &[]).await.unwrap();
+    let err = c.execute(&insert, &[&1i32]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57P03");
+    let err = c.query_one(&select, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let state = pg.psql(&format!(
+        "SELECT state FROM pg_stat_activity WHERE pid = {pid}"
+    ));
+    assert_eq!(state, "idle", "the server's transaction ended too");
+    // The next transaction works (reads, while the circuit is open).
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(c.query_one(&select, &[]).await.unwrap().get::<_, i64>(0), 0);
+    c.batch_execute("COMMIT").await.unwrap();
+    unwedge(&pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_a_steady_writer_loses_no_acknowledged_write_and_the_old_primary_gets_none()
+{
+    let primary = Cluster::start();
+    primary.psql("CREATE TABLE acks (id int PRIMARY KEY)");
+    let standby = Cluster::standby_of(&primary);
+    let proxy = Proxy::start(fast_config(&[&primary, &standby])).await;
+    let params = proxy.params("postgres");
+
+    // A writer that inserts 1, 2, 3, ... and remembers what was acknowledged.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut next = 1;
+        let mut client: Option<Client> = None;
+        loop {
+            if stop_rx.try_recv().is_ok() {
+                return acked;
+            }
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = match tokio_postgres::connect(&params, NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        Some(c)
+                    }
+                    Err(_) => None,
+                };
+                if client.is_none() {
+                    continue;
+                }
+            }
+            let c = client.as_ref().unwrap();
+            if c.simple_query(&format!("INSERT INTO acks VALUES ({next})"))
+                .await
+                .is_ok()
+            {
+                acked.push(next);
+            }
+            next += 1;
+        }
+    });
+    eventually("some writes on the first primary", SECONDS_20, || async {
+        (primary
+            .psql("SELECT count(*) FROM acks")
+            .parse::<i32>()
+            .unwrap()
+            >= 20)
+            .then_some(())
+    })
+    .await;
+
+    primary.stop("fast");
+    standby.promote();
+    let inherited: i64 = standby.psql("SELECT count(*) FROM acks").parse().unwrap();
+    let started = Instant::now();
+    eventually(
+        "a new session to write on the new primary",
+        SECONDS_20,
+        || async {
+            let (c, conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            c.simple_query("INSERT INTO acks VALUES (-1)").await.ok()
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    eventually(
+        "the writer to make progress on the new primary",
+        SECONDS_20,
+        || async {
+            (standby
+                .psql("SELECT count(*) FROM acks WHERE id > 0")
+                .parse::<i64>()
+                .unwrap()
+                > inherited + 5)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The old primary comes back, still a primary on the old timeline: it gets no writes.
+    primary.start_again();
+    eventually(
+        "the old primary to be seen and superseded",
+        SECONDS_20,
+        || async {
+            let hosts = proxy.bulkhead.topology().hosts();
+            (hosts[0].role == Role::Primary && hosts[0].superseded).then_some(())
+        },
+    )
+    .await;
+    let c = connect(&proxy.params("postgres")).await;
+    c.batch_execute("INSERT INTO acks VALUES (-2)")
+        .await
+        .unwrap();
+
+    let _ = stop_tx.send(());
+    let acked = writer.await.unwrap();
+    let on_new: Vec<i32> = standby
+        .psql("SELECT string_agg(id::text, ',') FROM acks WHERE id > 0")
+        .split(',')
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !on_new.contains(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes missing on the new primary: {lost:?}"
+    );
+    assert_eq!(
+        primary.psql("SELECT count(*) FROM acks WHERE id = -2"),
+        "0",
+        "a write reached the old primary"
+    );
+    assert_eq!(standby.psql("SELECT count(*) FROM acks WHERE id = -2"), "1");
+    assert!(
+        proxy
+            .bulkhead
+            .metrics()
+            .render()
+            .contains("bulkhead_failovers_total 1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_standby_takes_over_and_sessions_on_the_old_primary_close_with_57p01() {
+    let primary = Cluster::start();
+    primary.psql("CREATE TABLE s (x int)");
+    let standby = Cluster::standby_of(&primary);
+    let proxy = Proxy::start(fast_config(&[&primary, &standby])).await;
+    let (idle, idle_conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+        .await
+        .unwrap();
+    let idle_conn = tokio::spawn(idle_conn);
+    let (busy, busy_conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+        .await
+        .unwrap();
+    let busy_conn = tokio::spawn(busy_conn);
+    busy.batch_execute("BEGIN; INSERT INTO s VALUES (1)")
+        .await
+        .unwrap();
+
+    // Split brain: the standby is promoted while the old primary still runs.
+    standby.promote();
+    let idle_end = tokio::time::timeout(SECONDS_20, idle_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sqlstate(&idle_end.unwrap_err()), "57P01");
+    drop(idle);
+    // The open transaction may finish; then its session closes too.
+    busy.batch_execute("COMMIT").await.unwrap();
+    let busy_end = tokio::time::timeout(SECONDS_20, busy_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sqlstate(&busy_end.unwrap_err()), "57P01");
+    // New sessions go to the new primary.
+    let c = connect(&proxy.params("postgres")).await;
+    c.batch_execute("INSERT INTO s VALUES (2)").await.unwrap();
+    assert_eq!(standby.psql("SELECT count(*) FROM s WHERE x = 2"), "1");
+    assert_eq!(primary.psql("SELECT count(*) FROM s WHERE x = 2"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_postmaster_is_marked_unreachable_and_new_sessions_fail_in_bounded_time() {
+    let pg = Cluster::start();
+    let mut config = fast_config(&[&pg]);
+    config.circuit.hold_new_connections = Duration::from_secs(2);
+    let proxy = Proxy::start(config).await;
+    connect(&proxy.params("postgres")).await;
+    let postmaster = pg.postmaster_pid();
+    // SAFETY: kill has no memory-safety preconditions; the pid is the test cluster's postmaster.
+    assert_eq!(unsafe { libc::kill(postmaster, libc::SIGSTOP) }, 0);
+    let started = Instant::now();
+    let err = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+        .await
+        .err()
+        .expect("connected to a stopped server");
+    let took = started.elapsed();
+    let unreachable = eventually(
+        "the probe to mark the host unreachable",
+        SECONDS_20,
+        || async { (proxy.bulkhead.topology().hosts()[0].role == Role::Unreachable).then_some(()) },
+    )
+    .await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(postmaster, libc::SIGCONT) }, 0);
+    let _ = unreachable;
+    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_secs(3),
+        "took {took:?}"
+    );
+    eventually("the server to come back", SECONDS_20, || async {
+        let (c, conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        c.simple_query("SELECT 1").await.ok()
+    })
+    .await;
+}
