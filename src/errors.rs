@@ -63,6 +63,8 @@ pub enum Refusal {
     InFailedBlock,
     /// No concurrency slot came free within queue_timeout. ERROR 53400.
     Shed { waited: Duration },
+    /// More clients than [limits] max_clients. FATAL 53300.
+    TooManyClients(u32),
     /// No writable primary appeared within hold_new_connections. FATAL 57P03.
     NoPrimary(String),
     /// The session's primary was demoted or replaced. FATAL 57P01.
@@ -176,6 +178,12 @@ impl Refusal {
                 ),
                 "The database is overloaded; back off and retry. The statement did not run.",
             ),
+            Refusal::TooManyClients(max) => (
+                Severity::Fatal,
+                "53300",
+                format!("bulkhead: sorry, too many clients already (max_clients = {max})"),
+                "Use fewer connections (a pool), or raise [limits] max_clients.",
+            ),
             Refusal::NoPrimary(why) => (
                 Severity::Fatal,
                 "57P03",
@@ -277,6 +285,7 @@ mod tests {
             ),
             (Refusal::InFailedBlock, "25P02"),
             (Refusal::NoPrimary("x".into()), "57P03"),
+            (Refusal::TooManyClients(5), "53300"),
             (
                 Refusal::Shed {
                     waited: Duration::from_millis(100),

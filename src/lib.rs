@@ -13,6 +13,7 @@
 //! State is passed, never global: [`Bulkhead`] owns everything one proxy needs, so a test can
 //! run several in one process.
 
+pub mod admission;
 pub mod breaker;
 pub mod cancel;
 pub mod classify;
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub phase: watch::Receiver<Phase>,
     /// Hosts, their roles and write circuits, and the primary, as the probe sees them.
     pub topology: probe::Topology,
+    /// Client count and statement slots.
+    pub admission: Arc<admission::Admission>,
 }
 
 /// One proxy instance.
@@ -71,12 +74,14 @@ impl Bulkhead {
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let metrics = Metrics::new();
         let topology = probe::Topology::new(&config.database.hosts, &metrics);
+        let admission = Arc::new(admission::Admission::new(&config.limits, &metrics));
         let shared = Arc::new(Shared {
             live: live::Live::new(config),
             cancels: cancel::Registry::default(),
             metrics,
             phase: phase_rx,
             topology,
+            admission,
         });
         Bulkhead { shared, phase }
     }
@@ -93,6 +98,7 @@ impl Bulkhead {
     /// Applies a reloaded configuration: timeouts, circuit and limits take effect for every
     /// session, running ones included. Returns the sections whose changes need a restart.
     pub fn reload(&self, config: Config) -> Vec<&'static str> {
+        self.shared.admission.configure(&config.limits);
         self.shared.live.reload(config)
     }
 
@@ -105,7 +111,8 @@ impl Bulkhead {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
-        let probes = probe::spawn(&self.shared);
+        let mut background = probe::spawn(&self.shared);
+        background.push(tokio::spawn(housekeeping(self.shared.clone())));
         let mut next_id: u64 = 0;
         tokio::pin!(shutdown);
         loop {
@@ -115,8 +122,9 @@ impl Bulkhead {
                     Ok((socket, peer)) => {
                         socket.set_nodelay(true).ok();
                         next_id += 1;
+                        let admitted = self.shared.admission.client_arrived();
                         let span = info_span!("session", id = next_id, %peer);
-                        tokio::spawn(session::serve(self.shared.clone(), socket, alive.clone()).instrument(span));
+                        tokio::spawn(session::serve(self.shared.clone(), socket, admitted, alive.clone()).instrument(span));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -140,10 +148,40 @@ impl Bulkhead {
             all_ended.recv().await;
         }
         info!("all sessions ended");
-        for probe in probes {
-            probe.abort();
+        for task in background {
+            task.abort();
         }
         Ok(())
+    }
+}
+
+/// Background work that is not per session: the adaptive limit controller and the in-flight
+/// gauges, every `admission::ADAPTIVE_WINDOW`.
+async fn housekeeping(shared: Arc<Shared>) {
+    let gauges = shared.clone();
+    let adaptive = tokio::spawn(admission::run_adaptive(
+        shared.admission.clone(),
+        move || gauges.live.get().limits.clone(),
+    ));
+    let _stop_with_us = AbortOnDrop(adaptive);
+    let mut ticks = tokio::time::interval(admission::ADAPTIVE_WINDOW);
+    loop {
+        ticks.tick().await;
+        let (all, writes) = (shared.admission.all.held(), shared.admission.writes.held());
+        shared
+            .metrics
+            .read
+            .inflight
+            .set(all.saturating_sub(writes) as f64);
+        shared.metrics.write.inflight.set(writes as f64);
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

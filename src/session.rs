@@ -39,8 +39,14 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted client connection to its end. `_alive` is dropped when the session
 /// ends, which is how the server knows it has drained.
-pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mpsc::Sender<()>) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    mut client: TcpStream,
+    admitted: bool,
+    _alive: mpsc::Sender<()>,
+) {
     let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
+    let _client_count = ClientCount(&shared.admission);
     let config = Snapshot::new(&shared.live);
     let started = Instant::now();
     let startup_deadline = started + config.config().timeouts.startup;
@@ -55,6 +61,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mp
         Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
         Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
     };
+    if !admitted {
+        // Refused after the first packet, as PostgreSQL does, so every client can read it.
+        let max = config.config().limits.max_clients;
+        return refuse(&mut client, Refusal::TooManyClients(max)).await;
+    }
     let (mut server, addr, host) = match connect_primary(&shared, config.config()).await {
         Ok(connected) => connected,
         Err(why) => {
@@ -81,6 +92,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream, _alive: mp
         shared.cancels.remove(pid);
     }
     relay.finish(&shared, end).await;
+    relay.release_slots(&shared);
+}
+
+/// Counts a client for max_clients while it is connected.
+struct ClientCount<'a>(&'a crate::admission::Admission);
+
+impl Drop for ClientCount<'_> {
+    fn drop(&mut self) {
+        self.0.client_left();
+    }
+}
+
+/// A wait for a concurrency slot: which one, and the wait itself.
+struct SlotWait {
+    write: bool,
+    wait: Pin<Box<dyn Future<Output = bool> + Send>>,
 }
 
 /// Connects to the writable primary, waiting up to [circuit] hold_new_connections for one to be
@@ -329,6 +356,20 @@ struct Relay {
     timer_at: Option<Instant>,
     /// This session's copy of the settings, refreshed after a reload.
     config: Snapshot,
+    /// The session holds an "all" slot, and a write slot, until its transaction ends.
+    holds_all: bool,
+    holds_write: bool,
+    /// Waiting for a slot, at most queue_timeout.
+    slot_wait: Option<SlotWait>,
+    /// The wait ran out: the statement waiting for it is shed (true: for a write slot).
+    shed_next: Option<bool>,
+}
+
+/// What admission says about the statement at hand.
+enum Admit {
+    Go,
+    Wait,
+    Shed { write_slot: bool },
 }
 
 impl Relay {
@@ -373,6 +414,10 @@ impl Relay {
             )),
             timer_at: Some(hello_deadline.min(startup_deadline)),
             config,
+            holds_all: false,
+            holds_write: false,
+            slot_wait: None,
+            shed_next: None,
         }
     }
 
@@ -433,6 +478,25 @@ impl Relay {
                         return Poll::Ready(End::ClientLeft);
                     }
                     Poll::Pending => {}
+                }
+            }
+            if let Some(w) = &mut self.slot_wait {
+                if let Poll::Ready(got) = w.wait.as_mut().poll(cx) {
+                    let write = w.write;
+                    self.slot_wait = None;
+                    progress = true;
+                    if got {
+                        let admission = &shared.admission;
+                        if write {
+                            admission.writes.acquired();
+                            self.holds_write = true;
+                        } else {
+                            admission.all.acquired();
+                            self.holds_all = true;
+                        }
+                    } else {
+                        self.shed_next = Some(write);
+                    }
                 }
             }
             if let Err(e) = self.frame_client(shared) {
@@ -638,8 +702,18 @@ impl Relay {
                         }
                     } else {
                         let kind = classify(text, self.up.is_whole(&h));
+                        let write = self.tracker.peek_class(kind) == Class::Write;
+                        match self.admit(shared, write) {
+                            Admit::Go => {}
+                            Admit::Wait => return Ok(Hold::Wait),
+                            Admit::Shed { write_slot } => {
+                                self.tracker.query(kind, now);
+                                self.shed(shared, write_slot, &h, true);
+                                continue;
+                            }
+                        }
                         self.tracker.query(kind, now);
-                        if self.tracker.last() == Some(Class::Write) && !self.admit_write(shared) {
+                        if write && !self.admit_write(shared) {
                             self.up.replace(&h, SYNC);
                             continue;
                         }
@@ -669,6 +743,17 @@ impl Relay {
                     }
                     if self.client_tx_failed && self.failed_batch_starts(now, &h) {
                         continue;
+                    }
+                    let portal = frontend::execute_portal(self.up.body(&h)).unwrap_or(b"\0");
+                    let write = self.tracker.peek_execute(portal) == Class::Write;
+                    match self.admit(shared, write) {
+                        Admit::Go => {}
+                        Admit::Wait => return Ok(Hold::Wait),
+                        Admit::Shed { write_slot } => {
+                            self.tracker.extended(now);
+                            self.shed(shared, write_slot, &h, false);
+                            continue;
+                        }
                     }
                     let portal = frontend::execute_portal(self.up.body(&h)).unwrap_or(b"\0");
                     let became_write = self.tracker.execute(portal, now);
@@ -716,6 +801,77 @@ impl Relay {
                 _ => {}
             }
             self.up.forward(&h);
+        }
+    }
+
+    /// Takes the slots a statement needs: an "all" slot unless the session holds one, and a
+    /// write slot for a write unless it holds one. When one is not free, waits in turn (in
+    /// the background, at most queue_timeout) — but only once the requests before this one
+    /// have been answered, since shedding it depends on the transaction state they leave.
+    fn admit(&mut self, shared: &Shared, write: bool) -> Admit {
+        if let Some(write_slot) = self.shed_next.take() {
+            return Admit::Shed { write_slot };
+        }
+        if self.slot_wait.is_some() {
+            return Admit::Wait;
+        }
+        let admission = &shared.admission;
+        if !self.holds_all {
+            if admission.all.try_acquire() {
+                self.holds_all = true;
+            } else {
+                return self.wait_for_slot(shared, false);
+            }
+        }
+        if write && !self.holds_write {
+            if admission.writes.try_acquire() {
+                self.holds_write = true;
+            } else {
+                return self.wait_for_slot(shared, true);
+            }
+        }
+        Admit::Go
+    }
+
+    fn wait_for_slot(&mut self, shared: &Shared, write: bool) -> Admit {
+        if self.tracker.before_open() > 0 {
+            return Admit::Wait; // Asked again when the requests before it are answered.
+        }
+        let until = Instant::now() + self.config.config().limits.queue_timeout;
+        let limit = if write {
+            &shared.admission.writes
+        } else {
+            &shared.admission.all
+        };
+        self.slot_wait = Some(SlotWait {
+            write,
+            wait: Box::pin(limit.acquire_until(until)),
+        });
+        Admit::Wait
+    }
+
+    /// Refuses the newest request with 53400: no slot came free within queue_timeout.
+    fn shed(&mut self, shared: &Shared, write_slot: bool, h: &Header, simple: bool) {
+        shared.admission.shed(write_slot);
+        let waited = self.config.config().limits.queue_timeout;
+        self.tracker
+            .mark_last(Effect::Refused(Refused::Shed { waited }));
+        if simple {
+            self.up.replace(h, SYNC);
+        } else {
+            self.skip_to_sync = true;
+            self.up.skip(h);
+        }
+    }
+
+    /// Gives back the session's slots; called when its transaction has ended and nothing is
+    /// in flight, and when it ends.
+    fn release_slots(&mut self, shared: &Shared) {
+        if std::mem::take(&mut self.holds_all) {
+            shared.admission.all.release();
+        }
+        if std::mem::take(&mut self.holds_write) {
+            shared.admission.writes.release();
         }
     }
 
@@ -904,6 +1060,15 @@ impl Relay {
         m.statement(outcome).increment(1);
         if !matches!(done.effect, Effect::Refused(_)) {
             m.duration.record(done.took.as_secs_f64());
+            if self.config.config().limits.adaptive {
+                shared.admission.all.sample(done.took);
+                if done.class == Class::Write {
+                    shared.admission.writes.sample(done.took);
+                }
+            }
+        }
+        if status == TxStatus::Idle && self.tracker.in_flight() == 0 {
+            self.release_slots(shared);
         }
         if done.class == Class::Write && !matches!(done.effect, Effect::Refused(_)) {
             let settings = circuit_settings(self.config.config());

@@ -109,6 +109,30 @@ impl Tracker {
         self.push(Class::Write, now);
     }
 
+    /// The class a query of `kind` would have now, without sending it.
+    pub fn peek_class(&self, kind: Kind) -> Class {
+        match kind {
+            Kind::Read => Class::Read,
+            Kind::Commit if !self.tx_wrote => Class::Read,
+            Kind::Commit | Kind::Write => Class::Write,
+        }
+    }
+
+    /// The class of the open request once an Execute of `portal` is added, without adding it.
+    pub fn peek_execute(&self, portal: &[u8]) -> Class {
+        let kind = if portal.is_empty() {
+            self.unnamed_portal
+        } else {
+            self.portals.get(portal).copied().unwrap_or(Kind::Write)
+        };
+        let open_write = self.open && self.last() == Some(Class::Write);
+        if open_write {
+            Class::Write
+        } else {
+            self.peek_class(kind)
+        }
+    }
+
     /// Parse: remember what the statement does.
     pub fn parse(&mut self, name: &[u8], kind: Kind, now: Instant) {
         self.extended(now);

@@ -24,6 +24,9 @@ async fn setup_with(settings: &[&str]) -> (Cluster, Proxy) {
     config.timeouts.cancel_grace = GRACE;
     // These tests cause write timeouts on purpose; the circuit is tested on its own.
     config.circuit.failure_threshold = 1000;
+    // And some run more statements at once than the default limits admit.
+    config.limits.max_inflight = 100;
+    config.limits.max_inflight_writes = 100;
     let proxy = Proxy::start(config).await;
     (pg, proxy)
 }

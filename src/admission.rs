@@ -1,0 +1,404 @@
+//! Admission: how many clients may connect, and how many transactions may hold the database
+//! at once (DESIGN.md §3.5).
+//!
+//! A session takes an "all" slot for its first statement and a write slot for its first write,
+//! and keeps them until its transaction ends (an autocommit statement is a transaction of its
+//! own). So a session inside a transaction never waits for a slot: it cannot be starved by
+//! newcomers while it holds locks they are waiting on, and COMMIT always gets through. The
+//! limits therefore bound concurrent transactions, as a pooler's pool size does; newcomers wait
+//! first-come first-served up to queue_timeout and are then shed with 53400.
+//!
+//! Slots are tokio semaphore permits (a compare-and-swap when free; a queue only when full).
+//! Lowering a limit below what is in use is paid off as slots are released.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::Limits;
+use crate::metrics::Metrics;
+
+/// One limit: a semaphore whose size can change while permits are out.
+#[derive(Debug)]
+pub struct Limit {
+    permits: Arc<Semaphore>,
+    /// The limit in force.
+    limit: AtomicU32,
+    /// Permits to take out of circulation as they come back, after the limit was lowered.
+    debt: AtomicU32,
+    resize: Mutex<()>,
+    /// Slots held now.
+    held: AtomicU32,
+    limit_gauge: Gauge,
+    /// Sum of latencies (µs) and count of statements since the controller last looked.
+    latency_sum_us: AtomicU64,
+    latency_count: AtomicU64,
+}
+
+impl Limit {
+    fn new(limit: u32, limit_gauge: Gauge) -> Self {
+        limit_gauge.set(limit as f64);
+        Limit {
+            permits: Arc::new(Semaphore::new(limit as usize)),
+            limit: AtomicU32::new(limit),
+            debt: AtomicU32::new(0),
+            resize: Mutex::new(()),
+            held: AtomicU32::new(0),
+            limit_gauge,
+            latency_sum_us: AtomicU64::new(0),
+            latency_count: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a slot if one is free and nobody is queued for one.
+    pub fn try_acquire(&self) -> bool {
+        match self.permits.try_acquire() {
+            Ok(p) => {
+                p.forget();
+                self.held.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits for a slot, in turn, until `until`.
+    pub fn acquire_until(&self, until: Instant) -> impl Future<Output = bool> + Send + 'static {
+        let permits = self.permits.clone();
+        async move {
+            match tokio::time::timeout_at(until, permits.acquire_owned()).await {
+                Ok(Ok(p)) => {
+                    p.forget();
+                    true
+                }
+                _ => false,
+            }
+        }
+    }
+
+    /// Counts a slot taken by `acquire_until`.
+    pub fn acquired(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn release(&self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+        if self.debt.load(Ordering::Relaxed) == 0 {
+            self.permits.add_permits(1);
+            return;
+        }
+        let _g = self.resize.lock().unwrap_or_else(|e| e.into_inner());
+        if self.debt.load(Ordering::Relaxed) > 0 {
+            self.debt.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.permits.add_permits(1);
+        }
+    }
+
+    /// Changes the limit; slots in use above a lowered limit are given up as they come back.
+    pub fn set(&self, new: u32) {
+        let _g = self.resize.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.limit.swap(new, Ordering::Relaxed);
+        if new < old {
+            let want = (old - new) as usize;
+            let taken = self.permits.forget_permits(want);
+            self.debt
+                .fetch_add((want - taken) as u32, Ordering::Relaxed);
+        } else if new > old {
+            let mut grow = new - old;
+            let debt = self.debt.load(Ordering::Relaxed);
+            let paid = debt.min(grow);
+            self.debt.fetch_sub(paid, Ordering::Relaxed);
+            grow -= paid;
+            self.permits.add_permits(grow as usize);
+        }
+        self.limit_gauge.set(new as f64);
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    pub fn held(&self) -> u32 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Records a statement's latency for the adaptive controller.
+    pub fn sample(&self, took: Duration) {
+        self.latency_sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Mean latency since the last call, if any statement finished.
+    fn take_mean(&self) -> Option<Duration> {
+        let n = self.latency_count.swap(0, Ordering::Relaxed);
+        let sum = self.latency_sum_us.swap(0, Ordering::Relaxed);
+        (n > 0).then(|| Duration::from_micros(sum / n))
+    }
+}
+
+/// Client count and the two statement limits of one proxy.
+#[derive(Debug)]
+pub struct Admission {
+    clients: AtomicU32,
+    max_clients: AtomicU32,
+    pub all: Limit,
+    pub writes: Limit,
+    shed_clients: Counter,
+    shed_all: Counter,
+    shed_writes: Counter,
+}
+
+impl Admission {
+    pub fn new(limits: &Limits, metrics: &Metrics) -> Self {
+        Admission {
+            clients: AtomicU32::new(0),
+            max_clients: AtomicU32::new(limits.max_clients),
+            all: Limit::new(limits.max_inflight, metrics.read.limit.clone()),
+            writes: Limit::new(limits.max_inflight_writes, metrics.write.limit.clone()),
+            shed_clients: metrics.counter("bulkhead_shed_total", &[("reason", "max_clients")]),
+            shed_all: metrics.counter("bulkhead_shed_total", &[("reason", "max_inflight")]),
+            shed_writes: metrics
+                .counter("bulkhead_shed_total", &[("reason", "max_inflight_writes")]),
+        }
+    }
+
+    /// A client connected. False if that makes more than max_clients: refuse it.
+    pub fn client_arrived(&self) -> bool {
+        let before = self.clients.fetch_add(1, Ordering::Relaxed);
+        let ok = before < self.max_clients.load(Ordering::Relaxed);
+        if !ok {
+            self.shed_clients.increment(1);
+        }
+        ok
+    }
+
+    pub fn client_left(&self) {
+        self.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn clients(&self) -> u32 {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Counts a statement shed for want of a slot.
+    pub fn shed(&self, write_slot: bool) {
+        if write_slot {
+            &self.shed_writes
+        } else {
+            &self.shed_all
+        }
+        .increment(1);
+    }
+
+    /// Applies reloaded limits. With adaptive limits the maxima move and the controller
+    /// follows; otherwise the limits are set at once.
+    pub fn configure(&self, limits: &Limits) {
+        self.max_clients
+            .store(limits.max_clients, Ordering::Relaxed);
+        for (limit, max) in [
+            (&self.all, limits.max_inflight),
+            (&self.writes, limits.max_inflight_writes),
+        ] {
+            if !limits.adaptive || limit.limit() > max {
+                limit.set(max);
+            }
+        }
+    }
+}
+
+/// A gradient controller in the manner of Netflix's concurrency-limits: compares a fast
+/// average of latency with a slow one. When latency rises the fast one runs ahead and the limit
+/// shrinks in proportion (at most halving per step); when it is steady the limit grows by about
+/// its square root per step, up to the configured maximum. Never below `floor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradient {
+    pub limit: f64,
+    pub floor: f64,
+    pub max: f64,
+    short: Option<f64>,
+    long: Option<f64>,
+}
+
+impl Gradient {
+    pub fn new(max: u32) -> Self {
+        let floor = (max as f64 / 8.0).clamp(1.0, 4.0);
+        Gradient {
+            limit: max as f64,
+            floor,
+            max: max as f64,
+            short: None,
+            long: None,
+        }
+    }
+
+    /// Feeds one window's mean latency; returns the new limit.
+    pub fn update(&mut self, mean: Duration) -> u32 {
+        let x = mean.as_secs_f64().max(1e-6);
+        let short = self.short.map_or(x, |s| s + 0.5 * (x - s));
+        // The slow average follows rises slowly and falls quickly, so a recovery is seen at once.
+        let long = self.long.map_or(x, |l| {
+            if x < l {
+                l + 0.5 * (x - l)
+            } else {
+                l + 0.05 * (x - l)
+            }
+        });
+        self.short = Some(short);
+        self.long = Some(long);
+        let gradient = (long / short).clamp(0.5, 1.0);
+        let headroom = if gradient >= 0.95 {
+            self.limit.sqrt()
+        } else {
+            0.0
+        };
+        let target = self.limit * gradient + headroom;
+        self.limit = (0.8 * self.limit + 0.2 * target).clamp(self.floor, self.max);
+        if gradient >= 0.95 && target >= self.max {
+            self.limit = self.max;
+        }
+        self.limit.round() as u32
+    }
+
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max as f64;
+        self.limit = self.limit.min(self.max);
+    }
+}
+
+/// How often the adaptive controller looks at latency.
+pub const ADAPTIVE_WINDOW: Duration = Duration::from_millis(100);
+
+/// Runs the adaptive controller for both limits until aborted. Limits come from `current`,
+/// read every window so a reload of the maxima or of `adaptive` is followed.
+pub async fn run_adaptive(
+    admission: Arc<Admission>,
+    current: impl Fn() -> Limits + Send + 'static,
+) {
+    let mut ticks = tokio::time::interval(ADAPTIVE_WINDOW);
+    let first = current();
+    let mut all = Gradient::new(first.max_inflight);
+    let mut writes = Gradient::new(first.max_inflight_writes);
+    loop {
+        ticks.tick().await;
+        let limits = current();
+        if !limits.adaptive {
+            continue;
+        }
+        all.set_max(limits.max_inflight);
+        writes.set_max(limits.max_inflight_writes);
+        for (limit, controller) in [(&admission.all, &mut all), (&admission.writes, &mut writes)] {
+            if let Some(mean) = limit.take_mean() {
+                let next = controller.update(mean);
+                if next != limit.limit() {
+                    limit.set(next);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(n: u32) -> Limit {
+        Limit::new(n, Metrics::new().read.limit.clone())
+    }
+
+    #[test]
+    fn slots_run_out_and_come_back() {
+        let l = limit(2);
+        assert!(l.try_acquire());
+        assert!(l.try_acquire());
+        assert!(!l.try_acquire());
+        l.release();
+        assert!(l.try_acquire());
+        assert_eq!(l.held(), 2);
+    }
+
+    #[test]
+    fn lowering_below_use_is_paid_off_on_release() {
+        let l = limit(4);
+        for _ in 0..4 {
+            assert!(l.try_acquire());
+        }
+        l.set(2);
+        l.release();
+        l.release();
+        assert!(!l.try_acquire(), "two still held, limit two");
+        l.release();
+        assert!(l.try_acquire());
+        assert!(!l.try_acquire());
+        l.set(3);
+        assert!(l.try_acquire());
+        assert!(!l.try_acquire());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_in_turn_and_time_out() {
+        let l = Arc::new(limit(1));
+        assert!(l.try_acquire());
+        let until = Instant::now() + Duration::from_millis(100);
+        let first = tokio::spawn(l.acquire_until(until));
+        let second = tokio::spawn(l.acquire_until(until));
+        tokio::task::yield_now().await;
+        assert!(!l.try_acquire(), "a newcomer does not jump the queue");
+        l.release();
+        assert!(first.await.unwrap());
+        assert!(!second.await.unwrap(), "timed out at queue_timeout");
+    }
+
+    #[test]
+    fn gradient_falls_when_latency_rises_and_recovers_after() {
+        let mut g = Gradient::new(32);
+        for _ in 0..20 {
+            assert_eq!(g.update(Duration::from_millis(2)), 32);
+        }
+        let mut low = 32;
+        for _ in 0..10 {
+            low = g.update(Duration::from_millis(50));
+        }
+        assert!(low < 16, "limit fell to {low}");
+        assert!(low >= 4, "never below the floor");
+        let mut back = low;
+        for _ in 0..40 {
+            back = g.update(Duration::from_millis(2));
+        }
+        assert_eq!(back, 32, "limit recovered to the maximum");
+    }
+
+    #[test]
+    fn gradient_never_exceeds_a_lowered_maximum() {
+        let mut g = Gradient::new(32);
+        g.set_max(10);
+        for _ in 0..5 {
+            assert!(g.update(Duration::from_millis(1)) <= 10);
+        }
+    }
+
+    #[test]
+    fn max_clients_counts_and_sheds() {
+        let m = Metrics::new();
+        let limits = Limits {
+            max_clients: 2,
+            ..Limits::default()
+        };
+        let a = Admission::new(&limits, &m);
+        assert!(a.client_arrived());
+        assert!(a.client_arrived());
+        assert!(!a.client_arrived());
+        a.client_left();
+        a.client_left();
+        assert!(a.client_arrived());
+        assert!(
+            m.render()
+                .contains("bulkhead_shed_total{reason=\"max_clients\"} 1")
+        );
+    }
+}
