@@ -212,10 +212,14 @@ impl Admission {
     }
 }
 
-/// A gradient controller in the manner of Netflix's concurrency-limits: compares a fast
-/// average of latency with a slow one. When latency rises the fast one runs ahead and the limit
-/// shrinks in proportion (at most halving per step); when it is steady the limit grows by about
-/// its square root per step, up to the configured maximum. Never below `floor`.
+/// How far the fast latency average may run ahead of the slow one before it counts as overload.
+const TOLERANCE: f64 = 2.0;
+
+/// A gradient controller in the manner of Netflix's concurrency-limits (Gradient2): compares a
+/// fast average of latency with a slow one. When latency rises beyond [`TOLERANCE`] times the
+/// usual, the limit shrinks in proportion (at most halving per step); when it is steady the
+/// limit grows by about its square root per step, up to the configured maximum. Never below
+/// `floor`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gradient {
     pub limit: f64,
@@ -251,7 +255,8 @@ impl Gradient {
         });
         self.short = Some(short);
         self.long = Some(long);
-        let gradient = (long / short).clamp(0.5, 1.0);
+        // Tolerance, as in Gradient2: jitter up to twice the usual latency is not overload.
+        let gradient = (TOLERANCE * long / short).clamp(0.5, 1.0);
         let headroom = if gradient >= 0.95 {
             self.limit.sqrt()
         } else {

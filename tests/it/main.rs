@@ -1,6 +1,7 @@
 //! Integration tests: real PostgreSQL servers started by the suite, real clients, bulkhead in
 //! process (or as the real binary where signals matter).
 
+mod admission;
 mod deadlines;
 mod failover;
 mod passthrough;
