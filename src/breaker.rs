@@ -207,6 +207,16 @@ impl Circuit {
         self.with(|b, now| b.failure(now, s), s);
     }
 
+    /// The state as last published, read without the lock (for the health port). An open
+    /// circuit whose time is up shows as open until the next write or probe touches it.
+    pub fn published(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            0 => State::Closed,
+            1 => State::HalfOpen,
+            _ => State::Open,
+        }
+    }
+
     /// The state now, for health reports.
     pub fn state(&self, s: &Settings) -> State {
         self.with(|b, now| b.state(now, s), s)

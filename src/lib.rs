@@ -19,6 +19,7 @@ pub mod cancel;
 pub mod classify;
 pub mod config;
 pub mod errors;
+pub mod health;
 pub mod live;
 pub mod metrics;
 pub mod pipe;
@@ -61,6 +62,8 @@ pub(crate) struct Shared {
     pub topology: probe::Topology,
     /// Client count and statement slots.
     pub admission: Arc<admission::Admission>,
+    /// The data-path runtime's proof of life, for /livez.
+    pub heartbeat: health::Heartbeat,
 }
 
 /// One proxy instance.
@@ -82,12 +85,22 @@ impl Bulkhead {
             phase: phase_rx,
             topology,
             admission,
+            heartbeat: health::Heartbeat::default(),
         });
         Bulkhead { shared, phase }
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// Serves /livez, /readyz, /health and /metrics on `listener`, from a thread of its own.
+    /// Runs until the returned server is dropped.
+    pub fn start_health(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> io::Result<health::HealthServer> {
+        health::spawn(self.shared.clone(), listener)
     }
 
     /// Hosts, roles, circuits and the primary as the probe last saw them.
@@ -113,6 +126,7 @@ impl Bulkhead {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         let mut background = probe::spawn(&self.shared);
         background.push(tokio::spawn(housekeeping(self.shared.clone())));
+        background.push(tokio::spawn(health::heartbeat(self.shared.clone())));
         let mut next_id: u64 = 0;
         tokio::pin!(shutdown);
         loop {

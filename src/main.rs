@@ -77,8 +77,22 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    info!(address = %config.listen.address, hosts = ?config.database.hosts, "listening");
+    let health_listener = match std::net::TcpListener::bind(config.health.address) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(address = %config.health.address, error = %e, "cannot listen for health checks");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(address = %config.listen.address, health = %config.health.address, hosts = ?config.database.hosts, "listening");
     let proxy = Arc::new(Bulkhead::new(config));
+    let _health = match proxy.start_health(health_listener) {
+        Ok(h) => h,
+        Err(e) => {
+            error!(error = %e, "cannot start the health server");
+            return ExitCode::FAILURE;
+        }
+    };
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

@@ -47,6 +47,88 @@ const OUTCOMES: [(Outcome, &str); 5] = [
     (Outcome::Shed, "shed"),
 ];
 
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric bulkhead exports, with its help text (DESIGN.md §3.7).
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 12] = [
+    (
+        "bulkhead_client_connections",
+        Kind::Gauge,
+        None,
+        "Client connections open now.",
+    ),
+    (
+        "bulkhead_server_connections",
+        Kind::Gauge,
+        None,
+        "Server connections open now.",
+    ),
+    (
+        "bulkhead_statements_total",
+        Kind::Counter,
+        None,
+        "Requests by class (read, write) and outcome (ok, error, timeout, refused, shed).",
+    ),
+    (
+        "bulkhead_statement_duration_seconds",
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time from the server beginning a request to its ReadyForQuery.",
+    ),
+    (
+        "bulkhead_cancels_sent_total",
+        Kind::Counter,
+        None,
+        "CancelRequests bulkhead sent to servers because a deadline passed or a client left.",
+    ),
+    (
+        "bulkhead_inflight_statements",
+        Kind::Gauge,
+        None,
+        "Concurrency slots held now: write for writing transactions, read for the others.",
+    ),
+    (
+        "bulkhead_concurrency_limit",
+        Kind::Gauge,
+        None,
+        "Current concurrency limit: read is the limit for all, write for writes.",
+    ),
+    (
+        "bulkhead_circuit_state",
+        Kind::Gauge,
+        None,
+        "Write circuit per backend: 0 closed, 1 half-open, 2 open.",
+    ),
+    (
+        "bulkhead_backend_up",
+        Kind::Gauge,
+        None,
+        "1 if the backend answered its last probe in this role.",
+    ),
+    (
+        "bulkhead_probe_duration_seconds",
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "How long a probe of a backend's status took.",
+    ),
+    (
+        "bulkhead_failovers_total",
+        Kind::Counter,
+        None,
+        "Times the writable primary moved to another host.",
+    ),
+    (
+        "bulkhead_shed_total",
+        Kind::Counter,
+        None,
+        "Connections and statements refused for want of capacity, by reason.",
+    ),
+];
+
 /// Per-class handles.
 #[derive(Clone)]
 pub struct ClassMetrics {
@@ -87,56 +169,14 @@ impl Metrics {
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
-        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str, kind: u8| {
+        for (name, kind, unit, help) in DESCRIPTIONS {
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
             match kind {
-                0 => recorder.describe_counter(name, unit, help),
-                1 => recorder.describe_gauge(name, unit, help),
-                _ => recorder.describe_histogram(name, unit, help),
+                Kind::Counter => recorder.describe_counter(name, unit, help),
+                Kind::Gauge => recorder.describe_gauge(name, unit, help),
+                Kind::Histogram => recorder.describe_histogram(name, unit, help),
             }
-        };
-        describe(
-            "bulkhead_client_connections",
-            None,
-            "Client connections open now.",
-            1,
-        );
-        describe(
-            "bulkhead_server_connections",
-            None,
-            "Server connections open now.",
-            1,
-        );
-        describe(
-            "bulkhead_statements_total",
-            None,
-            "Statements by class (read, write) and outcome (ok, error, timeout, refused, shed).",
-            0,
-        );
-        describe(
-            "bulkhead_statement_duration_seconds",
-            Some(Unit::Seconds),
-            "Time from the server beginning a statement to its ReadyForQuery.",
-            2,
-        );
-        describe(
-            "bulkhead_cancels_sent_total",
-            None,
-            "CancelRequests bulkhead sent to servers because a deadline passed or a client left.",
-            0,
-        );
-        describe(
-            "bulkhead_inflight_statements",
-            None,
-            "Statements running on servers now.",
-            1,
-        );
-        describe(
-            "bulkhead_concurrency_limit",
-            None,
-            "Current limit on statements in flight.",
-            1,
-        );
+        }
 
         let class = |c: Class| ClassMetrics {
             statements: OUTCOMES.map(|(_, outcome)| {

@@ -4,5 +4,6 @@
 mod admission;
 mod deadlines;
 mod failover;
+mod health;
 mod passthrough;
 mod support;

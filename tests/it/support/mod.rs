@@ -355,6 +355,8 @@ pub async fn connect(params: &str) -> Client {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub bulkhead: Arc<Bulkhead>,
+    /// The health port, on a port of its own.
+    pub health: bulkhead::health::HealthServer,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -371,6 +373,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let bulkhead = Arc::new(Bulkhead::new(config));
+        let health = bulkhead
+            .start_health(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let b = bulkhead.clone();
         let task = tokio::spawn(async move {
@@ -382,6 +387,7 @@ impl Proxy {
         Proxy {
             addr,
             bulkhead,
+            health,
             stop: Some(stop),
             task: Some(task),
         }
@@ -501,5 +507,54 @@ impl Binary {
         let pid = self.child.id().expect("bulkhead still running") as i32;
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+/// An HTTP answer from the health port.
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub status: u16,
+    pub body: String,
+    pub took: Duration,
+}
+
+/// A blocking HTTP/1.1 request with plain std sockets, so it depends on no runtime.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> Http {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the health port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: bulkhead\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the answer");
+    let took = started.elapsed();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Http { status, body, took }
+}
+
+impl Proxy {
+    /// GET `path` on the health port, from a blocking thread.
+    pub async fn get(&self, path: &str) -> Http {
+        let (addr, path) = (self.health.addr, path.to_string());
+        tokio::task::spawn_blocking(move || http(addr, "GET", &path))
+            .await
+            .unwrap()
+    }
+
+    /// The /health document.
+    pub async fn health_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/health").await.body).expect("/health is JSON")
     }
 }

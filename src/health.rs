@@ -1,0 +1,296 @@
+//! The health port: /livez, /readyz, /health and /metrics (DESIGN.md §3.6).
+//!
+//! It runs on its own OS thread with its own single-threaded runtime, so a data path that is
+//! saturated, or a runtime that is stuck, cannot delay it. It reads only what the probe, the
+//! circuits and admission publish: no database query per request, and no lock the data path
+//! takes on its hot path.
+//!
+//! Liveness is a watchdog: a heartbeat task on the data-path runtime stamps the time every
+//! 100 ms; /livez answers 503 when the stamp is more than a second old.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::breaker::State;
+use crate::probe::Role;
+use crate::{Phase, Shared};
+
+/// How often the data-path runtime proves it is alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
+
+/// A heartbeat older than this makes /livez fail.
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(1);
+
+/// A connection to the health port may take this long in all; a slow client cannot pile up.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The data path's proof of life: milliseconds since `origin` at the last tick (0: none yet).
+#[derive(Debug)]
+pub struct Heartbeat {
+    origin: std::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            origin: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heartbeat {
+    fn beat(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// How long since the last beat, or `None` if there was none yet.
+    fn age(&self) -> Option<Duration> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        (last > 0).then(|| {
+            self.origin
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last))
+        })
+    }
+}
+
+/// Runs on the data-path runtime: if this task cannot run, that runtime is stuck.
+pub(crate) async fn heartbeat(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(HEARTBEAT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        shared.heartbeat.beat();
+    }
+}
+
+/// The running health server; stops and joins its thread when dropped.
+pub struct HealthServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts the health server on `listener`, on a thread of its own.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+) -> io::Result<HealthServer> {
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new().name("bulkhead-health".into()).spawn(move || {
+        runtime.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => return warn!(error = %e, "health port unusable"),
+            };
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                let service = hyper::service::service_fn(move |req| {
+                                    let answer = respond(&shared, &req);
+                                    async move { Ok::<_, Infallible>(answer) }
+                                });
+                                let conn = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), service);
+                                if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                                    debug!(error = %e, "health connection");
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "health accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+        })
+    })?;
+    Ok(HealthServer {
+        addr,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here\n".into(),
+        );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            "GET, HEAD".parse().expect("static header"),
+        );
+        return r;
+    }
+    match req.uri().path() {
+        "/livez" => match livez(shared) {
+            Ok(()) => text(StatusCode::OK, "ok\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        },
+        "/readyz" => match report(shared).not_ready {
+            None => text(StatusCode::OK, "ready\n".into()),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        },
+        "/health" => {
+            let body = report(shared).json.to_string();
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                "application/json".parse().expect("static header"),
+            );
+            r
+        }
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8"
+                    .parse()
+                    .expect("static header"),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /livez, /readyz, /health or /metrics\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("static header"),
+    );
+    r
+}
+
+/// Alive while the data-path runtime runs its heartbeat. Never asks the database.
+fn livez(shared: &Shared) -> Result<(), String> {
+    match shared.heartbeat.age() {
+        None => Err("the data path has not started".into()),
+        Some(age) if age > HEARTBEAT_STALE => Err(format!(
+            "the data-path runtime has not run its heartbeat for {} ms",
+            age.as_millis()
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+struct Report {
+    /// Why /readyz says no, if it does.
+    not_ready: Option<String>,
+    json: serde_json::Value,
+}
+
+/// Readiness and the /health document, from what the probe and circuits have published.
+fn report(shared: &Shared) -> Report {
+    let config = shared.live.get();
+    let stale_after = config.probe.interval * 3;
+    let hosts = shared.topology.hosts();
+    let primary = shared.topology.watch_primary().borrow().clone();
+    let draining = *shared.phase.borrow() != Phase::Running;
+    let backends: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let role = match h.role {
+                Role::Primary if h.superseded => "superseded",
+                r => r.label(),
+            };
+            json!({
+                "address": h.address,
+                "role": role,
+                "circuit": shared.topology.circuit(i).published().label(),
+                "last_probe_age_ms": h.last_probe.map(|t| t.elapsed().as_millis() as u64),
+                "timeline": h.timeline,
+                "error": h.error,
+            })
+        })
+        .collect();
+    let not_ready = match &primary {
+        _ if draining => Some("bulkhead is draining".to_string()),
+        None => Some("no writable primary is known".to_string()),
+        Some(p) => {
+            let circuit = shared.topology.circuit(p.index).published();
+            let age = hosts[p.index].last_probe.map(|t| t.elapsed());
+            if circuit != State::Closed {
+                Some(format!(
+                    "the write circuit of {} is {}",
+                    p.address,
+                    circuit.label()
+                ))
+            } else if age.is_none_or(|a| a > stale_after) {
+                Some(format!(
+                    "the last probe of {} is older than three intervals",
+                    p.address
+                ))
+            } else {
+                None
+            }
+        }
+    };
+    let some_unreachable = hosts
+        .iter()
+        .any(|h| h.role != Role::Primary && h.role != Role::Standby);
+    let status = match (&primary, &not_ready) {
+        (None, _) => "down",
+        (Some(_), Some(_)) => "degraded",
+        (Some(_), None) if some_unreachable => "degraded",
+        (Some(_), None) => "ok",
+    };
+    let json = json!({
+        "status": status,
+        "ready": not_ready.is_none(),
+        "reason": not_ready,
+        "draining": draining,
+        "primary": primary.as_ref().map(|p| p.address.clone()),
+        "backends": backends,
+        "clients": shared.admission.clients(),
+        "inflight": shared.admission.all.held(),
+        "inflight_writes": shared.admission.writes.held(),
+    });
+    Report { not_ready, json }
+}
