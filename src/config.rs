@@ -450,6 +450,20 @@ mod tests {
     }
 
     #[test]
+    fn every_example_in_config_parses() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "examples found: {seen}");
+    }
+
+    #[test]
     fn hosts_accept_names_ipv4_and_bracketed_ipv6() {
         let c = Config::parse(
             "[database]\nhosts = [\"db.internal:5432\", \"10.0.0.2:6543\", \"[::1]:5432\"]\n",
