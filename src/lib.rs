@@ -169,8 +169,8 @@ impl Bulkhead {
     }
 }
 
-/// Background work that is not per session: the adaptive limit controller and the in-flight
-/// gauges, every `admission::ADAPTIVE_WINDOW`.
+/// Background work that is not per session: the adaptive limit controller, the in-flight
+/// gauges every `admission::ADAPTIVE_WINDOW`, and the metrics recorder's upkeep.
 async fn housekeeping(shared: Arc<Shared>) {
     let gauges = shared.clone();
     let adaptive = tokio::spawn(admission::run_adaptive(
@@ -179,8 +179,10 @@ async fn housekeeping(shared: Arc<Shared>) {
     ));
     let _stop_with_us = AbortOnDrop(adaptive);
     let mut ticks = tokio::time::interval(admission::ADAPTIVE_WINDOW);
+    let mut tick: u64 = 0;
     loop {
         ticks.tick().await;
+        tick += 1;
         let (all, writes) = (shared.admission.all.held(), shared.admission.writes.held());
         shared
             .metrics
@@ -188,6 +190,10 @@ async fn housekeeping(shared: Arc<Shared>) {
             .inflight
             .set(all.saturating_sub(writes) as f64);
         shared.metrics.write.inflight.set(writes as f64);
+        // Every 5 s: fold histogram samples into buckets, or they pile up unscraped.
+        if tick % 50 == 0 {
+            shared.metrics.upkeep();
+        }
     }
 }
 

@@ -238,6 +238,12 @@ impl Metrics {
             .register_histogram(&Key::from_parts(name, labels(label_pairs)), &METADATA)
     }
 
+    /// Drains histogram samples into their buckets. Histograms keep raw samples until this runs
+    /// (a scrape runs it too), so it must run periodically even when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The Prometheus text exposition of everything recorded.
     pub fn render(&self) -> String {
         self.handle.render()
