@@ -1,0 +1,214 @@
+//! Does the relay path allocate per message in the steady state? A counting global allocator
+//! answers it, twice:
+//!
+//! 1. The hot path alone (framing, classification, bookkeeping) over a stream of pgbench-like
+//!    messages, no I/O.
+//! 2. With `BULKHEAD_BENCH_PG=host:port`: a whole in-process bulkhead relaying real pgbench
+//!    traffic. pgbench runs twice with different transaction counts and the same connections;
+//!    the difference, divided by the extra transactions, is what each transaction costs (the
+//!    per-connection allocations cancel out).
+//!
+//! `cargo bench --bench alloc` (benches/compare runs it with a server).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bulkhead::classify::{Kind, classify};
+use bulkhead::pipe::Pipe;
+use bulkhead::protocol::backend::TxStatus;
+use bulkhead::tracker::Tracker;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn hot_path_alone() {
+    let mut client = msg(
+        b'Q',
+        b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;\0",
+    );
+    client.extend(msg(
+        b'B',
+        b"\0P0_1\0\0\x01\0\0\0\x04\0\0\x30\x39\0\x01\0\x01",
+    ));
+    client.extend(msg(b'E', b"\0\0\0\0\0"));
+    client.extend(msg(b'S', b""));
+    let mut server = msg(b'D', b"\0\x01\0\0\0\x04\0\x01\xe2\x40");
+    server.extend(msg(b'C', b"SELECT 1\0"));
+    server.extend(msg(b'Z', b"I"));
+    let mut cx = Context::from_waker(Waker::noop());
+    let (mut up, mut down) = (Pipe::default(), Pipe::default());
+    let now = tokio::time::Instant::now();
+    let mut tracker = Tracker::new(now);
+    tracker.parse(b"P0_1", Kind::Read, now);
+    let mut round = |up: &mut Pipe, down: &mut Pipe, tracker: &mut Tracker| {
+        let mut source = &client[..];
+        let Poll::Ready(Ok(_)) = up.poll_read_from(&mut cx, &mut source) else {
+            panic!()
+        };
+        while let Some(h) = up.next(|t| matches!(t, b'Q' | b'B' | b'E')).unwrap() {
+            match h.tag {
+                b'Q' => tracker.query(classify(up.body(&h), true), now),
+                b'B' => tracker.bind(b"", b"P0_1", now),
+                b'E' => {
+                    tracker.execute(b"", now);
+                }
+                _ => tracker.sync(now),
+            }
+            up.forward(&h);
+        }
+        let Poll::Ready(Ok(_)) = up.poll_write_to(&mut cx, &mut tokio::io::sink()) else {
+            panic!()
+        };
+        for _ in 0..2 {
+            let mut source = &server[..];
+            let Poll::Ready(Ok(_)) = down.poll_read_from(&mut cx, &mut source) else {
+                panic!()
+            };
+            while let Some(h) = down.next(|t| t == b'Z').unwrap() {
+                if h.tag == b'Z' {
+                    tracker.ready(TxStatus::Idle, now);
+                }
+                down.forward(&h);
+            }
+            let Poll::Ready(Ok(_)) = down.poll_write_to(&mut cx, &mut tokio::io::sink()) else {
+                panic!()
+            };
+        }
+    };
+    for _ in 0..1000 {
+        round(&mut up, &mut down, &mut tracker);
+    }
+    let before = allocations();
+    let rounds = 100_000;
+    for _ in 0..rounds {
+        round(&mut up, &mut down, &mut tracker);
+    }
+    let per_message = (allocations() - before) as f64 / (rounds * 10) as f64;
+    println!(
+        "hot path alone: {per_message:.4} allocations per relayed message ({rounds} rounds of 10 messages)"
+    );
+}
+
+fn pgbench() -> std::path::PathBuf {
+    let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin/pgbench"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| "pgbench".into())
+}
+
+fn whole_proxy(pg: &str) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = bulkhead::Config::default();
+    config.database.hosts = vec![pg.to_string()];
+    config.probe.interval = Duration::from_secs(3600);
+    config.limits.max_inflight = 256;
+    config.limits.max_inflight_writes = 256;
+    let port = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = bulkhead::Bulkhead::new(config);
+        tokio::spawn(async move { proxy.serve(listener, std::future::pending()).await });
+        port
+    });
+    let run = |mode: &str, transactions: u32| {
+        let out = std::process::Command::new(pgbench())
+            .args([
+                "-n",
+                "-S",
+                "-M",
+                mode,
+                "-c",
+                "4",
+                "-j",
+                "2",
+                "-t",
+                &transactions.to_string(),
+            ])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "postgres",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for mode in ["simple", "extended", "prepared"] {
+        run(mode, 2_000);
+        let (short, long) = (5_000u32, 25_000u32);
+        let before = allocations();
+        run(mode, short);
+        let middle = allocations();
+        run(mode, long);
+        let after = allocations();
+        let extra = ((after - middle) as f64 - (middle - before) as f64).max(0.0);
+        let per_tx = extra / (4.0 * (long - short) as f64);
+        println!(
+            "whole proxy, pgbench -S -M {mode}: {per_tx:.4} allocations per transaction in the steady state"
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test --benches asks for a list; there are no tests here.
+    }
+    hot_path_alone();
+    match std::env::var("BULKHEAD_BENCH_PG") {
+        Ok(pg) => whole_proxy(&pg),
+        Err(_) => {
+            println!("whole proxy: skipped; set BULKHEAD_BENCH_PG=host:port (benches/compare does)")
+        }
+    }
+}

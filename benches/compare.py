@@ -1,0 +1,250 @@
+"""Side-by-side: direct, bulkhead, PgBouncer, HAProxy, on one PostgreSQL, interleaved rounds.
+
+Reports per workload and system: median tps, average and p99 latency, ratios, and proxy CPU
+seconds per 100k transactions (utime + stime of the proxy process from /proc). On a small
+machine the proxy, pgbench and PostgreSQL share the cores, so CPU per transaction is the fair
+figure. Also bulkhead's and PgBouncer's RSS growth per idle client. Run through benches/compare.
+"""
+
+import argparse
+import glob
+import os
+import platform
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+AS_ROOT = os.geteuid() == 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_server_user(cmd):
+    return ["runuser", "-u", "postgres", "--"] + cmd if AS_ROOT else cmd
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def wait_port(port, what, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not listen on {port}")
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Systems:
+    def __init__(self, work, idle_clients):
+        self.work = work
+        self.procs = {}
+        if AS_ROOT:
+            shutil.chown(work, "postgres")
+        self.pg_port = free_port()
+        data = os.path.join(work, "data")
+        run(as_server_user([f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync"]))
+        with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            f.write(f"port = {self.pg_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{work}'\n"
+                    f"max_connections = {idle_clients + 300}\nshared_buffers = 256MB\nfsync = off\n"
+                    "synchronous_commit = off\nfull_page_writes = off\n")
+        run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(work, "pg.log"), "-w", "start"]))
+        self.data = data
+        run([f"{PG_BIN}/pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres", "postgres"])
+        self.ports = {"direct": self.pg_port}
+        self.start_bulkhead(idle_clients)
+        self.start_pgbouncer(idle_clients)
+        self.start_haproxy(idle_clients)
+
+    def spawn(self, name, cmd, port):
+        log = open(os.path.join(self.work, f"{name}.log"), "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log)
+        self.ports[name] = port
+        wait_port(port, name)
+
+    def start_bulkhead(self, idle_clients):
+        port = free_port()
+        conf = os.path.join(self.work, "bulkhead.toml")
+        with open(conf, "w") as f:
+            f.write(f'[listen]\naddress = "127.0.0.1:{port}"\n[health]\naddress = "127.0.0.1:{free_port()}"\n'
+                    f'[database]\nhosts = ["127.0.0.1:{self.pg_port}"]\n'
+                    f'[limits]\nmax_clients = {idle_clients + 200}\nmax_inflight = 256\nmax_inflight_writes = 256\n')
+        self.spawn("bulkhead", [os.path.join(ROOT, "target/release/bulkhead"), "--config", conf], port)
+
+    def start_pgbouncer(self, idle_clients):
+        port = free_port()
+        conf = os.path.join(self.work, "pgbouncer.ini")
+        users = os.path.join(self.work, "users.txt")
+        open(users, "w").write('"postgres" ""\n')
+        with open(conf, "w") as f:
+            f.write(f"[databases]\npostgres = host=127.0.0.1 port={self.pg_port} dbname=postgres\n"
+                    f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+                    f"auth_type = trust\nauth_file = {users}\npool_mode = session\n"
+                    f"max_client_conn = {idle_clients + 200}\ndefault_pool_size = {idle_clients + 100}\n"
+                    f"max_db_connections = 0\nlogfile = {self.work}/pgbouncer.out\npidfile =\n")
+        if AS_ROOT:
+            for p in (conf, users):
+                shutil.chown(p, "postgres")
+        exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self.spawn("pgbouncer", as_server_user([exe, conf]), port)
+        if AS_ROOT:  # runuser is the parent; find pgbouncer itself for /proc
+            self.procs["pgbouncer"].real_pid = int(run(["pgrep", "-n", "-f", f"pgbouncer {conf}"]).stdout.split()[0])
+
+    def start_haproxy(self, idle_clients):
+        port = free_port()
+        conf = os.path.join(self.work, "haproxy.cfg")
+        with open(conf, "w") as f:
+            f.write(f"global\n  maxconn {2 * idle_clients + 400}\n"
+                    "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+                    f"listen pg\n  bind 127.0.0.1:{port}\n  server db 127.0.0.1:{self.pg_port}\n")
+        exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.spawn("haproxy", [exe, "-f", conf, "-db"], port)
+
+    def pid(self, name):
+        p = self.procs.get(name)
+        return getattr(p, "real_pid", p.pid) if p else None
+
+    def stop(self):
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
+
+
+def pgbench(port, args, seconds, logdir):
+    for f in glob.glob(os.path.join(logdir, "pgbench_log*")):
+        os.remove(f)
+    out = run([f"{PG_BIN}/pgbench", "-n", *args, "-T", str(seconds), "-l", "--sampling-rate", "0.2",
+               "--log-prefix", os.path.join(logdir, "pgbench_log"), "-h", "127.0.0.1", "-p", str(port),
+               "-U", "postgres", "postgres"], cwd=logdir).stdout
+    tps = float(out.split("tps = ")[1].split()[0])
+    latency = float(out.split("latency average = ")[1].split()[0])
+    done = int(out.split("number of transactions actually processed: ")[1].split()[0].split("/")[0])
+    failed = out.split("number of failed transactions: ")[1].split()[0]
+    samples = []
+    for f in glob.glob(os.path.join(logdir, "pgbench_log*")):
+        for line in open(f):
+            parts = line.split()
+            if len(parts) > 2:
+                samples.append(int(parts[2]) / 1000.0)
+    samples.sort()
+    p99 = samples[int(len(samples) * 0.99)] if samples else float("nan")
+    return tps, latency, p99, done, int(failed)
+
+
+def idle_rss(port, pid, n):
+    """RSS growth of the process `pid` while `n` idle clients are logged in through `port`."""
+    before = rss_kib(pid)
+    socks = []
+    startup = b"user\0postgres\0database\0postgres\0\0"
+    packet = struct.pack("!ii", 8 + len(startup), 196608) + startup
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(packet)
+        buf = b""
+        while not buf.endswith(b"Z\0\0\0\x05I"):
+            chunk = s.recv(4096)
+            if not chunk:
+                sys.exit("idle client refused")
+            buf += chunk
+        socks.append(s)
+    time.sleep(1)  # a measurement settles; not a wait for a state
+    after = rss_kib(pid)
+    for s in socks:
+        s.close()
+    return (after - before) / n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--idle-clients", type=int, default=1000)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bulkhead-compare-")
+    systems = Systems(work, args.idle_clients)
+    order = ["direct", "bulkhead", "pgbouncer", "haproxy"]
+    workloads = []
+    for clients in (1, 16):
+        for mode in ("simple", "extended", "prepared"):
+            workloads.append((f"-S -M {mode} -c {clients}", ["-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2))]))
+    workloads.append(("-N -M prepared -c 16", ["-N", "-M", "prepared", "-c", "16", "-j", "2"]))
+    results = {(w, s): [] for w, _ in workloads for s in order}
+    try:
+        alloc = subprocess.run(["cargo", "bench", "--quiet", "--bench", "alloc"], cwd=ROOT, capture_output=True, text=True,
+                               env={**os.environ, "BULKHEAD_BENCH_PG": f"127.0.0.1:{systems.pg_port}"})
+        alloc_report = alloc.stdout.strip() or alloc.stderr.strip()[-2000:]
+        for r in range(args.rounds):
+            for name, wargs in workloads:
+                for system in order:
+                    pid = systems.pid(system)
+                    cpu0 = cpu_seconds(pid) if pid else 0.0
+                    tps, lat, p99, done, failed = pgbench(systems.ports[system], wargs, args.seconds, work)
+                    cpu = (cpu_seconds(pid) - cpu0) if pid else float("nan")
+                    results[(name, system)].append((tps, lat, p99, cpu / done * 100_000 if done else float("nan"), failed))
+                    print(f"round {r + 1} {name:24} {system:9} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
+                          f"cpu/100k {results[(name, system)][-1][3]:.2f} failed {failed}", flush=True)
+        rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients) for s in ("bulkhead", "pgbouncer")}
+    finally:
+        systems.stop()
+    med = lambda xs: statistics.median(xs)
+    lines = [
+        f"Date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.machine()}, "
+        f"{platform.system()} {platform.release()}; PostgreSQL {os.path.basename(os.path.dirname(PG_BIN))}; "
+        f"{args.rounds} interleaved rounds of {args.seconds} s; medians.",
+        "",
+        "| workload | system | tps | avg latency ms | p99 ms | proxy CPU-s / 100k tx | tps vs direct | vs PgBouncer | vs HAProxy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, _ in workloads:
+        tps = {s: med([x[0] for x in results[(name, s)]]) for s in order}
+        for s in order:
+            rs = results[(name, s)]
+            cpu = med([x[3] for x in rs])
+            lines.append(f"| `{name}` | {s} | {tps[s]:.0f} | {med([x[1] for x in rs]):.3f} | {med([x[2] for x in rs]):.3f} | "
+                         f"{'—' if cpu != cpu else f'{cpu:.2f}'} | {tps[s] / tps['direct']:.2f} | "
+                         f"{tps[s] / tps['pgbouncer']:.2f} | {tps[s] / tps['haproxy']:.2f} |")
+    lines += ["", f"RSS growth per idle client ({args.idle_clients} clients): "
+              + ", ".join(f"{s} {v:.1f} KiB" for s, v in rss.items()), "", "Allocations (benches/alloc.rs):", "",
+              *("    " + l for l in alloc_report.splitlines())]
+    report = "\n".join(lines)
+    print("\n" + report)
+    if args.out:
+        open(args.out, "w").write(report + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
