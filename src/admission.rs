@@ -8,46 +8,55 @@
 //! limits therefore bound concurrent transactions, as a pooler's pool size does; newcomers wait
 //! first-come first-served up to queue_timeout and are then shed with 53400.
 //!
-//! Slots are tokio semaphore permits (a compare-and-swap when free; a queue only when full).
-//! Lowering a limit below what is in use is paid off as slots are released.
+//! Taking or giving back a slot is one atomic operation while nobody waits; a queue (and its
+//! mutex) is used only when a limit is reached. Lowering a limit below what is in use is paid
+//! off as slots are released.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
 
-/// One limit: a semaphore whose size can change while permits are out.
+/// One limit: a count of free slots that may go negative (a lowered limit is paid back as
+/// slots are released), and a first-come first-served queue used only while someone waits.
+/// Taking and giving back a slot are single atomic operations when nobody is queued; the
+/// queue's mutex is taken only on the waiting path.
 #[derive(Debug)]
 pub struct Limit {
-    permits: Arc<Semaphore>,
+    /// Free slots; negative while more are held than a lowered limit allows.
+    free: AtomicI64,
     /// The limit in force.
     limit: AtomicU32,
-    /// Permits to take out of circulation as they come back, after the limit was lowered.
-    debt: AtomicU32,
-    resize: Mutex<()>,
-    /// Slots held now.
-    held: AtomicU32,
+    /// Sessions queued for a slot. While any are, newcomers queue behind them.
+    queued: AtomicU32,
+    queue: Mutex<Queue>,
     limit_gauge: Gauge,
     /// Sum of latencies (µs) and count of statements since the controller last looked.
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
 }
 
+#[derive(Debug, Default)]
+struct Queue {
+    next_id: u64,
+    waiters: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
 impl Limit {
     fn new(limit: u32, limit_gauge: Gauge) -> Self {
         limit_gauge.set(limit as f64);
         Limit {
-            permits: Arc::new(Semaphore::new(limit as usize)),
+            free: AtomicI64::new(limit as i64),
             limit: AtomicU32::new(limit),
-            debt: AtomicU32::new(0),
-            resize: Mutex::new(()),
-            held: AtomicU32::new(0),
+            queued: AtomicU32::new(0),
+            queue: Mutex::new(Queue::default()),
             limit_gauge,
             latency_sum_us: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
@@ -56,65 +65,88 @@ impl Limit {
 
     /// Takes a slot if one is free and nobody is queued for one.
     pub fn try_acquire(&self) -> bool {
-        match self.permits.try_acquire() {
-            Ok(p) => {
-                p.forget();
-                self.held.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(_) => false,
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            return false;
         }
+        self.take_free()
     }
 
-    /// Waits for a slot, in turn, until `until`.
-    pub fn acquire_until(&self, until: Instant) -> impl Future<Output = bool> + Send + 'static {
-        let permits = self.permits.clone();
+    fn take_free(&self) -> bool {
+        let mut free = self.free.load(Ordering::SeqCst);
+        while free > 0 {
+            match self.free.compare_exchange_weak(
+                free,
+                free - 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(now) => free = now,
+            }
+        }
+        false
+    }
+
+    /// Waits for a slot, in turn, until `until`. True if one was granted.
+    pub fn acquire_until(
+        self: &Arc<Self>,
+        until: Instant,
+    ) -> impl Future<Output = bool> + Send + 'static {
+        let this = self.clone();
         async move {
-            match tokio::time::timeout_at(until, permits.acquire_owned()).await {
-                Ok(Ok(p)) => {
-                    p.forget();
-                    true
-                }
-                _ => false,
+            let (granted, mut wait) = oneshot::channel();
+            let id = {
+                let mut q = this.queue.lock().unwrap_or_else(|e| e.into_inner());
+                q.next_id += 1;
+                let id = q.next_id;
+                q.waiters.push_back((id, granted));
+                this.queued.fetch_add(1, Ordering::SeqCst);
+                id
+            };
+            // A slot freed between the failed try and joining the queue is handed over now.
+            this.hand_over();
+            if let Ok(Ok(())) = tokio::time::timeout_at(until, &mut wait).await {
+                return true;
+            }
+            let mut q = this.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = q.waiters.iter().position(|(w, _)| *w == id) {
+                q.waiters.remove(at);
+                this.queued.fetch_sub(1, Ordering::SeqCst);
+                return false;
+            }
+            // Granted under the lock just as the wait ran out: the slot is ours.
+            wait.try_recv().is_ok()
+        }
+    }
+
+    /// Gives a slot back: to the first in the queue if anyone waits, else to the free count.
+    pub fn release(&self) {
+        self.free.fetch_add(1, Ordering::SeqCst);
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.hand_over();
+        }
+    }
+
+    /// Grants free slots to waiters, first come first served.
+    fn hand_over(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while !q.waiters.is_empty() && self.take_free() {
+            let (_, granted) = q.waiters.pop_front().expect("not empty");
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            if granted.send(()).is_err() {
+                // That waiter is gone; the slot goes back for the next one.
+                self.free.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
 
-    /// Counts a slot taken by `acquire_until`.
-    pub fn acquired(&self) {
-        self.held.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn release(&self) {
-        self.held.fetch_sub(1, Ordering::Relaxed);
-        if self.debt.load(Ordering::Relaxed) == 0 {
-            self.permits.add_permits(1);
-            return;
-        }
-        let _g = self.resize.lock().unwrap_or_else(|e| e.into_inner());
-        if self.debt.load(Ordering::Relaxed) > 0 {
-            self.debt.fetch_sub(1, Ordering::Relaxed);
-        } else {
-            self.permits.add_permits(1);
-        }
-    }
-
-    /// Changes the limit; slots in use above a lowered limit are given up as they come back.
+    /// Changes the limit; slots held above a lowered limit are paid back as they come back.
     pub fn set(&self, new: u32) {
-        let _g = self.resize.lock().unwrap_or_else(|e| e.into_inner());
-        let old = self.limit.swap(new, Ordering::Relaxed);
-        if new < old {
-            let want = (old - new) as usize;
-            let taken = self.permits.forget_permits(want);
-            self.debt
-                .fetch_add((want - taken) as u32, Ordering::Relaxed);
-        } else if new > old {
-            let mut grow = new - old;
-            let debt = self.debt.load(Ordering::Relaxed);
-            let paid = debt.min(grow);
-            self.debt.fetch_sub(paid, Ordering::Relaxed);
-            grow -= paid;
-            self.permits.add_permits(grow as usize);
+        let old = self.limit.swap(new, Ordering::SeqCst);
+        self.free
+            .fetch_add(new as i64 - old as i64, Ordering::SeqCst);
+        if new > old && self.queued.load(Ordering::SeqCst) > 0 {
+            self.hand_over();
         }
         self.limit_gauge.set(new as f64);
     }
@@ -123,8 +155,9 @@ impl Limit {
         self.limit.load(Ordering::Relaxed)
     }
 
+    /// Slots held now.
     pub fn held(&self) -> u32 {
-        self.held.load(Ordering::Relaxed)
+        (self.limit() as i64 - self.free.load(Ordering::Relaxed)).max(0) as u32
     }
 
     /// Records a statement's latency for the adaptive controller.
@@ -147,8 +180,8 @@ impl Limit {
 pub struct Admission {
     clients: AtomicU32,
     max_clients: AtomicU32,
-    pub all: Limit,
-    pub writes: Limit,
+    pub all: Arc<Limit>,
+    pub writes: Arc<Limit>,
     shed_clients: Counter,
     shed_all: Counter,
     shed_writes: Counter,
@@ -159,8 +192,11 @@ impl Admission {
         Admission {
             clients: AtomicU32::new(0),
             max_clients: AtomicU32::new(limits.max_clients),
-            all: Limit::new(limits.max_inflight, metrics.read.limit.clone()),
-            writes: Limit::new(limits.max_inflight_writes, metrics.write.limit.clone()),
+            all: Arc::new(Limit::new(limits.max_inflight, metrics.read.limit.clone())),
+            writes: Arc::new(Limit::new(
+                limits.max_inflight_writes,
+                metrics.write.limit.clone(),
+            )),
             shed_clients: metrics.counter("bulkhead_shed_total", &[("reason", "max_clients")]),
             shed_all: metrics.counter("bulkhead_shed_total", &[("reason", "max_inflight")]),
             shed_writes: metrics
@@ -314,6 +350,17 @@ mod tests {
 
     fn limit(n: u32) -> Limit {
         Limit::new(n, Metrics::new().read.limit.clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn raising_the_limit_serves_a_waiter() {
+        let l = Arc::new(limit(1));
+        assert!(l.try_acquire());
+        let waiter = tokio::spawn(l.acquire_until(Instant::now() + Duration::from_secs(1)));
+        tokio::task::yield_now().await;
+        l.set(2);
+        assert!(waiter.await.unwrap());
+        assert_eq!(l.held(), 2);
     }
 
     #[test]

@@ -486,12 +486,9 @@ impl Relay {
                     self.slot_wait = None;
                     progress = true;
                     if got {
-                        let admission = &shared.admission;
                         if write {
-                            admission.writes.acquired();
                             self.holds_write = true;
                         } else {
-                            admission.all.acquired();
                             self.holds_all = true;
                         }
                     } else {
@@ -587,8 +584,10 @@ impl Relay {
     /// Keeps the timer on the earliest deadline and acts on any that has passed.
     fn poll_deadlines(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Option<End> {
         loop {
+            // With nothing to time, the timer stays armed where it is: re-arming it for the next
+            // request would take the runtime's timer lock once per request. When it fires with
+            // nothing due, that is one spurious wake-up.
             let Some(want) = self.next_deadline() else {
-                self.timer_at = None;
                 return None;
             };
             if self.timer_at.is_none_or(|at| want < at) {
