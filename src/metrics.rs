@@ -5,11 +5,18 @@
 //! are registered once, up front; recording a value is then an atomic operation with no lookup.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Histogram buckets in seconds, for database latencies: sub-millisecond to a minute.
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
 
 const METADATA: Metadata<'static> = Metadata::new("bulkhead", metrics::Level::INFO, None);
 
@@ -53,8 +60,9 @@ enum Kind {
     Histogram,
 }
 
-/// Every metric bulkhead exports, with its help text (DESIGN.md §3.7).
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 12] = [
+/// Every metric bulkhead exports through the recorder, with its help text (DESIGN.md §3.7);
+/// the statement latency histogram is rendered by [`Latency`].
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 11] = [
     (
         "bulkhead_client_connections",
         Kind::Gauge,
@@ -72,12 +80,6 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 12] = [
         Kind::Counter,
         None,
         "Requests by class (read, write) and outcome (ok, error, timeout, refused, shed).",
-    ),
-    (
-        "bulkhead_statement_duration_seconds",
-        Kind::Histogram,
-        Some(Unit::Seconds),
-        "Time from the server beginning a request to its ReadyForQuery.",
     ),
     (
         "bulkhead_cancels_sent_total",
@@ -133,7 +135,8 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 12] = [
 #[derive(Clone)]
 pub struct ClassMetrics {
     statements: [Counter; 5],
-    pub duration: Histogram,
+    /// Statement latency, recorded without allocating (see [`Latency`]).
+    pub duration: Arc<Latency>,
     pub inflight: Gauge,
     pub limit: Gauge,
 }
@@ -162,10 +165,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0, 60.0,
-            ])
+            .set_buckets(&BUCKETS)
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -186,13 +186,7 @@ impl Metrics {
                     &[("class", c.label()), ("outcome", outcome)],
                 )
             }),
-            duration: recorder.register_histogram(
-                &Key::from_parts(
-                    "bulkhead_statement_duration_seconds",
-                    labels(&[("class", c.label())]),
-                ),
-                &METADATA,
-            ),
+            duration: Arc::new(Latency::default()),
             inflight: gauge(
                 &recorder,
                 "bulkhead_inflight_statements",
@@ -246,7 +240,62 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything recorded.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut out = self.handle.render();
+        let (name, help) = (DURATION_NAME, DURATION_HELP);
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        self.read
+            .duration
+            .render(name, Class::Read.label(), &mut out);
+        self.write
+            .duration
+            .render(name, Class::Write.label(), &mut out);
+        out
+    }
+}
+
+const DURATION_NAME: &str = "bulkhead_statement_duration_seconds";
+const DURATION_HELP: &str = "Time from the server beginning a request to its ReadyForQuery.";
+
+/// A latency histogram with fixed buckets in atomics. The exporter's own histograms keep raw
+/// samples in blocks it allocates as they fill; on the relay path, where a sample is taken
+/// per request, recording here is three atomic adds and never allocates.
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Per bucket (not cumulative); the last counts samples above every bound.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    pub fn record(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let at = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[at].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, class: &str, out: &mut String) {
+        use std::fmt::Write;
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{class=\"{class}\",le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.buckets[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{class=\"{class}\",le=\"+Inf\"}} {cumulative}"
+        );
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{class=\"{class}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{class=\"{class}\"}} {cumulative}");
     }
 }
 
@@ -280,7 +329,7 @@ mod tests {
         let m = Metrics::new();
         m.client_connections.increment(2.0);
         m.write.statement(Outcome::Timeout).increment(1);
-        m.read.duration.record(0.003);
+        m.read.duration.record(std::time::Duration::from_millis(3));
         let text = m.render();
         assert!(
             text.contains("# HELP bulkhead_client_connections"),

@@ -1058,7 +1058,7 @@ impl Relay {
         let m = shared.metrics.class(done.class);
         m.statement(outcome).increment(1);
         if !matches!(done.effect, Effect::Refused(_)) {
-            m.duration.record(done.took.as_secs_f64());
+            m.duration.record(done.took);
             if self.config.config().limits.adaptive {
                 shared.admission.all.sample(done.took);
                 if done.class == Class::Write {
