@@ -663,6 +663,8 @@ impl Relay {
                     | frontend::CLOSE_TAG
             )
         };
+        // One clock reading for everything framed in this pass: it all arrived together.
+        let mut clock = None;
         loop {
             // Nothing after a refused request may run before its answer is known: it decides
             // whether the client's transaction block has failed.
@@ -676,7 +678,7 @@ impl Relay {
                 self.up.forward(&h);
                 continue;
             }
-            let now = Instant::now();
+            let now = *clock.get_or_insert_with(Instant::now);
             if self.skip_to_sync {
                 if h.tag == frontend::SYNC_TAG {
                     self.skip_to_sync = false;

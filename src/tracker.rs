@@ -56,6 +56,8 @@ const QUEUE_CAPACITY: usize = 16;
 pub struct Tracker {
     /// Each request sent and not yet answered, oldest first.
     queue: VecDeque<Request>,
+    /// How many of them bulkhead refused (kept, so asking costs nothing per message).
+    refused: usize,
     /// The newest request has extended-protocol messages but no Sync yet.
     open: bool,
     /// When the head request's clock started.
@@ -85,6 +87,7 @@ impl Tracker {
     pub fn new(now: Instant) -> Self {
         Tracker {
             queue: VecDeque::with_capacity(QUEUE_CAPACITY),
+            refused: 0,
             open: false,
             head_started: now,
             copy_in: false,
@@ -223,6 +226,9 @@ impl Tracker {
     /// ReadyForQuery: the head request is answered.
     pub fn ready(&mut self, status: TxStatus, now: Instant) -> Option<Finished> {
         let Request { class, effect } = self.queue.pop_front()?;
+        if matches!(effect, Effect::Refused(_)) {
+            self.refused -= 1;
+        }
         let took = now.saturating_duration_since(self.head_started);
         self.head_started = now;
         self.copy_in = false;
@@ -252,6 +258,9 @@ impl Tracker {
     /// Sets what bulkhead does with the newest request.
     pub fn mark_last(&mut self, effect: Effect) {
         if let Some(last) = self.queue.back_mut() {
+            let was = matches!(last.effect, Effect::Refused(_));
+            let is = matches!(effect, Effect::Refused(_));
+            self.refused = self.refused + usize::from(is) - usize::from(was);
             last.effect = effect;
         }
     }
