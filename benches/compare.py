@@ -179,7 +179,7 @@ def idle_rss(port, pid, n):
                 sys.exit("idle client refused")
             buf += chunk
         socks.append(s)
-    time.sleep(1)  # a measurement settles; not a wait for a state
+    time.sleep(2.5)  # idle sessions give their buffers back after a second quiet; then measure
     after = rss_kib(pid)
     for s in socks:
         s.close()
@@ -228,7 +228,7 @@ def main():
         "| workload | system | tps | avg latency ms | p99 ms | proxy CPU-s / 100k tx | tps vs direct | vs PgBouncer | vs HAProxy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, _ in workloads:
+    for name, _ in workloads if args.rounds else []:
         tps = {s: med([x[0] for x in results[(name, s)]]) for s in order}
         for s in order:
             rs = results[(name, s)]

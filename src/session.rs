@@ -293,6 +293,11 @@ struct Cancelling {
 /// does nothing else.
 const SYNC: &[u8] = b"S\0\0\0\x04";
 
+/// A session quiet at least this long gives its buffers back when its timer next fires (within
+/// a deadline period); they are allocated again on demand. A connection in steady use never
+/// pays for it.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 /// What a COMMIT in a failed block becomes, as PostgreSQL itself does.
 const ROLLBACK_QUERY: &[u8] = b"Q\0\0\0\x0dROLLBACK\0";
 
@@ -363,6 +368,8 @@ struct Relay {
     slot_wait: Option<SlotWait>,
     /// The wait ran out: the statement waiting for it is shed (true: for a write slot).
     shed_next: Option<bool>,
+    /// Since when nothing has been in flight, while buffers are still held.
+    idle_since: Option<Instant>,
 }
 
 /// What admission says about the statement at hand.
@@ -418,6 +425,7 @@ impl Relay {
             holds_write: false,
             slot_wait: None,
             shed_next: None,
+            idle_since: None,
         }
     }
 
@@ -577,6 +585,7 @@ impl Relay {
         let stall = self.stalled_since.map(|since| since + t.write);
         match (head, stall) {
             (Some(a), Some(b)) => Some(a.min(b)),
+            (None, None) => self.idle_since.map(|since| since + IDLE_RELEASE),
             (a, b) => a.or(b),
         }
     }
@@ -590,7 +599,13 @@ impl Relay {
             let Some(want) = self.next_deadline() else {
                 return None;
             };
-            if self.timer_at.is_none_or(|at| want < at) {
+            // The idle release never pulls an armed timer earlier (sessions go idle between
+            // every two transactions); it happens when the armed timer next fires.
+            let idle_only = self.tracker.in_flight() == 0
+                && self.stalled_since.is_none()
+                && self.startup_deadline.is_none()
+                && self.cancelling.is_none();
+            if self.timer_at.is_none_or(|at| want < at && !idle_only) {
                 self.timer.as_mut().reset(want);
                 self.timer_at = Some(want);
             }
@@ -615,6 +630,14 @@ impl Relay {
             }
             if let Some(c) = self.cancelling {
                 return Some(End::Unanswered(c.deadline));
+            }
+            if self.tracker.in_flight() == 0 && self.stalled_since.is_none() {
+                // Quiet for IDLE_RELEASE: give the buffers back.
+                if self.idle_since.take().is_some() {
+                    self.up.release_if_empty();
+                    self.down.release_if_empty();
+                }
+                continue;
             }
             self.start_cancel(shared, now);
         }
@@ -679,6 +702,7 @@ impl Relay {
                 continue;
             }
             let now = *clock.get_or_insert_with(Instant::now);
+            self.idle_since = None;
             if self.skip_to_sync {
                 if h.tag == frontend::SYNC_TAG {
                     self.skip_to_sync = false;
@@ -980,6 +1004,10 @@ impl Relay {
                     .ok_or("invalid ReadyForQuery from server")?;
                     self.tx = status;
                     if self.startup_deadline.take().is_some() {
+                        self.idle_since = Some(Instant::now());
+                        // The startup timer is set a minute out; re-arm once, at login, so an
+                        // idle new session gives its buffers back soon.
+                        self.timer_at = None;
                         self.down.forward(&h);
                         continue;
                     }
@@ -1070,6 +1098,9 @@ impl Relay {
         }
         if status == TxStatus::Idle && self.tracker.in_flight() == 0 {
             self.release_slots(shared);
+        }
+        if self.tracker.in_flight() == 0 {
+            self.idle_since = Some(Instant::now());
         }
         if done.class == Class::Write && !matches!(done.effect, Effect::Refused(_)) {
             let settings = circuit_settings(self.config.config());
