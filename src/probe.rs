@@ -406,112 +406,63 @@ mod tests {
         Topology::new(&hosts, &Metrics::new())
     }
 
-    fn primary(t: &Topology) -> Option<usize> {
+    fn chosen(t: &Topology) -> Option<usize> {
         t.watch_primary().borrow().as_ref().map(|p| p.index)
     }
 
     const MS: Duration = Duration::from_millis(1);
 
+    fn primary(timeline: i64) -> Report {
+        Report::Up {
+            in_recovery: false,
+            timeline,
+        }
+    }
+
+    fn standby(timeline: i64) -> Report {
+        Report::Up {
+            in_recovery: true,
+            timeline,
+        }
+    }
+
     #[tokio::test]
     async fn the_primary_is_found_wherever_it_is_listed() {
         let t = topology(2);
-        t.report(
-            0,
-            Report::Up {
-                in_recovery: true,
-                timeline: 1,
-            },
-            MS,
-        );
-        assert_eq!(primary(&t), None);
-        t.report(
-            1,
-            Report::Up {
-                in_recovery: false,
-                timeline: 1,
-            },
-            MS,
-        );
-        assert_eq!(primary(&t), Some(1));
+        t.report(0, standby(1), MS);
+        assert_eq!(chosen(&t), None);
+        t.report(1, primary(1), MS);
+        assert_eq!(chosen(&t), Some(1));
     }
 
     #[tokio::test]
     async fn unreachable_primary_leaves_no_writable_primary() {
         let t = topology(2);
-        t.report(
-            0,
-            Report::Up {
-                in_recovery: false,
-                timeline: 1,
-            },
-            MS,
-        );
-        t.report(
-            1,
-            Report::Up {
-                in_recovery: true,
-                timeline: 1,
-            },
-            MS,
-        );
+        t.report(0, primary(1), MS);
+        t.report(1, standby(1), MS);
         t.report(0, Report::Down("refused".into()), MS);
-        assert_eq!(primary(&t), None);
+        assert_eq!(chosen(&t), None);
         assert_eq!(t.hosts()[0].role, Role::Unreachable);
     }
 
     #[tokio::test]
     async fn higher_timeline_wins_and_the_loser_stays_out_until_it_is_a_standby() {
         let t = topology(2);
-        t.report(
-            0,
-            Report::Up {
-                in_recovery: false,
-                timeline: 1,
-            },
-            MS,
-        );
-        t.report(
-            1,
-            Report::Up {
-                in_recovery: true,
-                timeline: 1,
-            },
-            MS,
-        );
+        t.report(0, primary(1), MS);
+        t.report(1, standby(1), MS);
         // Failover: 0 goes away, 1 is promoted to timeline 2.
         t.report(0, Report::Down("gone".into()), MS);
-        t.report(
-            1,
-            Report::Up {
-                in_recovery: false,
-                timeline: 2,
-            },
-            MS,
-        );
-        assert_eq!(primary(&t), Some(1));
+        t.report(1, primary(2), MS);
+        assert_eq!(chosen(&t), Some(1));
         // The old primary comes back, still a primary on the old timeline.
-        t.report(
-            0,
-            Report::Up {
-                in_recovery: false,
-                timeline: 1,
-            },
-            MS,
-        );
-        assert_eq!(primary(&t), Some(1));
+        t.report(0, primary(1), MS);
+        assert_eq!(chosen(&t), Some(1));
         assert!(t.hosts()[0].superseded);
         // Even if the new primary becomes unreachable, the superseded one gets no writes.
         t.report(1, Report::Down("gone".into()), MS);
-        assert_eq!(primary(&t), None);
+        assert_eq!(chosen(&t), None);
         // Rejoining as a standby clears it.
-        t.report(
-            0,
-            Report::Up {
-                in_recovery: true,
-                timeline: 2,
-            },
-            MS,
-        );
+        t.report(0, standby(2), MS);
         assert!(!t.hosts()[0].superseded);
     }
 
@@ -519,38 +470,10 @@ mod tests {
     async fn a_failover_is_counted_once() {
         let m = Metrics::new();
         let t = Topology::new(&["a:1".to_string(), "b:1".to_string()], &m);
-        t.report(
-            0,
-            Report::Up {
-                in_recovery: false,
-                timeline: 1,
-            },
-            MS,
-        );
-        t.report(
-            0,
-            Report::Up {
-                in_recovery: false,
-                timeline: 1,
-            },
-            MS,
-        );
-        t.report(
-            1,
-            Report::Up {
-                in_recovery: false,
-                timeline: 2,
-            },
-            MS,
-        );
-        t.report(
-            1,
-            Report::Up {
-                in_recovery: false,
-                timeline: 2,
-            },
-            MS,
-        );
+        t.report(0, primary(1), MS);
+        t.report(0, primary(1), MS);
+        t.report(1, primary(2), MS);
+        t.report(1, primary(2), MS);
         assert!(
             m.render().contains("bulkhead_failovers_total 1"),
             "{}",

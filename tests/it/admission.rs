@@ -13,16 +13,6 @@ use crate::support::{Cluster, Proxy, config_for, connect, eventually, sqlstate};
 
 const SECONDS_20: Duration = Duration::from_secs(20);
 
-fn metric(proxy: &Proxy, line_start: &str) -> f64 {
-    let text = proxy.bulkhead.metrics().render();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(line_start)
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no metric line {line_start} in\n{text}"))
-}
-
 fn limited(pg: &Cluster) -> Config {
     let mut config = config_for(pg);
     config.limits.max_inflight_writes = 4;
@@ -106,12 +96,7 @@ async fn stalled_commits_hold_at_most_max_inflight_writes_and_the_rest_are_shed_
     for r in readers {
         assert!(r.await.unwrap() > 0, "a reader made no progress");
     }
-    assert!(
-        metric(
-            &proxy,
-            "bulkhead_shed_total{reason=\"max_inflight_writes\"}"
-        ) >= 50.0
-    );
+    assert!(proxy.metric("bulkhead_shed_total{reason=\"max_inflight_writes\"}") >= 50.0);
 
     pg.psql("ALTER SYSTEM RESET synchronous_standby_names");
     pg.psql("SELECT pg_reload_conf()");
@@ -208,7 +193,7 @@ async fn adaptive_limit_falls_as_latency_rises_and_rises_when_it_recovers() {
     config.limits.adaptive = true;
     config.limits.max_inflight = 32;
     let proxy = Proxy::start(config).await;
-    let limit = |p: &Proxy| metric(p, "bulkhead_concurrency_limit{class=\"read\"}");
+    let limit = |p: &Proxy| p.metric("bulkhead_concurrency_limit{class=\"read\"}");
     let load = |sql: &'static str, stop: Arc<AtomicBool>| {
         let params = proxy.params("postgres");
         tokio::spawn(async move {
@@ -229,10 +214,7 @@ async fn adaptive_limit_falls_as_latency_rises_and_rises_when_it_recovers() {
     .await;
     // The controller learns the fast baseline from a few windows of samples.
     eventually("a baseline of fast statements", SECONDS_20, || async {
-        (metric(
-            &proxy,
-            "bulkhead_statements_total{class=\"read\",outcome=\"ok\"}",
-        ) >= 600.0)
+        (proxy.metric("bulkhead_statements_total{class=\"read\",outcome=\"ok\"}") >= 600.0)
             .then_some(())
     })
     .await;
@@ -284,7 +266,7 @@ async fn reloaded_limits_apply_without_dropping_sessions() {
         .expect("over the new limit");
     assert_eq!(sqlstate(&err), "53300");
     assert_eq!(
-        metric(&proxy, "bulkhead_concurrency_limit{class=\"write\"}"),
+        proxy.metric("bulkhead_concurrency_limit{class=\"write\"}"),
         2.0
     );
     for c in &kept {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{Binary, Cluster, Proxy, config_for, eventually, sqlstate};
+use crate::support::{Binary, Cluster, Proxy, config_for, connect_watched, eventually, sqlstate};
 
 const READ: Duration = Duration::from_millis(1500);
 const WRITE: Duration = Duration::from_millis(500);
@@ -68,16 +68,6 @@ async fn value_of_row_1(pg: &Cluster) -> String {
     pg.psql("SELECT v FROM t WHERE id = 1")
 }
 
-fn metric(proxy: &Proxy, line_start: &str) -> f64 {
-    let text = proxy.bulkhead.metrics().render();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(line_start)
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no metric line {line_start} in\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_sleep_beyond_the_read_deadline_gets_57014_and_the_session_goes_on() {
     let (pg, proxy) = setup().await;
@@ -108,13 +98,10 @@ async fn pg_sleep_beyond_the_read_deadline_gets_57014_and_the_session_goes_on() 
     let gone = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%too slow%' AND state = 'active' AND pid <> pg_backend_pid()");
     assert_eq!(gone, "0");
     assert_eq!(
-        metric(
-            &proxy,
-            "bulkhead_statements_total{class=\"read\",outcome=\"timeout\"}"
-        ),
+        proxy.metric("bulkhead_statements_total{class=\"read\",outcome=\"timeout\"}"),
         1.0
     );
-    assert_eq!(metric(&proxy, "bulkhead_cancels_sent_total"), 1.0);
+    assert_eq!(proxy.metric("bulkhead_cancels_sent_total"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,12 +262,7 @@ async fn stalled_commit_path_gets_a_truthful_answer_in_bounded_time() {
             }
         }
     }
-    assert!(
-        metric(
-            &proxy,
-            "bulkhead_statements_total{class=\"write\",outcome=\"timeout\"}"
-        ) >= 2.0
-    );
+    assert!(proxy.metric("bulkhead_statements_total{class=\"write\",outcome=\"timeout\"}") >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,10 +273,7 @@ async fn stopped_backend_gets_fatal_40003_for_a_write_and_57014_for_a_read() {
         ("INSERT INTO t VALUES (20, 'stopped')", WRITE, "40003"),
         ("SELECT count(*) FROM t", READ, "57014"),
     ] {
-        let (client, conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
-            .await
-            .unwrap();
-        let conn = tokio::spawn(conn);
+        let (client, conn) = connect_watched(&proxy.params("postgres")).await;
         let pid = backend_pid(&client).await;
         // SAFETY: kill has no memory-safety preconditions; pid is this session's backend.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);

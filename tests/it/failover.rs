@@ -9,7 +9,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use bulkhead::Config;
 use bulkhead::probe::Role;
 
-use crate::support::{Cluster, Proxy, connect, eventually, sqlstate};
+use crate::support::{Cluster, Proxy, connect, connect_watched, eventually, sqlstate};
 
 const SECONDS_20: Duration = Duration::from_secs(20);
 
@@ -343,14 +343,8 @@ async fn promoted_standby_takes_over_and_sessions_on_the_old_primary_close_with_
     primary.psql("CREATE TABLE s (x int)");
     let standby = Cluster::standby_of(&primary);
     let proxy = Proxy::start(fast_config(&[&primary, &standby])).await;
-    let (idle, idle_conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
-        .await
-        .unwrap();
-    let idle_conn = tokio::spawn(idle_conn);
-    let (busy, busy_conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
-        .await
-        .unwrap();
-    let busy_conn = tokio::spawn(busy_conn);
+    let (idle, idle_conn) = connect_watched(&proxy.params("postgres")).await;
+    let (busy, busy_conn) = connect_watched(&proxy.params("postgres")).await;
     busy.batch_execute("BEGIN; INSERT INTO s VALUES (1)")
         .await
         .unwrap();

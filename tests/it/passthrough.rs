@@ -9,7 +9,9 @@ use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 
 use crate::support::raw::{Raw, field, first_packet, msg, startup_packet};
-use crate::support::{Binary, Cluster, Proxy, config_for, eventually, free_port, sqlstate};
+use crate::support::{
+    Binary, Cluster, Proxy, config_for, connect_watched, eventually, free_port, sqlstate,
+};
 
 const SECONDS_10: Duration = Duration::from_secs(10);
 
@@ -598,10 +600,7 @@ async fn server_connection_lost_mid_statement_gives_08006() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_vanishing_mid_statement_gets_its_statement_cancelled() {
     let (pg, proxy) = setup().await;
-    let (client, connection) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
-        .await
-        .unwrap();
-    let conn_task = tokio::spawn(connection);
+    let (client, conn_task) = connect_watched(&proxy.params("postgres")).await;
     tokio::spawn(async move {
         client
             .simple_query("SELECT pg_sleep(60) /* orphan */")
@@ -628,14 +627,8 @@ async fn client_vanishing_mid_statement_gets_its_statement_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_open_transactions_commit_and_closes_idle_sessions_with_57p01() {
     let (pg, proxy) = setup().await;
-    let (idle, idle_conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
-        .await
-        .unwrap();
-    let idle_conn = tokio::spawn(idle_conn);
-    let (busy, busy_conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
-        .await
-        .unwrap();
-    let busy_conn = tokio::spawn(busy_conn);
+    let (idle, idle_conn) = connect_watched(&proxy.params("postgres")).await;
+    let (busy, busy_conn) = connect_watched(&proxy.params("postgres")).await;
     busy.batch_execute("CREATE TABLE drained (x int); BEGIN; INSERT INTO drained VALUES (1)")
         .await
         .unwrap();
@@ -677,10 +670,7 @@ async fn drain_period_over_closes_open_transactions_and_they_roll_back() {
     let mut config = config_for(&pg);
     config.timeouts.drain = Duration::from_millis(500);
     let proxy = Proxy::start(config).await;
-    let (busy, busy_conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
-        .await
-        .unwrap();
-    let busy_conn = tokio::spawn(busy_conn);
+    let (busy, busy_conn) = connect_watched(&proxy.params("postgres")).await;
     busy.batch_execute("CREATE TABLE abandoned (x int)")
         .await
         .unwrap();
@@ -713,8 +703,7 @@ async fn drain_period_over_closes_open_transactions_and_they_roll_back() {
 async fn real_binary_drains_on_sigterm_and_exits_zero() {
     let pg = Cluster::start();
     let mut bin = Binary::start(&pg, "").await;
-    let (c, conn) = tokio_postgres::connect(&bin.params(), NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let (c, conn) = connect_watched(&bin.params()).await;
     // A simple query: query_one would leave a statement whose Close the client sends later,
     // and a Close racing the shutdown takes the 57P01 meant for the connection.
     assert_eq!(c.simple_query("SELECT 1").await.unwrap().len(), 3);

@@ -342,6 +342,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Connects with tokio-postgres and returns the client and the task driving its connection,
+/// whose result tells how the server (or bulkhead) ended it.
+pub async fn connect_watched(
+    params: &str,
+) -> (Client, JoinHandle<Result<(), tokio_postgres::Error>>) {
+    let (client, connection) = tokio_postgres::connect(params, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {params}: {e}"));
+    (client, tokio::spawn(connection))
+}
+
 /// Connects with tokio-postgres and drives the connection on its own task.
 pub async fn connect(params: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(params, NoTls)
@@ -545,6 +556,17 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> Http {
 }
 
 impl Proxy {
+    /// The value of the metric line that starts with `line_start` (name and labels).
+    pub fn metric(&self, line_start: &str) -> f64 {
+        let text = self.bulkhead.metrics().render();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(line_start)
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no metric line {line_start} in\n{text}"))
+    }
+
     /// GET `path` on the health port, from a blocking thread.
     pub async fn get(&self, path: &str) -> Http {
         let (addr, path) = (self.health.addr, path.to_string());
