@@ -180,15 +180,19 @@ impl Pipe {
         if n == 0 {
             self.eof = true;
         }
-        // Bytes of a skipped message are dropped; bytes of a message already being streamed
-        // need no framing.
+        self.absorb();
+        Poll::Ready(Ok(n))
+    }
+
+    /// Takes in newly read bytes: those of a skipped message are dropped; those of a message
+    /// already being streamed need no framing.
+    fn absorb(&mut self) {
         let dropped = (self.buf.len() - self.ready).min(self.discard);
         self.remove_at_ready(dropped);
         self.discard -= dropped;
         let through = (self.buf.len() - self.ready).min(self.streaming);
         self.ready += through;
         self.streaming -= through;
-        Poll::Ready(Ok(n))
     }
 
     /// Writes everything framed, then everything injected. `Ready(Ok(true))` if any bytes
@@ -238,12 +242,7 @@ impl Pipe {
     #[cfg(test)]
     fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
-        let dropped = (self.buf.len() - self.ready).min(self.discard);
-        self.remove_at_ready(dropped);
-        self.discard -= dropped;
-        let through = (self.buf.len() - self.ready).min(self.streaming);
-        self.ready += through;
-        self.streaming -= through;
+        self.absorb();
     }
 
     #[cfg(test)]

@@ -91,8 +91,9 @@ pub(crate) async fn serve(
     if let Some(pid) = relay.client_pid {
         shared.cancels.remove(pid);
     }
-    relay.finish(&shared, end).await;
+    // The session takes no more statements: its slots go to others before the farewell.
     relay.release_slots(&shared);
+    relay.finish(&shared, end).await;
 }
 
 /// Counts a client for max_clients while it is connected.
