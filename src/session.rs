@@ -371,6 +371,9 @@ struct Relay {
     shed_next: Option<bool>,
     /// Since when nothing has been in flight, while buffers are still held.
     idle_since: Option<Instant>,
+    /// ParseCompletes the server owes for Parses bulkhead added itself; the client never
+    /// asked for them, so they are dropped.
+    swallow_parse_complete: u32,
 }
 
 /// What admission says about the statement at hand.
@@ -427,6 +430,7 @@ impl Relay {
             slot_wait: None,
             shed_next: None,
             idle_since: None,
+            swallow_parse_complete: 0,
         }
     }
 
@@ -761,6 +765,11 @@ impl Relay {
                     let (name, text) =
                         frontend::parse_message(self.up.body(&h)).unwrap_or((b"", b""));
                     let kind = classify(text, self.up.is_whole(&h));
+                    if kind != Kind::Write && !name.is_empty() {
+                        if let Some(control) = transaction_control(text) {
+                            self.tracker.parse_control(name, control);
+                        }
+                    }
                     self.tracker.parse(name, kind, now);
                 }
                 frontend::EXECUTE_TAG => {
@@ -974,6 +983,30 @@ impl Relay {
             return false;
         }
         self.tracker.extended(now);
+        // A Bind of a ROLLBACK or COMMIT prepared earlier (drivers cache them) still ends the
+        // block; a prepared COMMIT becomes a ROLLBACK, as PostgreSQL makes it.
+        if h.tag == frontend::BIND_TAG {
+            let (portal, statement) = frontend::bind_names(self.up.body(h)).unwrap_or((b"", b"\0"));
+            match self.tracker.control_of(statement) {
+                Some(Control::Rollback | Control::RollbackTo) => {
+                    self.tracker.mark_last(Effect::EndsFailedBlock);
+                    return false;
+                }
+                Some(Control::Commit) => {
+                    let portal = portal.to_vec();
+                    self.tracker.mark_last(Effect::EndsFailedBlock);
+                    self.tracker.parse(b"", Kind::Read, now);
+                    self.tracker.bind(&portal, b"", now);
+                    let mut rollback = BytesMut::new();
+                    frontend::write_parse(&mut rollback, b"", b"ROLLBACK");
+                    frontend::write_bind(&mut rollback, &portal, b"");
+                    self.up.replace(h, &rollback);
+                    self.swallow_parse_complete += 1;
+                    return true;
+                }
+                None => {}
+            }
+        }
         self.in_failed_block(h, None, false);
         true
     }
@@ -1046,6 +1079,11 @@ impl Relay {
                             return Ok(Some(End::CommitUnconfirmed(c.deadline)));
                         }
                     }
+                }
+                backend::PARSE_COMPLETE_TAG if self.swallow_parse_complete > 0 => {
+                    self.swallow_parse_complete -= 1;
+                    self.down.skip(&h);
+                    continue;
                 }
                 backend::COPY_IN_RESPONSE_TAG | backend::COPY_BOTH_RESPONSE_TAG => {
                     self.tracker.copy_in_started()

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::classify::Kind;
+use crate::classify::{Control, Kind};
 use crate::metrics::Class;
 use crate::protocol::backend::TxStatus;
 
@@ -70,6 +70,9 @@ pub struct Tracker {
     /// Named prepared statements and what they do.
     statements: HashMap<Box<[u8]>, Kind>,
     unnamed_statement: Kind,
+    /// Prepared statements that are ROLLBACK, ROLLBACK TO or COMMIT: what a failed block
+    /// accepts, even when executed long after it was prepared.
+    controls: HashMap<Box<[u8]>, Control>,
     /// Named portals and what they do; they die with their transaction.
     portals: HashMap<Box<[u8]>, Kind>,
     unnamed_portal: Kind,
@@ -94,6 +97,7 @@ impl Tracker {
             tx_wrote: false,
             statements: HashMap::new(),
             unnamed_statement: Kind::Read,
+            controls: HashMap::new(),
             portals: HashMap::new(),
             unnamed_portal: Kind::Read,
         }
@@ -146,6 +150,18 @@ impl Tracker {
         }
     }
 
+    /// Parse of a named statement that is transaction control.
+    pub fn parse_control(&mut self, name: &[u8], control: Control) {
+        if !name.is_empty() {
+            self.controls.insert(name.into(), control);
+        }
+    }
+
+    /// Whether the named prepared statement is transaction control.
+    pub fn control_of(&self, statement: &[u8]) -> Option<Control> {
+        self.controls.get(statement).copied()
+    }
+
     /// Bind: the portal does what its statement does. An unknown statement is a write.
     pub fn bind(&mut self, portal: &[u8], statement: &[u8], now: Instant) {
         self.extended(now);
@@ -189,6 +205,7 @@ impl Tracker {
         match what {
             b'S' => {
                 self.statements.remove(name);
+                self.controls.remove(name);
             }
             _ => {
                 self.portals.remove(name);

@@ -16,6 +16,7 @@ pub const ERROR_RESPONSE_TAG: u8 = b'E';
 pub const NOTICE_RESPONSE_TAG: u8 = b'N';
 pub const NOTIFICATION_RESPONSE_TAG: u8 = b'A';
 pub const PARAMETER_STATUS_TAG: u8 = b'S';
+pub const PARSE_COMPLETE_TAG: u8 = b'1';
 pub const READY_FOR_QUERY_TAG: u8 = b'Z';
 
 /// Transaction status carried by ReadyForQuery.

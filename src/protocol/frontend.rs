@@ -31,6 +31,20 @@ pub fn write_parse(out: &mut bytes::BytesMut, name: &[u8], text: &[u8]) {
     out.put_u16(0);
 }
 
+/// Appends a Bind of `statement` to `portal` with no parameters and default result formats.
+pub fn write_bind(out: &mut bytes::BytesMut, portal: &[u8], statement: &[u8]) {
+    use bytes::BufMut;
+    out.put_u8(BIND_TAG);
+    out.put_u32((4 + portal.len() + 1 + statement.len() + 1 + 2 + 2 + 2) as u32);
+    out.put_slice(portal);
+    out.put_u8(0);
+    out.put_slice(statement);
+    out.put_u8(0);
+    out.put_u16(0);
+    out.put_u16(0);
+    out.put_u16(0);
+}
+
 /// The statement text of a Query; without the terminator if it was cut off.
 pub fn query_text(body: &[u8]) -> &[u8] {
     cstr(body).map_or(body, |(text, _)| text)
@@ -79,5 +93,25 @@ mod tests {
         assert_eq!(execute_portal(b"p1\0\0\0\0\0"), Some(&b"p1"[..]));
         assert_eq!(close_target(b"Ss1\0"), Some((b'S', &b"s1"[..])));
         assert_eq!(close_target(b""), None);
+    }
+
+    #[test]
+    fn built_parse_and_bind_decode_back() {
+        let mut out = bytes::BytesMut::new();
+        write_parse(&mut out, b"s1", b"ROLLBACK");
+        write_bind(&mut out, b"p", b"s1");
+        let h = crate::protocol::framing::parse_header(&out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            parse_message(&out[5..h.total()]),
+            Some((&b"s1"[..], &b"ROLLBACK"[..]))
+        );
+        let rest = &out[h.total()..];
+        let b = crate::protocol::framing::parse_header(rest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.total(), rest.len());
+        assert_eq!(bind_names(&rest[5..]), Some((&b"p"[..], &b"s1"[..])));
     }
 }

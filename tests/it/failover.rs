@@ -209,6 +209,36 @@ async fn refused_prepared_write_in_a_transaction_leaves_client_and_server_agreei
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_and_commit_prepared_before_the_failure_still_end_the_failed_block() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE q (x int)");
+    let proxy = Proxy::start(fast_config(&[&pg])).await;
+    let c = proxy.connect().await;
+    // Prepared while healthy, as drivers that cache transaction commands do.
+    let rollback = c.prepare("ROLLBACK").await.unwrap();
+    let commit = c.prepare("COMMIT").await.unwrap();
+    let insert = c.prepare("INSERT INTO q VALUES ($1)").await.unwrap();
+    let pid = first_value(&c, "SELECT pg_backend_pid()").await;
+    wedge_until_circuit_opens(&pg, &proxy).await;
+    let state = || {
+        pg.psql(&format!(
+            "SELECT state FROM pg_stat_activity WHERE pid = {pid}"
+        ))
+    };
+    for end in [&rollback, &commit] {
+        c.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(
+            sqlstate(&c.execute(&insert, &[&1i32]).await.unwrap_err()),
+            "57P03"
+        );
+        c.execute(end, &[]).await.unwrap();
+        assert_eq!(state(), "idle", "the server's transaction ended");
+        assert_eq!(first_value(&c, "SELECT count(*) FROM q").await, "0");
+    }
+    unwedge(&pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_under_a_steady_writer_loses_no_acknowledged_write_and_the_old_primary_gets_none()
 {
     let primary = Cluster::start();
