@@ -191,7 +191,7 @@ async fn housekeeping(shared: Arc<Shared>) {
             .set(all.saturating_sub(writes) as f64);
         shared.metrics.write.inflight.set(writes as f64);
         // Every 5 s: fold histogram samples into buckets, or they pile up unscraped.
-        if tick % 50 == 0 {
+        if tick.is_multiple_of(50) {
             shared.metrics.upkeep();
         }
     }

@@ -493,20 +493,20 @@ impl Relay {
                     Poll::Pending => {}
                 }
             }
-            if let Some(w) = &mut self.slot_wait {
-                if let Poll::Ready(got) = w.wait.as_mut().poll(cx) {
-                    let write = w.write;
-                    self.slot_wait = None;
-                    progress = true;
-                    if got {
-                        if write {
-                            self.holds_write = true;
-                        } else {
-                            self.holds_all = true;
-                        }
+            if let Some(w) = &mut self.slot_wait
+                && let Poll::Ready(got) = w.wait.as_mut().poll(cx)
+            {
+                let write = w.write;
+                self.slot_wait = None;
+                progress = true;
+                if got {
+                    if write {
+                        self.holds_write = true;
                     } else {
-                        self.shed_next = Some(write);
+                        self.holds_all = true;
                     }
+                } else {
+                    self.shed_next = Some(write);
                 }
             }
             if let Err(e) = self.frame_client(shared) {
@@ -562,10 +562,10 @@ impl Relay {
             if self.up.is_eof() && !self.up.has_output() {
                 return Poll::Ready(End::ClientLeft);
             }
-            if let Some(leave) = self.leave_when_quiet {
-                if self.is_quiet() {
-                    return Poll::Ready(leave());
-                }
+            if let Some(leave) = self.leave_when_quiet
+                && self.is_quiet()
+            {
+                return Poll::Ready(leave());
             }
             if let Some(end) = self.poll_deadlines(cx, shared) {
                 return Poll::Ready(end);
@@ -601,9 +601,7 @@ impl Relay {
             // With nothing to time, the timer stays armed where it is: re-arming it for the next
             // request would take the runtime's timer lock once per request. When it fires with
             // nothing due, that is one spurious wake-up.
-            let Some(want) = self.next_deadline() else {
-                return None;
-            };
+            let want = self.next_deadline()?;
             // The idle release never pulls an armed timer earlier (sessions go idle between
             // every two transactions); it happens when the armed timer next fires.
             let idle_only = self.tracker.in_flight() == 0
@@ -765,10 +763,11 @@ impl Relay {
                     let (name, text) =
                         frontend::parse_message(self.up.body(&h)).unwrap_or((b"", b""));
                     let kind = classify(text, self.up.is_whole(&h));
-                    if kind != Kind::Write && !name.is_empty() {
-                        if let Some(control) = transaction_control(text) {
-                            self.tracker.parse_control(name, control);
-                        }
+                    if kind != Kind::Write
+                        && !name.is_empty()
+                        && let Some(control) = transaction_control(text)
+                    {
+                        self.tracker.parse_control(name, control);
                     }
                     self.tracker.parse(name, kind, now);
                 }
@@ -1056,18 +1055,17 @@ impl Relay {
                         matches!(info.severity, Severity::Fatal | Severity::Panic);
                     self.head_failed = true;
                     self.head_read_only |= info.code == b"25006";
-                    if let Some(c) = self.cancelling {
-                        if info.code == b"57014"
-                            && info.severity == Severity::Error
-                            && self.down.is_whole(&h)
-                        {
-                            // The server's "canceling statement due to user request" would
-                            // puzzle the client: say which deadline passed instead.
-                            let mut own = BytesMut::new();
-                            Refusal::Cancelled(c.deadline).write(&mut own);
-                            self.down.replace(&h, &own);
-                            continue;
-                        }
+                    if let Some(c) = self.cancelling
+                        && info.code == b"57014"
+                        && info.severity == Severity::Error
+                        && self.down.is_whole(&h)
+                    {
+                        // The server's "canceling statement due to user request" would
+                        // puzzle the client: say which deadline passed instead.
+                        let mut own = BytesMut::new();
+                        Refusal::Cancelled(c.deadline).write(&mut own);
+                        self.down.replace(&h, &own);
+                        continue;
                     }
                 }
                 backend::NOTICE_RESPONSE_TAG => {

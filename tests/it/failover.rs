@@ -417,7 +417,7 @@ async fn stopped_postmaster_is_marked_unreachable_and_new_sessions_fail_in_bound
         .err()
         .expect("connected to a stopped server");
     let took = started.elapsed();
-    let unreachable = eventually(
+    eventually(
         "the probe to mark the host unreachable",
         SECONDS_20,
         || async { (proxy.bulkhead.topology().hosts()[0].role == Role::Unreachable).then_some(()) },
@@ -425,7 +425,6 @@ async fn stopped_postmaster_is_marked_unreachable_and_new_sessions_fail_in_bound
     .await;
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(postmaster, libc::SIGCONT) }, 0);
-    let _ = unreachable;
     assert_eq!(sqlstate(&err), "57P03", "{err:?}");
     assert!(
         took < Duration::from_secs(2) + Duration::from_secs(3),

@@ -142,7 +142,7 @@ async fn metrics_parse_with_every_design_name_and_counters_move() {
     holder.batch_execute("COMMIT").await.unwrap();
     // A refused write: the circuit opens on a wedged commit path.
     wedge(&pg, true);
-    let refused = eventually(
+    eventually(
         "a write refused by the open circuit",
         SECONDS_20,
         || async {
@@ -152,7 +152,6 @@ async fn metrics_parse_with_every_design_name_and_counters_move() {
         },
     )
     .await;
-    let _ = refused;
     wedge(&pg, false);
 
     let body = proxy.get("/metrics").await.body;
