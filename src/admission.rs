@@ -43,6 +43,50 @@ pub struct Limit {
     latency_count: AtomicU64,
 }
 
+/// A place in a limit's queue. Unless its slot was claimed, dropping it leaves the queue or,
+/// if a slot was granted meanwhile, gives that slot back; both under the queue's lock, where
+/// grants are made, so the two cannot be confused.
+struct Ticket {
+    limit: Arc<Limit>,
+    id: u64,
+    wait: oneshot::Receiver<()>,
+    claimed: bool,
+}
+
+impl Ticket {
+    fn enqueue(limit: Arc<Limit>) -> Self {
+        let (granted, wait) = oneshot::channel();
+        let mut q = limit.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.next_id += 1;
+        let id = q.next_id;
+        q.waiters.push_back((id, granted));
+        limit.queued.fetch_add(1, Ordering::SeqCst);
+        drop(q);
+        Ticket {
+            limit,
+            id,
+            wait,
+            claimed: false,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.claimed {
+            return;
+        }
+        let mut q = self.limit.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = q.waiters.iter().position(|(w, _)| *w == self.id) {
+            q.waiters.remove(at);
+            self.limit.queued.fetch_sub(1, Ordering::SeqCst);
+        } else if self.wait.try_recv().is_ok() {
+            drop(q);
+            self.limit.release();
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     next_id: u64,
@@ -87,35 +131,24 @@ impl Limit {
         false
     }
 
-    /// Waits for a slot, in turn, until `until`. True if one was granted.
+    /// Waits for a slot, in turn, until `until`. True if one was granted. Dropping the future
+    /// at any point loses nothing: it leaves the queue, or gives back a slot granted to it.
     pub fn acquire_until(
         self: &Arc<Self>,
         until: Instant,
     ) -> impl Future<Output = bool> + Send + 'static {
         let this = self.clone();
         async move {
-            let (granted, mut wait) = oneshot::channel();
-            let id = {
-                let mut q = this.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.next_id += 1;
-                let id = q.next_id;
-                q.waiters.push_back((id, granted));
-                this.queued.fetch_add(1, Ordering::SeqCst);
-                id
-            };
+            let mut ticket = Ticket::enqueue(this);
             // A slot freed between the failed try and joining the queue is handed over now.
-            this.hand_over();
-            if let Ok(Ok(())) = tokio::time::timeout_at(until, &mut wait).await {
-                return true;
-            }
-            let mut q = this.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(at) = q.waiters.iter().position(|(w, _)| *w == id) {
-                q.waiters.remove(at);
-                this.queued.fetch_sub(1, Ordering::SeqCst);
-                return false;
-            }
-            // Granted under the lock just as the wait ran out: the slot is ours.
-            wait.try_recv().is_ok()
+            ticket.limit.hand_over();
+            let granted = match tokio::time::timeout_at(until, &mut ticket.wait).await {
+                Ok(result) => result.is_ok(),
+                // Granted just as the wait ran out: the slot is ours all the same.
+                Err(_) => ticket.wait.try_recv().is_ok(),
+            };
+            ticket.claimed = granted;
+            granted
         }
     }
 
@@ -361,6 +394,24 @@ mod tests {
         l.set(2);
         assert!(waiter.await.unwrap());
         assert_eq!(l.held(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_wait_dropped_after_its_grant_gives_the_slot_back() {
+        let l = Arc::new(limit(1));
+        assert!(l.try_acquire());
+        let mut wait = Box::pin(l.acquire_until(Instant::now() + Duration::from_secs(60)));
+        assert!(futures_util::poll!(wait.as_mut()).is_pending(), "queued");
+        l.release(); // granted to the waiter, which is never polled again
+        drop(wait);
+        assert_eq!(l.held(), 0, "the granted slot came back");
+        assert!(l.try_acquire());
+        // And one dropped while still queued leaves the queue.
+        let mut wait = Box::pin(l.acquire_until(Instant::now() + Duration::from_secs(60)));
+        assert!(futures_util::poll!(wait.as_mut()).is_pending());
+        drop(wait);
+        l.release();
+        assert!(l.try_acquire(), "no stale waiter took the slot");
     }
 
     #[test]

@@ -204,12 +204,3 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
-
-/// Runs a proxy with `config` on `listener` until `shutdown` resolves and it has drained.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    Bulkhead::new(config).serve(listener, shutdown).await
-}

@@ -72,13 +72,6 @@ impl Pipe {
         &self.buf[start..end]
     }
 
-    /// The buffered body, to be rewritten in place.
-    pub fn body_mut(&mut self, h: &Header) -> &mut [u8] {
-        let start = self.ready + 5;
-        let end = (self.ready + h.total()).min(self.buf.len());
-        &mut self.buf[start..end]
-    }
-
     /// Whether the whole message is buffered.
     pub fn is_whole(&self, h: &Header) -> bool {
         self.buf.len() - self.ready >= h.total()

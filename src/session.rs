@@ -50,7 +50,7 @@ pub(crate) async fn serve(
     let config = Snapshot::new(&shared.live);
     let started = Instant::now();
     let startup_deadline = started + config.config().timeouts.startup;
-    let first = match timeout_at(
+    let first = match tokio::time::timeout_at(
         startup_deadline,
         read_first_packet(&shared, config.config(), &mut client),
     )
@@ -248,13 +248,6 @@ async fn refuse(client: &mut TcpStream, refusal: Refusal) {
         linger(client).await
     })
     .await;
-}
-
-async fn timeout_at<F: std::future::Future>(
-    deadline: Instant,
-    f: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    tokio::time::timeout_at(deadline, f).await
 }
 
 /// Why the relay stopped.
@@ -1115,7 +1108,8 @@ impl Relay {
     /// the next one's clock. Returns what the client gets instead of the server's
     /// ReadyForQuery, for a request bulkhead refused.
     fn request_finished(&mut self, shared: &Shared, status: TxStatus) -> Option<BytesMut> {
-        let done = self.tracker.ready(status, Instant::now())?;
+        let now = Instant::now();
+        let done = self.tracker.ready(status, now)?;
         let outcome = match done.effect {
             Effect::Refused(_) => Outcome::Refused,
             _ if self.head_timed_out => Outcome::Timeout,
@@ -1137,7 +1131,7 @@ impl Relay {
             self.release_slots(shared);
         }
         if self.tracker.in_flight() == 0 {
-            self.idle_since = Some(Instant::now());
+            self.idle_since = Some(now);
         }
         if done.class == Class::Write && !matches!(done.effect, Effect::Refused(_)) {
             let settings = circuit_settings(self.config.config());
@@ -1158,7 +1152,7 @@ impl Relay {
             Effect::Refused(why) => {
                 let refusal = match why {
                     Refused::CircuitOpen { retry_at } => Refusal::CircuitOpen {
-                        retry_in: retry_at.saturating_duration_since(Instant::now()),
+                        retry_in: retry_at.saturating_duration_since(now),
                     },
                     Refused::InFailedBlock => Refusal::InFailedBlock,
                     Refused::Shed { waited } => Refusal::Shed { waited },

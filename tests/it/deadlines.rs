@@ -6,7 +6,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{Binary, Cluster, Proxy, config_for, connect_watched, eventually, sqlstate};
+use crate::support::{
+    Binary, Cluster, Proxy, assert_answers, config_for, connect_watched, eventually, sqlstate,
+};
 
 const READ: Duration = Duration::from_millis(1500);
 const WRITE: Duration = Duration::from_millis(500);
@@ -88,13 +90,7 @@ async fn pg_sleep_beyond_the_read_deadline_gets_57014_and_the_session_goes_on() 
         took >= READ && took < READ + GRACE + SLACK,
         "answered after {took:?}"
     );
-    assert_eq!(
-        c.query_one("SELECT 1::int", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
+    assert_answers(&c).await;
     let gone = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%too slow%' AND state = 'active' AND pid <> pg_backend_pid()");
     assert_eq!(gone, "0");
     assert_eq!(
@@ -167,13 +163,7 @@ async fn blocked_update_inside_a_transaction_block_aborts_it_and_rollback_recove
         pg.psql("SELECT string_agg(v, ',' ORDER BY id) FROM t"),
         "old,two"
     );
-    assert_eq!(
-        c.query_one("SELECT 2::int", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        2
-    );
+    assert_answers(&c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,16 +301,7 @@ async fn stopped_backend_gets_fatal_40003_for_a_write_and_57014_for_a_read() {
         )
         .await;
     }
-    assert_eq!(
-        proxy
-            .connect()
-            .await
-            .query_one("SELECT 1::int", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
+    assert_answers(&proxy.connect().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -353,6 +353,15 @@ pub async fn connect_watched(
     (client, tokio::spawn(connection))
 }
 
+/// Asserts that a session still answers statements (after an error, a cancel, a refusal).
+pub async fn assert_answers(c: &Client) {
+    let row = c
+        .query_one("SELECT 42::int", &[])
+        .await
+        .expect("the session answers");
+    assert_eq!(row.get::<_, i32>(0), 42);
+}
+
 /// Connects with tokio-postgres and drives the connection on its own task.
 pub async fn connect(params: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(params, NoTls)
