@@ -149,7 +149,7 @@ fn whole_proxy(pg: &str) {
     let port = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let proxy = bulkhead::Bulkhead::new(config);
+        let proxy = bulkhead::Bulkhead::new(config).unwrap();
         tokio::spawn(async move { proxy.serve(listener, std::future::pending()).await });
         port
     });

@@ -72,6 +72,19 @@ pub enum ServerTls {
     VerifyFull,
 }
 
+impl ServerTls {
+    /// The value as written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerTls::Disable => "disable",
+            ServerTls::Prefer => "prefer",
+            ServerTls::Require => "require",
+            ServerTls::VerifyCa => "verify-ca",
+            ServerTls::VerifyFull => "verify-full",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Probe {
@@ -290,40 +303,19 @@ impl Config {
                 "tls_cert_file and tls_key_file go together".into(),
             );
         }
-        if !self.listen.tls_cert_file.is_empty() {
-            return fail(
-                "listen",
-                "tls_cert_file",
-                "TLS from clients is not implemented in this version; leave it empty".into(),
-            );
-        }
-        if self.listen.tls == ListenTls::Require {
+        if self.listen.tls == ListenTls::Require && self.listen.tls_cert_file.is_empty() {
             return fail(
                 "listen",
                 "tls",
                 "\"require\" needs tls_cert_file and tls_key_file".into(),
             );
         }
-        if !matches!(self.database.tls, ServerTls::Disable | ServerTls::Prefer) {
+        if self.database.cert_file.is_empty() != self.database.key_file.is_empty() {
             return fail(
                 "database",
-                "tls",
-                "TLS to servers is not implemented in this version; use \"disable\" or \"prefer\""
-                    .into(),
+                "cert_file",
+                "cert_file and key_file go together".into(),
             );
-        }
-        for (key, value) in [
-            ("ca_file", &self.database.ca_file),
-            ("cert_file", &self.database.cert_file),
-            ("key_file", &self.database.key_file),
-        ] {
-            if !value.is_empty() {
-                return fail(
-                    "database",
-                    key,
-                    "TLS to servers is not implemented in this version".into(),
-                );
-            }
         }
         Ok(())
     }
@@ -441,6 +433,11 @@ mod tests {
                 "circuit.failure_threshold",
             ),
             ("[listen]\ntls = \"require\"\n", "line 2", "listen.tls"),
+            (
+                "[database]\ncert_file = \"client.pem\"\n",
+                "line 2",
+                "database.cert_file",
+            ),
         ];
         for (text, line, what) in cases {
             let e = error(text);

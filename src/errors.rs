@@ -69,6 +69,13 @@ pub enum Refusal {
     NoPrimary(String),
     /// The session's primary was demoted or replaced. FATAL 57P01.
     Demoted,
+    /// TLS to the server, as [database] tls asks, could not be set up. FATAL 08006.
+    ServerTls(String),
+    /// A plaintext session on a listener with tls = "require". FATAL 28000.
+    TlsRequired,
+    /// The client asked for SCRAM channel binding, which cannot cross bulkhead's two TLS
+    /// sessions. FATAL 08P01.
+    ChannelBinding(&'static str),
 }
 
 impl Refusal {
@@ -196,6 +203,24 @@ impl Refusal {
                 "bulkhead: terminating connection because its primary was replaced".into(),
                 "Reconnect; new connections go to the new primary.",
             ),
+            Refusal::ServerTls(why) => (
+                Severity::Fatal,
+                "08006",
+                format!("bulkhead: cannot set up TLS to the database server: {why}"),
+                "Check [database] tls, ca_file and the server's certificate; the health port's /health shows what the probe sees.",
+            ),
+            Refusal::TlsRequired => (
+                Severity::Fatal,
+                "28000",
+                "bulkhead: this listener accepts only TLS connections ([listen] tls = \"require\")".into(),
+                "Connect with sslmode=require, verify-ca or verify-full.",
+            ),
+            Refusal::ChannelBinding(why) => (
+                Severity::Fatal,
+                "08P01",
+                format!("bulkhead: SCRAM channel binding cannot pass through bulkhead: {why}"),
+                "bulkhead ends the client's TLS session and starts its own to the server, so no channel binding can match both. Connect with channel_binding=disable (SCRAM-SHA-256 without binding works), or to bulkhead without TLS.",
+            ),
         };
         write_error(
             out,
@@ -293,6 +318,9 @@ mod tests {
                 "53400",
             ),
             (Refusal::Demoted, "57P01"),
+            (Refusal::ServerTls("x".into()), "08006"),
+            (Refusal::TlsRequired, "28000"),
+            (Refusal::ChannelBinding("x"), "08P01"),
         ];
         for (refusal, code) in cases {
             let mut out = BytesMut::new();

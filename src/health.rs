@@ -246,6 +246,7 @@ fn report(shared: &Shared) -> Report {
                 "circuit": shared.topology.circuit(i).published().label(),
                 "last_probe_age_ms": h.last_probe.map(|t| t.elapsed().as_millis() as u64),
                 "timeline": h.timeline,
+                "tls": h.tls.label(),
                 "error": h.error,
             })
         })

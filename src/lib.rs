@@ -6,6 +6,7 @@
 //! - [`pipe`]: one direction of a session's bytes, framed in place.
 //! - `session`: one client's life, from the first packet to the last byte.
 //! - [`upstream`]: connecting to servers and sending cancel requests.
+//! - [`tls`]: TLS toward servers and from clients, and the stream type both sides use.
 //! - [`cancel`]: the map from the cancel keys clients hold to the servers' own.
 //! - [`errors`]: the one place that turns a failure into SQLSTATE, message and hint.
 //! - [`metrics`]: metric names and handles.
@@ -26,6 +27,7 @@ pub mod pipe;
 pub mod probe;
 pub mod protocol;
 mod session;
+pub mod tls;
 pub mod tracker;
 pub mod upstream;
 
@@ -64,6 +66,8 @@ pub(crate) struct Shared {
     pub admission: Arc<admission::Admission>,
     /// The data-path runtime's proof of life, for /livez.
     pub heartbeat: health::Heartbeat,
+    /// TLS toward clients and servers, loaded at start.
+    pub tls: tls::Tls,
 }
 
 /// One proxy instance.
@@ -73,7 +77,9 @@ pub struct Bulkhead {
 }
 
 impl Bulkhead {
-    pub fn new(config: Config) -> Self {
+    /// Sets up a proxy for `config`. Fails when a TLS file it names cannot be used.
+    pub fn new(config: Config) -> Result<Self, String> {
+        let tls = tls::Tls::load(&config)?;
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let metrics = Metrics::new();
         let topology = probe::Topology::new(&config.database.hosts, &metrics);
@@ -86,8 +92,9 @@ impl Bulkhead {
             topology,
             admission,
             heartbeat: health::Heartbeat::default(),
+            tls,
         });
-        Bulkhead { shared, phase }
+        Ok(Bulkhead { shared, phase })
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -52,6 +52,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The TLS files are read here too, so --check catches a missing or mismatched one.
+    if let Err(e) = bulkhead::tls::Tls::load(&config) {
+        eprintln!("bulkhead: {}: {e}", args.config.display());
+        return ExitCode::FAILURE;
+    }
     if args.check {
         println!("{}: valid", args.config.display());
         return ExitCode::SUCCESS;
@@ -85,7 +90,13 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
         }
     };
     info!(address = %config.listen.address, health = %config.health.address, hosts = ?config.database.hosts, "listening");
-    let proxy = Arc::new(Bulkhead::new(config));
+    let proxy = match Bulkhead::new(config) {
+        Ok(proxy) => Arc::new(proxy),
+        Err(e) => {
+            error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
     let _health = match proxy.start_health(health_listener) {
         Ok(h) => h,
         Err(e) => {

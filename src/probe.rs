@@ -13,6 +13,7 @@
 //! standby. Sessions learn the primary from a watch channel, read only when they connect and
 //! when it changes.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use crate::Shared;
 use crate::breaker::{Circuit, Settings};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::upstream::{self, ConnectError};
 
 /// What a host was at its last probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,31 @@ pub struct HostInfo {
     pub superseded: bool,
     /// Why the last probe failed, if it did.
     pub error: Option<String>,
+    /// Whether the probe's last connection was encrypted, or could not be.
+    pub tls: TlsState,
+}
+
+/// TLS on the probe's last connection to a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// Not connected yet, or the host was unreachable.
+    Unknown,
+    On,
+    /// Plaintext: [database] tls is "disable", or "prefer" and the server declined.
+    Off,
+    /// TLS as [database] tls asks could not be set up: see the host's error.
+    Failed,
+}
+
+impl TlsState {
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsState::Unknown => "unknown",
+            TlsState::On => "on",
+            TlsState::Off => "off",
+            TlsState::Failed => "failed",
+        }
+    }
 }
 
 /// The writable primary sessions should use.
@@ -72,8 +99,14 @@ pub struct Primary {
 /// What one probe of a host found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
-    Up { in_recovery: bool, timeline: i64 },
+    Up {
+        in_recovery: bool,
+        timeline: i64,
+        tls: bool,
+    },
     Down(String),
+    /// Reachable, but TLS as configured could not be set up.
+    TlsFailed(String),
 }
 
 /// Every host's state, the primary chosen from them, and each host's write circuit.
@@ -100,6 +133,7 @@ impl Topology {
                 last_probe: None,
                 superseded: false,
                 error: None,
+                tls: TlsState::Unknown,
             })
             .collect();
         let circuits = addresses
@@ -149,8 +183,19 @@ impl Topology {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// When every host fails TLS as configured, the first one's reason.
+    pub fn tls_failure(&self) -> Option<String> {
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts.iter().all(|h| h.tls == TlsState::Failed) {
+            hosts.first().and_then(|h| h.error.clone())
+        } else {
+            None
+        }
+    }
+
     /// Records what a probe of host `index` found and chooses the primary again.
     pub fn report(&self, index: usize, report: Report, took: Duration) {
+        let tls_failed = matches!(report, Report::TlsFailed(_));
         self.probe_duration[index].record(took.as_secs_f64());
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let host = &mut hosts[index];
@@ -160,7 +205,9 @@ impl Topology {
             Report::Up {
                 in_recovery,
                 timeline,
+                tls,
             } => {
+                host.tls = if tls { TlsState::On } else { TlsState::Off };
                 host.role = if in_recovery {
                     Role::Standby
                 } else {
@@ -173,11 +220,21 @@ impl Topology {
                     host.superseded = false;
                 }
             }
-            Report::Down(why) => {
-                if was != Role::Unreachable {
-                    warn!(backend = %host.address, %why, "host unreachable");
+            Report::Down(why) | Report::TlsFailed(why) => {
+                // Said once, and again only when the reason changes.
+                if was != Role::Unreachable || host.error.as_deref() != Some(why.as_str()) {
+                    if tls_failed {
+                        warn!(backend = %host.address, %why, "TLS to host failed");
+                    } else {
+                        warn!(backend = %host.address, %why, "host unreachable");
+                    }
                 }
                 host.role = Role::Unreachable;
+                host.tls = if tls_failed {
+                    TlsState::Failed
+                } else {
+                    TlsState::Unknown
+                };
                 host.error = Some(why);
             }
         }
@@ -250,30 +307,88 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
 /// A write check in progress.
 struct WriteCheck {
     started: Instant,
-    task: JoinHandle<(Option<Client>, Result<(), String>)>,
-    cancel: Option<tokio_postgres::CancelToken>,
+    task: JoinHandle<(Option<Conn>, Result<(), String>)>,
+    cancel: Option<(tokio_postgres::CancelToken, SocketAddr)>,
     /// Counted as failed already; its eventual result no longer matters.
     timed_out: bool,
 }
 
+/// One of the probe's connections: the client and the address it reached.
+struct Conn {
+    client: Client,
+    addr: SocketAddr,
+}
+
+/// Why a probe connection could not be had.
+enum ProbeError {
+    Down(String),
+    Tls(String),
+}
+
+impl ProbeError {
+    fn into_report(self) -> Report {
+        match self {
+            ProbeError::Down(why) => Report::Down(why),
+            ProbeError::Tls(why) => Report::TlsFailed(why),
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            ProbeError::Down(why) | ProbeError::Tls(why) => why,
+        }
+    }
+}
+
+/// Where and how the probe connects to its host.
+#[derive(Clone)]
+struct Dial {
+    shared: Arc<Shared>,
+    address: String,
+    params: tokio_postgres::Config,
+    within: Duration,
+}
+
+impl Dial {
+    /// A new connection, with TLS exactly as sessions get it. Also says whether it is TLS.
+    async fn connect(&self) -> Result<(Conn, bool), ProbeError> {
+        let (stream, addr) = upstream::connect(&self.address, self.within, &self.shared.tls)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Unreachable(why) => ProbeError::Down(why),
+                ConnectError::Tls(why) => ProbeError::Tls(why),
+            })?;
+        let tls = stream.is_tls();
+        let (client, connection) = self
+            .params
+            .connect_raw(stream, NoTls)
+            .await
+            .map_err(|e| ProbeError::Down(describe(&e)))?;
+        tokio::spawn(connection);
+        Ok((Conn { client, addr }, tls))
+    }
+}
+
 async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
     let address = config.database.hosts[index].clone();
-    let params = connection_config(&config, &address);
+    let dial = Dial {
+        shared: shared.clone(),
+        params: connection_config(&config),
+        address,
+        within: config.database.connect_timeout,
+    };
     let probe = &config.probe;
     let mut ticks = tokio::time::interval(probe.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut write_conn: Option<Client> = None;
+    let mut write_conn: Option<Conn> = None;
     let mut check: Option<WriteCheck> = None;
     loop {
         ticks.tick().await;
         let settings = circuit_settings(&shared.live.get());
         let started = Instant::now();
-        let report = match tokio::time::timeout(probe.timeout, status(&params)).await {
-            Ok(Ok((in_recovery, timeline))) => Report::Up {
-                in_recovery,
-                timeline,
-            },
-            Ok(Err(e)) => Report::Down(e),
+        let report = match tokio::time::timeout(probe.timeout, status(&dial)).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => e.into_report(),
             Err(_) => Report::Down(format!(
                 "no answer within {}",
                 humantime::format_duration(probe.timeout)
@@ -306,16 +421,23 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
             } else if !c.timed_out && c.started.elapsed() >= probe.timeout {
                 c.timed_out = true;
                 circuit.failure(&settings, "write check did not commit in time");
-                if let Some(token) = c.cancel.take() {
-                    tokio::spawn(async move { token.cancel_query(NoTls).await });
+                if let Some((token, addr)) = c.cancel.take() {
+                    // In plaintext on its own connection, as sessions' cancels go.
+                    tokio::spawn(async move {
+                        let tcp = tokio::net::TcpStream::connect(addr).await?;
+                        token
+                            .cancel_query_raw(tcp, NoTls)
+                            .await
+                            .map_err(std::io::Error::other)
+                    });
                 }
             }
         }
         if check.is_none() && is_primary {
             let conn = write_conn.take();
-            let cancel = conn.as_ref().map(|c| c.cancel_token());
-            let params = params.clone();
-            let task = tokio::spawn(async move { write_check(conn, &params).await });
+            let cancel = conn.as_ref().map(|c| (c.client.cancel_token(), c.addr));
+            let dial = dial.clone();
+            let task = tokio::spawn(async move { write_check(conn, &dial).await });
             check = Some(WriteCheck {
                 started: Instant::now(),
                 task,
@@ -329,59 +451,61 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
 /// Reachable? In recovery? Which timeline? On a fresh connection every time: what matters is
 /// whether a new session can be had (a server whose postmaster is stopped still serves the
 /// backends it already has).
-async fn status(params: &tokio_postgres::Config) -> Result<(bool, i64), String> {
-    let client = connect(params).await?;
-    let row = client
+async fn status(dial: &Dial) -> Result<Report, ProbeError> {
+    let (conn, tls) = dial.connect().await?;
+    let row = conn
+        .client
         .query_one(
             "SELECT pg_is_in_recovery(), (SELECT timeline_id::int8 FROM pg_control_checkpoint())",
             &[],
         )
         .await
-        .map_err(|e| e.to_string())?;
-    Ok((
-        row.get(0),
-        row.try_get::<_, Option<i64>>(1).ok().flatten().unwrap_or(0),
-    ))
+        .map_err(|e| ProbeError::Down(describe(&e)))?;
+    Ok(Report::Up {
+        in_recovery: row.get(0),
+        timeline: row.try_get::<_, Option<i64>>(1).ok().flatten().unwrap_or(0),
+        tls,
+    })
 }
 
 /// A write that must reach WAL and commit: it waits for synchronous replication like any
 /// application commit, needs no table and no superuser, and fails on a standby.
-async fn write_check(
-    conn: Option<Client>,
-    params: &tokio_postgres::Config,
-) -> (Option<Client>, Result<(), String>) {
-    let client = match conn {
-        Some(c) if !c.is_closed() => c,
-        _ => match connect(params).await {
-            Ok(c) => c,
-            Err(e) => return (None, Err(e)),
+async fn write_check(conn: Option<Conn>, dial: &Dial) -> (Option<Conn>, Result<(), String>) {
+    let conn = match conn {
+        Some(c) if !c.client.is_closed() => c,
+        _ => match dial.connect().await {
+            Ok((c, _)) => c,
+            Err(e) => return (None, Err(e.into_string())),
         },
     };
-    let result = client
+    let result = conn
+        .client
         .simple_query("SELECT pg_logical_emit_message(true, 'bulkhead', 'probe')")
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string());
-    (Some(client), result)
+        .map_err(|e| describe(&e));
+    (Some(conn), result)
 }
 
-async fn connect(params: &tokio_postgres::Config) -> Result<Client, String> {
-    let (client, connection) = params.connect(NoTls).await.map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    Ok(client)
+/// A tokio-postgres error with what the server said, which its Display leaves out.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
-fn connection_config(config: &Config, address: &str) -> tokio_postgres::Config {
-    let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+/// Login settings for the probe; the connection itself is made by [`upstream::connect`].
+fn connection_config(config: &Config) -> tokio_postgres::Config {
     let mut params = tokio_postgres::Config::new();
     params
-        .host(host)
-        .port(port.parse().unwrap_or(5432))
         .user(&config.probe.user)
         .dbname(&config.probe.database)
         .application_name("bulkhead probe")
-        .connect_timeout(config.database.connect_timeout);
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
     if let Ok(password) = std::env::var(&config.probe.password_env) {
         params.password(password);
     }
@@ -416,6 +540,7 @@ mod tests {
         Report::Up {
             in_recovery: false,
             timeline,
+            tls: false,
         }
     }
 
@@ -423,7 +548,24 @@ mod tests {
         Report::Up {
             in_recovery: true,
             timeline,
+            tls: false,
         }
+    }
+
+    #[tokio::test]
+    async fn tls_failure_is_reported_only_when_every_host_fails_tls() {
+        let t = topology(2);
+        assert_eq!(t.tls_failure(), None);
+        t.report(0, Report::TlsFailed("bad CA".into()), MS);
+        assert_eq!(t.tls_failure(), None, "host 1 not probed yet");
+        t.report(1, Report::Down("refused".into()), MS);
+        assert_eq!(t.tls_failure(), None, "host 1 may come back");
+        t.report(1, Report::TlsFailed("bad name".into()), MS);
+        assert_eq!(t.tls_failure().as_deref(), Some("bad CA"));
+        assert_eq!(t.hosts()[0].tls, TlsState::Failed);
+        t.report(0, primary(1), MS);
+        assert_eq!(t.tls_failure(), None);
+        assert_eq!(t.hosts()[0].tls, TlsState::Off);
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, timeout};
@@ -21,17 +21,18 @@ use tracing::{debug, info, warn};
 use crate::breaker::Decision;
 use crate::cancel::Target;
 use crate::classify::{Control, Kind, classify, transaction_control};
-use crate::config::Config;
+use crate::config::{Config, ListenTls};
 use crate::errors::{Deadline, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
 use crate::probe::circuit_settings;
 use crate::protocol::backend::{self, Severity, TxStatus};
-use crate::protocol::framing::{FrameError, Header};
+use crate::protocol::framing::Header;
 use crate::protocol::{frontend, startup};
+use crate::tls::Stream;
 use crate::tracker::{Effect, Refused, Tracker};
-use crate::upstream;
+use crate::upstream::{self, ConnectError};
 use crate::{Phase, Shared};
 
 /// How long bulkhead's last words to a client may take to write before it gives up on them.
@@ -41,7 +42,7 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// ends, which is how the server knows it has drained.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    mut client: TcpStream,
+    client: TcpStream,
     admitted: bool,
     _alive: mpsc::Sender<()>,
 ) {
@@ -50,16 +51,24 @@ pub(crate) async fn serve(
     let config = Snapshot::new(&shared.live);
     let started = Instant::now();
     let startup_deadline = started + config.config().timeouts.startup;
-    let first = match tokio::time::timeout_at(
-        startup_deadline,
-        read_first_packet(&shared, config.config(), &mut client),
-    )
-    .await
-    {
-        Ok(Ok(Some(first))) => first,
-        Ok(Ok(None)) => return,
-        Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
-        Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
+    let mut client = Stream::Plain(client);
+    let mut negotiations = 0;
+    let first = loop {
+        let step = tokio::time::timeout_at(
+            startup_deadline,
+            read_first_packet(&shared, config.config(), &mut client, &mut negotiations),
+        )
+        .await;
+        match step {
+            Ok(Ok(First::Start(first))) => break first,
+            Ok(Ok(First::Done)) => return,
+            Ok(Ok(First::Upgrade)) => match accept_tls(&shared, client, startup_deadline).await {
+                Some(tls) => client = tls,
+                None => return,
+            },
+            Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
+            Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
+        }
     };
     if !admitted {
         // Refused after the first packet, as PostgreSQL does, so every client can read it.
@@ -68,9 +77,11 @@ pub(crate) async fn serve(
     }
     let (mut server, addr, host) = match connect_primary(&shared, config.config()).await {
         Ok(connected) => connected,
-        Err(why) => {
-            warn!(%why, "no writable primary for a new session");
-            return refuse(&mut client, Refusal::NoPrimary(why)).await;
+        Err(refusal) => {
+            if let Refusal::NoPrimary(why) = &refusal {
+                warn!(%why, "no writable primary for a new session");
+            }
+            return refuse(&mut client, refusal).await;
         }
     };
     let _server_gauge = GaugeGuard::new(&shared.metrics.server_connections);
@@ -113,34 +124,56 @@ struct SlotWait {
 
 /// Connects to the writable primary, waiting up to [circuit] hold_new_connections for one to be
 /// known and to accept, so a short failover is ridden through. Returns the stream, the address
-/// reached and the host's index.
+/// reached and the host's index. TLS that cannot be set up is reported at once: waiting would
+/// not fix a certificate.
 async fn connect_primary(
     shared: &Shared,
     config: &Config,
-) -> Result<(TcpStream, SocketAddr, usize), String> {
-    let deadline = Instant::now() + config.circuit.hold_new_connections;
+) -> Result<(Stream, SocketAddr, usize), Refusal> {
+    let hold = config.circuit.hold_new_connections;
+    let deadline = Instant::now() + hold;
     let mut primary = shared.topology.watch_primary();
     let mut last_error = String::from("none is known");
     loop {
-        let known = tokio::time::timeout_at(deadline, primary.wait_for(Option::is_some))
-            .await
-            .ok()
-            .and_then(|r| r.ok().and_then(|p| p.clone()));
-        let Some(p) = known else {
-            return Err(format!(
-                "{last_error} (waited {})",
-                humantime::format_duration(config.circuit.hold_new_connections)
-            ));
-        };
-        match upstream::connect(&p.address, config.database.connect_timeout).await {
-            Ok((stream, addr)) => return Ok((stream, addr, p.index)),
-            Err(e) => last_error = e,
+        let known = primary.borrow_and_update().clone();
+        if let Some(p) = known {
+            match upstream::connect(&p.address, config.database.connect_timeout, &shared.tls).await
+            {
+                Ok((stream, addr)) => return Ok((stream, addr, p.index)),
+                Err(ConnectError::Tls(why)) => return Err(Refusal::ServerTls(why)),
+                Err(ConnectError::Unreachable(why)) => last_error = why,
+            }
+        } else if let Some(why) = shared.topology.tls_failure() {
+            // Every host fails TLS as configured: no primary will appear by waiting.
+            return Err(Refusal::ServerTls(why));
         }
-        // Wait for the probe to see a change, but try again at least every probe interval.
+        if Instant::now() >= deadline {
+            return Err(Refusal::NoPrimary(format!(
+                "{last_error} (waited {})",
+                humantime::format_duration(hold)
+            )));
+        }
+        // Wait for the probe to see a change, but look again at least every probe interval.
         let retry = (Instant::now() + config.probe.interval).min(deadline);
         let _ = tokio::time::timeout_at(retry, primary.changed()).await;
-        if Instant::now() >= deadline {
-            return Err(last_error);
+    }
+}
+
+/// Does the TLS handshake with a client that was answered 'S'. `None` when it failed; there
+/// is no way left to tell the client why.
+async fn accept_tls(shared: &Shared, client: Stream, deadline: Instant) -> Option<Stream> {
+    let (Stream::Plain(tcp), Some(acceptor)) = (client, shared.tls.acceptor()) else {
+        return None;
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls.into()))),
+        Ok(Err(e)) => {
+            info!(error = %e, "TLS handshake with a client failed");
+            None
+        }
+        Err(_) => {
+            info!("TLS handshake with a client did not finish within [timeouts] startup");
+            None
         }
     }
 }
@@ -151,15 +184,25 @@ struct FirstPacket {
     leftover: BytesMut,
 }
 
+/// What the client's first packets came to.
+enum First {
+    /// A StartupMessage: the session begins.
+    Start(FirstPacket),
+    /// The client asked for TLS and was answered 'S': the handshake is next.
+    Upgrade,
+    /// Nothing more to do: a cancel request, or the client left.
+    Done,
+}
+
 /// Reads the first packet, answering encryption requests and handling cancel requests on the
-/// way. `Ok(None)` means the connection has nothing more to do (a cancel, or the client left).
+/// way. `negotiations` counts encryption requests across TLS upgrades.
 async fn read_first_packet(
     shared: &Shared,
     config: &Config,
-    client: &mut TcpStream,
-) -> Result<Option<FirstPacket>, Refusal> {
+    client: &mut Stream,
+    negotiations: &mut u32,
+) -> Result<First, Refusal> {
     let mut buf = BytesMut::with_capacity(512);
-    let mut negotiations = 0;
     loop {
         let parsed = startup::parse(&buf).map_err(|e| match e {
             startup::StartupError::UnsupportedProtocol { .. } => {
@@ -169,36 +212,63 @@ async fn read_first_packet(
         })?;
         let Some((packet, len)) = parsed else {
             match client.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return Ok(None),
+                Ok(0) | Err(_) => return Ok(First::Done),
                 Ok(_) => continue,
             }
         };
         match packet {
             startup::Startup::SslRequest | startup::Startup::GssEncRequest => {
-                negotiations += 1;
-                if negotiations > 2 {
+                *negotiations += 1;
+                if client.is_tls() {
+                    return Err(Refusal::ClientProtocol(
+                        "encryption requested inside a TLS session".into(),
+                    ));
+                }
+                if *negotiations > 2 {
                     return Err(Refusal::ClientProtocol(
                         "too many encryption requests".into(),
                     ));
                 }
+                let tls = matches!(packet, startup::Startup::SslRequest)
+                    && shared.tls.acceptor().is_some();
+                if tls && buf.len() > len {
+                    // Bytes sent before the handshake would be taken as if they came over
+                    // TLS: the CVE-2021-23214 class of bug. PostgreSQL refuses them too.
+                    return Err(Refusal::ClientProtocol(
+                        "received unencrypted data after SSL request".into(),
+                    ));
+                }
                 buf.advance(len);
-                // No TLS or GSSAPI here: 'N' tells the client to go on in plaintext.
-                if client.write_all(b"N").await.is_err() {
-                    return Ok(None);
+                // 'S': TLS from the next byte. 'N': go on in plaintext (no GSSAPI here).
+                if client
+                    .write_all(if tls { b"S" } else { b"N" })
+                    .await
+                    .is_err()
+                {
+                    return Ok(First::Done);
+                }
+                if tls {
+                    return Ok(First::Upgrade);
                 }
             }
             startup::Startup::Cancel { pid, key } => {
+                // Accepted in plaintext whatever [listen] tls says, as PostgreSQL does:
+                // libpq sends cancel requests unencrypted.
                 forward_cancel(shared, config, pid, key).await;
-                return Ok(None);
+                return Ok(First::Done);
             }
             startup::Startup::Start { params, .. } => {
                 debug!(
                     user = params.get("user").unwrap_or(""),
                     database = params.get("database").unwrap_or(""),
+                    tls = client.is_tls(),
                     "startup"
                 );
+                if shared.tls.listen == ListenTls::Require && !client.is_tls() {
+                    return Err(Refusal::TlsRequired);
+                }
                 let packet = buf.split_to(len);
-                return Ok(Some(FirstPacket {
+                return Ok(First::Start(FirstPacket {
                     packet,
                     leftover: buf,
                 }));
@@ -231,15 +301,19 @@ async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: &[u8]) 
 /// After a half-close, reads until the client closes too. Closing a socket that still has
 /// unread input makes the kernel send a reset, and a reset can destroy the last words the
 /// client has not read yet.
-async fn linger(client: &mut TcpStream) -> io::Result<()> {
+async fn linger(client: &mut (impl AsyncRead + Unpin)) -> io::Result<()> {
     let mut sink = [0u8; 512];
     while client.read(&mut sink).await? > 0 {}
     Ok(())
 }
 
 /// Sends a refusal to a client that has no server yet, then closes.
-async fn refuse(client: &mut TcpStream, refusal: Refusal) {
-    info!(?refusal, "refusing connection");
+async fn refuse(client: &mut Stream, refusal: Refusal) {
+    match refusal {
+        // The probe reports the reason once; every session refused for it would repeat it.
+        Refusal::ServerTls(_) => debug!(?refusal, "refusing connection"),
+        _ => info!(?refusal, "refusing connection"),
+    }
     let mut out = BytesMut::new();
     refusal.write(&mut out);
     let _ = timeout(FAREWELL_TIMEOUT, async {
@@ -271,6 +345,8 @@ enum End {
     StartupTimeout,
     /// A deadline passed and the server did not answer bulkhead's cancel in time.
     Unanswered(Deadline),
+    /// bulkhead refused to go on, for the reason given.
+    Refused(Refusal),
     /// bulkhead's cancel released a commit that was waiting for synchronous replication.
     CommitUnconfirmed(Deadline),
 }
@@ -304,8 +380,8 @@ enum Hold {
 }
 
 struct Relay {
-    client: TcpStream,
-    server: TcpStream,
+    client: Stream,
+    server: Stream,
     /// Client to server.
     up: Pipe,
     /// Server to client.
@@ -367,6 +443,12 @@ struct Relay {
     /// ParseCompletes the server owes for Parses bulkhead added itself; the client never
     /// asked for them, so they are dropped.
     swallow_parse_complete: u32,
+    /// The server connection is TLS: the server may offer SCRAM channel binding, which cannot
+    /// reach through bulkhead.
+    server_tls: bool,
+    /// The server offered SASL over TLS; the client's next password message picks the
+    /// mechanism.
+    sasl_offered: bool,
 }
 
 /// What admission says about the statement at hand.
@@ -378,8 +460,8 @@ enum Admit {
 
 impl Relay {
     fn new(
-        client: TcpStream,
-        server: TcpStream,
+        client: Stream,
+        server: Stream,
         server_addr: SocketAddr,
         host: usize,
         leftover: BytesMut,
@@ -391,6 +473,7 @@ impl Relay {
         let now = Instant::now();
         let hello_deadline = now + config.config().database.connect_timeout;
         Relay {
+            server_tls: server.is_tls(),
             client,
             server,
             up,
@@ -424,6 +507,7 @@ impl Relay {
             shed_next: None,
             idle_since: None,
             swallow_parse_complete: 0,
+            sasl_offered: false,
         }
     }
 
@@ -502,8 +586,8 @@ impl Relay {
                     self.shed_next = Some(write);
                 }
             }
-            if let Err(e) = self.frame_client(shared) {
-                return Poll::Ready(End::ClientBroke(e.to_string()));
+            if let Err(end) = self.frame_client(shared) {
+                return Poll::Ready(end);
             }
             let before = self.up.written();
             match self.up.poll_write_to(cx, &mut self.server) {
@@ -671,7 +755,8 @@ impl Relay {
 
     /// Frames what the client sent: classifies statements, keeps track of requests, and refuses
     /// what must not run.
-    fn frame_client(&mut self, shared: &Shared) -> Result<Hold, FrameError> {
+    fn frame_client(&mut self, shared: &Shared) -> Result<Hold, End> {
+        let sasl = self.sasl_offered;
         let inspect = |tag| {
             matches!(
                 tag,
@@ -680,7 +765,7 @@ impl Relay {
                     | frontend::BIND_TAG
                     | frontend::EXECUTE_TAG
                     | frontend::CLOSE_TAG
-            )
+            ) || (sasl && tag == frontend::PASSWORD_TAG)
         };
         // One clock reading for everything framed in this pass: it all arrived together.
         let mut clock = None;
@@ -690,10 +775,20 @@ impl Relay {
             if self.authenticated() && self.tracker.refusal_in_flight() && !self.skip_to_sync {
                 return Ok(Hold::Wait);
             }
-            let Some(h) = self.up.next(inspect)? else {
+            let Some(h) = self
+                .up
+                .next(inspect)
+                .map_err(|e| End::ClientBroke(e.to_string()))?
+            else {
                 return Ok(Hold::Done);
             };
             if !self.authenticated() {
+                if h.tag == frontend::PASSWORD_TAG && self.sasl_offered {
+                    self.sasl_offered = false;
+                    if let Some(why) = channel_binding_problem(self.up.body(&h)) {
+                        return Err(End::Refused(Refusal::ChannelBinding(why)));
+                    }
+                }
                 self.up.forward(&h);
                 continue;
             }
@@ -1008,6 +1103,7 @@ impl Relay {
     /// error the client should see.
     fn frame_server(&mut self, shared: &Shared) -> Result<Option<End>, String> {
         let cancelling = self.cancelling.is_some();
+        let tls_login = self.server_tls && !self.authenticated();
         let inspect = |tag| {
             matches!(
                 tag,
@@ -1015,6 +1111,7 @@ impl Relay {
                     | backend::ERROR_RESPONSE_TAG
                     | backend::BACKEND_KEY_DATA_TAG
             ) || (cancelling && tag == backend::NOTICE_RESPONSE_TAG)
+                || (tls_login && tag == backend::AUTHENTICATION_TAG)
         };
         while let Some(h) = self
             .down
@@ -1078,6 +1175,19 @@ impl Relay {
                 }
                 backend::COPY_IN_RESPONSE_TAG | backend::COPY_BOTH_RESPONSE_TAG => {
                     self.tracker.copy_in_started()
+                }
+                backend::AUTHENTICATION_TAG if tls_login && self.down.is_whole(&h) => {
+                    let body = self.down.body(&h);
+                    if backend::is_sasl_offer(body) {
+                        self.sasl_offered = true;
+                        // SCRAM-SHA-256-PLUS would bind the login to bulkhead's TLS session
+                        // with the server, which the client cannot see: never offer it.
+                        let mut own = BytesMut::new();
+                        if backend::write_sasl_offer_without_plus(&mut own, body) {
+                            self.down.replace(&h, &own);
+                            continue;
+                        }
+                    }
                 }
                 backend::BACKEND_KEY_DATA_TAG
                     if !self.authenticated() && self.down.is_whole(&h) =>
@@ -1205,6 +1315,7 @@ impl Relay {
                 grace: self.config.config().timeouts.cancel_grace,
             }),
             End::CommitUnconfirmed(deadline) => Some(Refusal::CommitUnconfirmed(*deadline)),
+            End::Refused(refusal) => Some(refusal.clone()),
         };
         match &end {
             End::ClientLeft | End::Drained => debug!(?end, "session ended"),
@@ -1277,6 +1388,24 @@ impl Relay {
                 warn!(error = %e, "cancel request failed");
             }
         });
+    }
+}
+
+/// Why a client's SASLInitialResponse cannot succeed through bulkhead's TLS to the server, if
+/// it cannot. A client that picked SCRAM-SHA-256-PLUS anyway, or that says it could bind but
+/// thinks the server cannot (gs2 flag 'y', which a TLS client sends when the offer lacks -PLUS),
+/// would be refused by the server as a downgrade attack; say why here instead.
+fn channel_binding_problem(body: &[u8]) -> Option<&'static str> {
+    let (mechanism, data) = frontend::sasl_initial_response(body)?;
+    if mechanism == backend::SCRAM_PLUS {
+        Some("the client chose SCRAM-SHA-256-PLUS, which bulkhead does not offer")
+    } else if data.starts_with(b"y") {
+        Some(
+            "the client's TLS session to bulkhead supports channel binding, and the server, \
+             on its own TLS session with bulkhead, would take SCRAM without it as a downgrade",
+        )
+    } else {
+        None
     }
 }
 

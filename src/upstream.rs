@@ -1,5 +1,6 @@
-//! Connections to database servers: opening a session's connection and sending cancel
-//! requests, each on its own short-lived connection as libpq does.
+//! Connections to database servers: opening a session's (or the probe's) connection with TLS as
+//! configured, and sending cancel requests, each on its own short-lived plaintext connection as
+//! libpq does (servers take a CancelRequest without TLS whatever pg_hba.conf says).
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,23 +10,125 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
 
-use crate::protocol::startup::CANCEL_REQUEST_CODE;
+use crate::config::ServerTls;
+use crate::protocol::startup::{CANCEL_REQUEST_CODE, SSL_REQUEST_CODE};
+use crate::tls::{self, Stream, Tls};
 
-/// Connects to `address` (`host:port`, resolved now) within `within`. Returns the stream and
-/// the address it reached, so cancels go to that same address even if a name moves later.
-pub async fn connect(address: &str, within: Duration) -> Result<(TcpStream, SocketAddr), String> {
-    match timeout(within, TcpStream::connect(address)).await {
-        Ok(Ok(stream)) => {
-            stream.set_nodelay(true).ok();
-            let addr = stream.peer_addr().map_err(|e| format!("{address}: {e}"))?;
-            Ok((stream, addr))
+/// Why no connection could be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// Not reachable, or no answer in time: worth trying again, or another host.
+    Unreachable(String),
+    /// Reachable, but TLS as configured could not be set up: trying again will not help.
+    Tls(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Unreachable(why) | ConnectError::Tls(why) => f.write_str(why),
         }
-        Ok(Err(e)) => Err(format!("{address}: {e}")),
-        Err(_) => Err(format!(
+    }
+}
+
+/// Connects to `address` (`host:port`, resolved now) and sets up TLS as [database] tls says,
+/// all within `within`. Returns the stream and the address it reached, so cancels go to that
+/// same address even if a name moves later.
+pub async fn connect(
+    address: &str,
+    within: Duration,
+    tls: &Tls,
+) -> Result<(Stream, SocketAddr), ConnectError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let timed_out = || {
+        ConnectError::Unreachable(format!(
             "{address}: no answer within {}",
             humantime::format_duration(within)
+        ))
+    };
+    let (tcp, addr) = tokio::time::timeout_at(deadline, connect_tcp(address))
+        .await
+        .map_err(|_| timed_out())??;
+    let Some(connector) = tls.connector() else {
+        return Ok((Stream::Plain(tcp), addr));
+    };
+    match tokio::time::timeout_at(deadline, negotiate(tcp, address, connector, tls.server)).await {
+        Ok(Ok(stream)) => Ok((stream, addr)),
+        Ok(Err(Negotiation::Failed(e))) => Err(e),
+        Err(_) => Err(timed_out()),
+        // libpq's "prefer": when the handshake fails, a new connection in plaintext.
+        Ok(Err(Negotiation::Declined(why))) => {
+            debug!(%why, "TLS did not work out; plaintext, as database.tls = \"prefer\" allows");
+            let (tcp, addr) = tokio::time::timeout_at(deadline, connect_tcp(address))
+                .await
+                .map_err(|_| timed_out())??;
+            Ok((Stream::Plain(tcp), addr))
+        }
+    }
+}
+
+async fn connect_tcp(address: &str) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    let unreachable = |e: io::Error| ConnectError::Unreachable(format!("{address}: {e}"));
+    let stream = TcpStream::connect(address).await.map_err(unreachable)?;
+    stream.set_nodelay(true).ok();
+    let addr = stream.peer_addr().map_err(unreachable)?;
+    Ok((stream, addr))
+}
+
+/// How asking for TLS went wrong.
+enum Negotiation {
+    /// Under "prefer" this means: try again in plaintext.
+    Declined(String),
+    /// Nothing to fall back on.
+    Failed(ConnectError),
+}
+
+/// Sends SSLRequest and, if the server agrees, does the handshake.
+async fn negotiate(
+    mut tcp: TcpStream,
+    address: &str,
+    connector: &TlsConnector,
+    mode: ServerTls,
+) -> Result<Stream, Negotiation> {
+    let prefer = mode == ServerTls::Prefer;
+    let tls_error = |why: String| {
+        if prefer {
+            Negotiation::Declined(format!("{address}: {why}"))
+        } else {
+            Negotiation::Failed(ConnectError::Tls(format!("{address}: {why}")))
+        }
+    };
+    let lost =
+        |e: io::Error| Negotiation::Failed(ConnectError::Unreachable(format!("{address}: {e}")));
+    let name = tls::server_name(address).map_err(|e| Negotiation::Failed(ConnectError::Tls(e)))?;
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8u32.to_be_bytes());
+    request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    tcp.write_all(&request).await.map_err(lost)?;
+    // Exactly one byte: anything after it belongs to the TLS handshake, never to the session
+    // (CVE-2021-23222).
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(lost)?;
+    match answer[0] {
+        b'S' => match connector.connect(name.clone(), tcp).await {
+            Ok(tls) => Ok(Stream::Tls(Box::new(tls.into()))),
+            Err(e) => Err(tls_error(tls::describe_handshake_error(&e, &name))),
+        },
+        b'N' if prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(tls_error(format!(
+            "the server does not accept TLS (database.tls = \"{}\")",
+            mode.name()
+        ))),
+        // An ErrorResponse: a server too old to know SSLRequest.
+        b'E' => Err(tls_error(
+            "the server does not understand SSLRequest".into(),
         )),
+        other => Err(Negotiation::Failed(ConnectError::Tls(format!(
+            "{address}: unexpected answer {other:#04x} to SSLRequest"
+        )))),
     }
 }
 

@@ -152,6 +152,44 @@ pub fn backend_key_data(body: &[u8]) -> Option<(i32, &[u8])> {
     ))
 }
 
+/// The SASL mechanism that binds authentication to the TLS session it runs on.
+pub const SCRAM_PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
+
+/// Whether an Authentication body is AuthenticationSASL (code 10), the server's list of SASL
+/// mechanisms.
+pub fn is_sasl_offer(body: &[u8]) -> bool {
+    body.starts_with(&10i32.to_be_bytes())
+}
+
+/// For an AuthenticationSASL body that offers SCRAM-SHA-256-PLUS: the whole message again
+/// without it, appended to `out`. Returns false, and writes nothing, for anything else.
+pub fn write_sasl_offer_without_plus(out: &mut BytesMut, body: &[u8]) -> bool {
+    if !is_sasl_offer(body) {
+        return false;
+    }
+    let mut names = Vec::new();
+    let mut rest = &body[4..];
+    while let Some((name, after)) = cstr(rest) {
+        if name.is_empty() {
+            break;
+        }
+        names.push(name);
+        rest = after;
+    }
+    if !names.contains(&SCRAM_PLUS) {
+        return false;
+    }
+    let start = begin(out, AUTHENTICATION_TAG);
+    out.put_i32(10);
+    for name in names.into_iter().filter(|n| *n != SCRAM_PLUS) {
+        out.put_slice(name);
+        out.put_u8(0);
+    }
+    out.put_u8(0);
+    finish(out, start);
+    true
+}
+
 fn put_field(out: &mut BytesMut, field: u8, value: &str) {
     out.put_u8(field);
     // An embedded NUL would end the field early; bulkhead's own texts never have one.
@@ -176,6 +214,25 @@ fn finish(out: &mut BytesMut, at: usize) {
 mod tests {
     use super::*;
     use crate::protocol::framing::parse_header;
+
+    #[test]
+    fn sasl_offer_loses_only_the_plus_mechanism() {
+        let body = b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0";
+        let mut out = BytesMut::new();
+        assert!(write_sasl_offer_without_plus(&mut out, body));
+        assert_eq!(&out[..], b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0");
+        let h = parse_header(&out).unwrap().unwrap();
+        assert_eq!(h.total(), out.len());
+        // Nothing to remove, or not a SASL offer: left alone.
+        let mut out = BytesMut::new();
+        assert!(!write_sasl_offer_without_plus(
+            &mut out,
+            b"\0\0\0\x0aSCRAM-SHA-256\0\0"
+        ));
+        assert!(!write_sasl_offer_without_plus(&mut out, b"\0\0\0\x05salt"));
+        assert!(!write_sasl_offer_without_plus(&mut out, b"\0\0"));
+        assert!(out.is_empty());
+    }
 
     #[test]
     fn error_response_round_trips() {

@@ -75,6 +75,19 @@ pub fn close_target(body: &[u8]) -> Option<(u8, &[u8])> {
     Some((kind, name))
 }
 
+/// Mechanism and first client message of a SASLInitialResponse. The message is empty when the
+/// client sent none (length -1).
+pub fn sasl_initial_response(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mechanism, rest) = cstr(body)?;
+    let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let data = if len < 0 {
+        &[][..]
+    } else {
+        rest.get(4..4 + len as usize)?
+    };
+    Some((mechanism, data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +106,16 @@ mod tests {
         assert_eq!(execute_portal(b"p1\0\0\0\0\0"), Some(&b"p1"[..]));
         assert_eq!(close_target(b"Ss1\0"), Some((b'S', &b"s1"[..])));
         assert_eq!(close_target(b""), None);
+        assert_eq!(
+            sasl_initial_response(b"SCRAM-SHA-256\0\0\0\0\x04y,,n"),
+            Some((&b"SCRAM-SHA-256"[..], &b"y,,n"[..]))
+        );
+        assert_eq!(
+            sasl_initial_response(b"M\0\xff\xff\xff\xff"),
+            Some((&b"M"[..], &b""[..]))
+        );
+        assert_eq!(sasl_initial_response(b"M\0\0\0\0\x09short"), None);
+        assert_eq!(sasl_initial_response(b"M"), None);
     }
 
     #[test]

@@ -7,3 +7,4 @@ mod failover;
 mod health;
 mod passthrough;
 mod support;
+mod tls;

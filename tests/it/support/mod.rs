@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -150,6 +151,43 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a cluster with the given extra postgresql.conf lines.
     pub fn start_with(settings: &[&str]) -> Cluster {
+        Cluster::start_prepared(settings, |_| {})
+    }
+
+    /// Starts a cluster with `ssl = on` and `pki`'s server certificate. It takes TLS
+    /// connections only (pg_hba.conf has hostssl lines and rejects the rest), so a session
+    /// that reaches it proves bulkhead spoke TLS.
+    pub fn start_tls(pki: &tls::Pki) -> Cluster {
+        Cluster::start_prepared(
+            &[
+                "ssl = on",
+                "ssl_cert_file = 'server.pem'",
+                "ssl_key_file = 'server.key'",
+            ],
+            |data| {
+                std::fs::copy(pki.cert(), data.join("server.pem")).unwrap();
+                std::fs::copy(pki.key(), data.join("server.key")).unwrap();
+                run(
+                    Command::new("chmod")
+                        .arg("600")
+                        .arg(data.join("server.key")),
+                    "chmod server.key",
+                );
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\n\
+                     hostnossl all all 127.0.0.1/32 reject\n\
+                     hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
+                     hostssl all all 127.0.0.1/32 trust\n\
+                     hostssl replication all 127.0.0.1/32 trust\n",
+                )
+                .unwrap();
+            },
+        )
+    }
+
+    /// Starts a cluster after `prepare` has had its way with the data directory.
+    fn start_prepared(settings: &[&str], prepare: impl FnOnce(&Path)) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("bulkhead-pg-")
             .tempdir()
@@ -159,6 +197,7 @@ impl Cluster {
             Command::new("cp").arg("-a").arg(template()).arg(&data),
             "copy template cluster",
         );
+        prepare(&data);
         let mut conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              fsync = off\nfull_page_writes = off\nmax_connections = 200\n\
@@ -392,7 +431,7 @@ impl Proxy {
     pub async fn start(config: Config) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let bulkhead = Arc::new(Bulkhead::new(config));
+        let bulkhead = Arc::new(Bulkhead::new(config).expect("TLS files load"));
         let health = bulkhead
             .start_health(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
             .unwrap();

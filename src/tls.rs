@@ -1,0 +1,374 @@
+//! TLS on both sides of a session, with rustls (the `ring` provider).
+//!
+//! Toward servers, [database] tls takes libpq's sslmode values with libpq's meanings:
+//! - `disable`: plaintext.
+//! - `prefer`: ask for TLS; go on in plaintext if the server declines it, or if the handshake
+//!   fails (on a new connection, as libpq does). The certificate is not checked.
+//! - `require`: TLS or nothing; the certificate is not checked, unless `ca_file` is set, when
+//!   it must chain to that CA (libpq does the same when a root certificate file exists).
+//! - `verify-ca`: TLS with a certificate that chains to `ca_file`, or to the system roots.
+//! - `verify-full`: as verify-ca, and the certificate must name the host bulkhead dialled.
+//!
+//! From clients, [listen] tls_cert_file and tls_key_file turn TLS on: SSLRequest is answered
+//! 'S' and the session is TLS from the next byte. [listen] tls = "require" refuses plaintext
+//! sessions; "disable" answers 'N' even with a certificate configured.
+//!
+//! Files are read once, at start. A session's bytes pass through [`Stream`], which is a plain
+//! socket or a TLS one; the relay does not know which.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{Config, ListenTls, ServerTls};
+
+/// The ALPN protocol name PostgreSQL 17 registers; harmless to older servers.
+const ALPN: &[u8] = b"postgresql";
+
+/// One side of a session: a plain socket or a TLS session over one.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp().peer_addr()
+    }
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.is_tls() { "Tls" } else { "Plain" };
+        f.debug_tuple(kind).field(&self.peer_addr().ok()).finish()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The TLS settings of one proxy, loaded from the files the configuration names.
+pub struct Tls {
+    /// For clients: what [listen] tls says, and the acceptor when a certificate is configured
+    /// and tls is not "disable".
+    pub listen: ListenTls,
+    acceptor: Option<TlsAcceptor>,
+    /// Toward servers: the mode, and the connector for every mode but "disable".
+    pub server: ServerTls,
+    connector: Option<TlsConnector>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("listen", &self.listen)
+            .field("accepts_tls", &self.acceptor.is_some())
+            .field("server", &self.server)
+            .finish()
+    }
+}
+
+impl Tls {
+    /// Reads the certificate and key files `config` names. The error names the key and file.
+    pub fn load(config: &Config) -> Result<Tls, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let listen = &config.listen;
+        let acceptor = if listen.tls_cert_file.is_empty() || listen.tls == ListenTls::Disable {
+            None
+        } else {
+            let certs = read_certs("listen.tls_cert_file", &listen.tls_cert_file)?;
+            let key = read_key("listen.tls_key_file", &listen.tls_key_file)?;
+            let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| {
+                    format!("listen.tls_cert_file and listen.tls_key_file do not match: {e}")
+                })?;
+            server.alpn_protocols = vec![ALPN.to_vec()];
+            Some(TlsAcceptor::from(Arc::new(server)))
+        };
+        let db = &config.database;
+        let connector = if db.tls == ServerTls::Disable {
+            None
+        } else {
+            let verifier: Arc<dyn ServerCertVerifier> = match db.tls {
+                ServerTls::Prefer => Arc::new(AnyCertificate(provider.clone())),
+                ServerTls::Require if db.ca_file.is_empty() => {
+                    Arc::new(AnyCertificate(provider.clone()))
+                }
+                mode => {
+                    let roots = Arc::new(roots(&db.ca_file)?);
+                    let webpki =
+                        WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                            .build()
+                            .map_err(|e| format!("database.ca_file: {e}"))?;
+                    if mode == ServerTls::VerifyFull {
+                        webpki
+                    } else {
+                        Arc::new(AnyName(webpki))
+                    }
+                }
+            };
+            let builder = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier);
+            let mut client = match (db.cert_file.is_empty(), db.key_file.is_empty()) {
+                (true, true) => builder.with_no_client_auth(),
+                (false, false) => builder
+                    .with_client_auth_cert(
+                        read_certs("database.cert_file", &db.cert_file)?,
+                        read_key("database.key_file", &db.key_file)?,
+                    )
+                    .map_err(|e| {
+                        format!("database.cert_file and database.key_file do not match: {e}")
+                    })?,
+                _ => return Err("database.cert_file and database.key_file go together".into()),
+            };
+            client.alpn_protocols = vec![ALPN.to_vec()];
+            Some(TlsConnector::from(Arc::new(client)))
+        };
+        Ok(Tls {
+            listen: listen.tls,
+            acceptor,
+            server: db.tls,
+            connector,
+        })
+    }
+
+    /// The acceptor, when SSLRequest is to be answered 'S'.
+    pub fn acceptor(&self) -> Option<&TlsAcceptor> {
+        self.acceptor.as_ref()
+    }
+
+    /// The connector, unless [database] tls is "disable".
+    pub fn connector(&self) -> Option<&TlsConnector> {
+        self.connector.as_ref()
+    }
+}
+
+/// The server name to check a certificate against: the host part of `host:port`.
+pub fn server_name(address: &str) -> Result<ServerName<'static>, String> {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .map_err(|_| format!("{host:?} is not a valid host name for TLS"))
+}
+
+/// Says what went wrong in a TLS handshake in words an operator can act on.
+pub fn describe_handshake_error(e: &io::Error, name: &ServerName<'_>) -> String {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return format!("TLS handshake failed: {e}");
+    };
+    match tls {
+        // BadSignature: an issuer of the same name is trusted, but it did not sign this.
+        #[allow(deprecated)]
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => "the server's certificate is not signed by a trusted CA (database.ca_file)".into(),
+        rustls::Error::InvalidCertificate(
+            c @ (CertificateError::NotValidForName
+            | CertificateError::NotValidForNameContext { .. }),
+        ) => format!(
+            "the server's certificate does not match host {:?}: {c}",
+            name.to_str()
+        ),
+        rustls::Error::InvalidCertificate(c) => {
+            format!("the server's certificate was refused: {c}")
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+fn read_certs(key: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{key}: cannot read certificates from {path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{key}: no certificate in {path}"));
+    }
+    Ok(certs)
+}
+
+fn read_key(key: &str, path: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("{key}: cannot read a private key from {path}: {e}"))
+}
+
+/// The CAs a server certificate must chain to: `ca_file`, or the system's roots.
+fn roots(ca_file: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    if ca_file.is_empty() {
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            return Err(
+                "database.tls: no system root certificates found; set database.ca_file".into(),
+            );
+        }
+    } else {
+        for cert in read_certs("database.ca_file", ca_file)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("database.ca_file: {ca_file}: {e}"))?;
+        }
+    }
+    Ok(roots)
+}
+
+/// For "prefer" and "require" without a CA: any certificate, as libpq accepts there. The
+/// handshake's signatures are still checked, so the session is encrypted to whoever holds the
+/// certificate's key.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl AnyCertificate {
+    fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.0.signature_verification_algorithms
+    }
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms().supported_schemes()
+    }
+}
+
+/// For "verify-ca": the chain must be trusted; the name in the certificate does not matter.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}

@@ -1,0 +1,409 @@
+//! Issue 8: TLS toward servers that require it and from clients that ask for it. Servers here
+//! run with ssl = on and a certificate the test made; the TLS-only ones reject plaintext in
+//! pg_hba.conf, so a session that gets through proves bulkhead spoke TLS.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::config::{ChannelBinding, SslMode};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use bulkhead::Config;
+use bulkhead::config::{ListenTls, ServerTls};
+
+use crate::support::raw::{self, Raw};
+use crate::support::tls::Pki;
+use crate::support::{Cluster, Proxy, eventually, sqlstate};
+
+const SECONDS_20: Duration = Duration::from_secs(20);
+
+/// bulkhead in front of `pg` with [database] tls = `mode`, probing quickly.
+fn config(pg: &Cluster, mode: ServerTls, ca: Option<&Path>) -> Config {
+    let mut config = Config::default();
+    config.database.hosts = vec![pg.addr()];
+    config.database.tls = mode;
+    config.database.ca_file = ca.map(|p| p.display().to_string()).unwrap_or_default();
+    config.probe.interval = Duration::from_millis(200);
+    config.circuit.hold_new_connections = Duration::from_secs(10);
+    config
+}
+
+/// The same, and clients may (or must) use TLS with `pki`'s server certificate.
+fn config_with_client_tls(pg: &Cluster, pki: &Pki, listen: ListenTls) -> Config {
+    let mut config = config(pg, ServerTls::VerifyFull, Some(&pki.ca()));
+    config.listen.tls = listen;
+    config.listen.tls_cert_file = pki.cert().display().to_string();
+    config.listen.tls_key_file = pki.key().display().to_string();
+    config
+}
+
+async fn first_value(c: &Client, sql: &str) -> String {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the server sees this session's connection (bulkhead's) as TLS.
+async fn server_side_is_tls(c: &Client) -> bool {
+    first_value(
+        c,
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .await
+        == "t"
+}
+
+/// A session through bulkhead must fail: returns its SQLSTATE, message and how long it took.
+async fn refused(proxy: &Proxy) -> (String, String, Duration) {
+    let started = Instant::now();
+    let e = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+        .await
+        .err()
+        .expect("the session is refused");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    (sqlstate(&e), message, started.elapsed())
+}
+
+/// What bulkhead's /health says about the one host.
+async fn host_health(proxy: &Proxy) -> serde_json::Value {
+    proxy.health_json().await["backends"][0].clone()
+}
+
+/// psql through bulkhead with extra connection settings; `password` goes in PGPASSWORD.
+fn psql(proxy: &Proxy, settings: &str, user: &str, password: &str, sql: &str) -> Output {
+    Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres {settings}",
+            proxy.addr.port()
+        ))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGPASSWORD", password)
+        .env_remove("PGSSLMODE")
+        .output()
+        .expect("run psql")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_with_the_right_ca_and_name_reaches_a_tls_only_server() {
+    let pki = Pki::new(&["127.0.0.1", "localhost"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config(&pg, ServerTls::VerifyFull, Some(&pki.ca()))).await;
+    let c = proxy.connect().await;
+    assert!(server_side_is_tls(&c).await);
+    c.batch_execute("CREATE TABLE over_tls (x int); INSERT INTO over_tls VALUES (7)")
+        .await
+        .unwrap();
+    assert_eq!(pg.psql("SELECT x FROM over_tls"), "7");
+    // The probe goes the same way, and the health port says so.
+    let host = eventually("the probe to report TLS", SECONDS_20, || async {
+        let h = host_health(&proxy).await;
+        (h["tls"] == "on" && h["role"] == "primary").then_some(h)
+    })
+    .await;
+    assert!(host["error"].is_null(), "{host}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_with_the_wrong_ca_is_a_fatal_08006_that_names_the_ca() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let other = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config(&pg, ServerTls::VerifyFull, Some(&other.ca()))).await;
+    let (code, message, took) = refused(&proxy).await;
+    assert_eq!(code, "08006", "{message}");
+    assert!(message.contains("not signed by a trusted CA"), "{message}");
+    // Told at once, not after hold_new_connections (10 s): waiting does not fix a certificate.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let host = host_health(&proxy).await;
+    assert_eq!(host["tls"], "failed", "{host}");
+    assert!(
+        host["error"].as_str().unwrap().contains("trusted CA"),
+        "{host}"
+    );
+    assert_eq!(proxy.get("/readyz").await.status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_refuses_a_certificate_for_another_name_and_verify_ca_accepts_it() {
+    let pki = Pki::new(&["db.example.internal"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config(&pg, ServerTls::VerifyFull, Some(&pki.ca()))).await;
+    let (code, message, _) = refused(&proxy).await;
+    assert_eq!(code, "08006", "{message}");
+    assert!(
+        message.contains("does not match host \"127.0.0.1\"")
+            && message.contains("db.example.internal"),
+        "{message}"
+    );
+    proxy.shutdown().await;
+
+    // verify-ca checks the chain only, as libpq does.
+    let proxy = Proxy::start(config(&pg, ServerTls::VerifyCa, Some(&pki.ca()))).await;
+    let c = proxy.connect().await;
+    assert!(server_side_is_tls(&c).await);
+    // A CA that did not sign it still fails under verify-ca.
+    let other = Pki::new(&["db.example.internal"]);
+    let proxy = Proxy::start(config(&pg, ServerTls::VerifyCa, Some(&other.ca()))).await;
+    let (code, message, _) = refused(&proxy).await;
+    assert_eq!(code, "08006", "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_accepts_a_self_signed_certificate_and_refuses_a_server_without_tls() {
+    let pki = Pki::self_signed(&["somewhere.else"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config(&pg, ServerTls::Require, None)).await;
+    let c = proxy.connect().await;
+    assert!(server_side_is_tls(&c).await);
+
+    let plain = Cluster::start();
+    let proxy = Proxy::start(config(&plain, ServerTls::Require, None)).await;
+    let (code, message, took) = refused(&proxy).await;
+    assert_eq!(code, "08006", "{message}");
+    assert!(message.contains("does not accept TLS"), "{message}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_uses_tls_when_offered_and_plaintext_when_not_and_disable_never_asks() {
+    let pki = Pki::self_signed(&["somewhere.else"]);
+    let tls_only = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config(&tls_only, ServerTls::Prefer, None)).await;
+    assert!(server_side_is_tls(&proxy.connect().await).await);
+
+    let plain = Cluster::start();
+    let proxy = Proxy::start(config(&plain, ServerTls::Prefer, None)).await;
+    let c = proxy.connect().await;
+    assert!(!server_side_is_tls(&c).await);
+    let host = eventually("the probe to report plaintext", SECONDS_20, || async {
+        let h = host_health(&proxy).await;
+        (h["tls"] == "off").then_some(h)
+    })
+    .await;
+    assert_eq!(host["role"], "primary");
+
+    // disable: plaintext, which this server's pg_hba.conf rejects; the probe says so, and
+    // with no usable primary a session is refused with 57P03.
+    let mut cfg = config(&tls_only, ServerTls::Disable, None);
+    cfg.circuit.hold_new_connections = Duration::from_millis(500);
+    let proxy = Proxy::start(cfg).await;
+    let host = eventually("the probe to be rejected", SECONDS_20, || async {
+        let h = host_health(&proxy).await;
+        h["error"].as_str()?.contains("no encryption").then_some(h)
+    })
+    .await;
+    assert_eq!(host["tls"], "unknown", "{host}");
+    let (code, message, _) = refused(&proxy).await;
+    assert_eq!(code, "57P03", "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_connects_with_sslmode_require_and_verify_full_through_bulkhead() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Prefer)).await;
+    let ca = pki.ca().display().to_string();
+    for settings in [
+        "sslmode=require".to_string(),
+        format!("sslmode=verify-full sslrootcert={ca}"),
+    ] {
+        let out = psql(&proxy, &settings, "postgres", "", "\\conninfo");
+        assert!(out.status.success(), "{settings}: {}", text(&out));
+        assert!(
+            text(&out).contains("SSL connection"),
+            "{settings}: {}",
+            text(&out)
+        );
+        let out = psql(
+            &proxy,
+            &settings,
+            "postgres",
+            "",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        );
+        assert_eq!(text(&out).trim(), "t", "{settings}");
+    }
+    // Under "prefer" a plaintext client still gets in.
+    let out = psql(&proxy, "sslmode=disable", "postgres", "", "SELECT 1");
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_clients_are_refused_with_28000_when_the_listener_requires_tls() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Require)).await;
+    let (code, message, _) = refused(&proxy).await;
+    assert_eq!(code, "28000", "{message}");
+    assert!(message.contains("accepts only TLS"), "{message}");
+    let out = psql(&proxy, "sslmode=disable", "postgres", "", "SELECT 1");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("accepts only TLS"), "{}", text(&out));
+    // TLS clients are served.
+    let mut params: tokio_postgres::Config = proxy.params("postgres").parse().unwrap();
+    params.ssl_mode(SslMode::Require);
+    let (c, conn) = params.connect(pki.connector()).await.unwrap();
+    tokio::spawn(conn);
+    assert!(server_side_is_tls(&c).await);
+    // A cancel request over TLS, as tokio-postgres (and libpq 17) send it.
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(pki.connector()).await.unwrap();
+    let e = sleeper.await.unwrap().err().expect("cancelled");
+    assert_eq!(sqlstate(&e), "57014");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_after_ssl_request_before_the_handshake_are_refused() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Prefer)).await;
+    let mut client = Raw::connect(proxy.addr).await;
+    let mut bytes = raw::first_packet(80_877_103, b"");
+    bytes.extend(raw::startup_packet(0, &[("user", "postgres")]));
+    client.send(&bytes).await;
+    let body = client.expect_error("FATAL", "08P01").await;
+    let message = raw::field(&body, b'M').unwrap();
+    assert!(
+        message.contains("unencrypted data after SSL request"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_works_over_tls_on_both_sides_without_channel_binding() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    pg.psql(
+        "SET password_encryption = 'scram-sha-256'; \
+         CREATE ROLE scram_user LOGIN PASSWORD 'scram-secret'",
+    );
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Prefer)).await;
+    // TLS on both sides: the client must not try to bind its login to a TLS session.
+    let out = psql(
+        &proxy,
+        "sslmode=require channel_binding=disable",
+        "scram_user",
+        "scram-secret",
+        "SELECT current_user",
+    );
+    assert_eq!(text(&out).trim(), "scram_user", "{}", text(&out));
+    // A plaintext client with TLS only toward the server: plain SCRAM, as offered.
+    let out = psql(
+        &proxy,
+        "sslmode=disable",
+        "scram_user",
+        "scram-secret",
+        "SELECT current_user",
+    );
+    assert_eq!(text(&out).trim(), "scram_user", "{}", text(&out));
+    // libpq's default (channel_binding=prefer) over TLS would be taken by the server as a
+    // downgrade; bulkhead says why and what to do instead.
+    let out = psql(
+        &proxy,
+        "sslmode=require",
+        "scram_user",
+        "scram-secret",
+        "SELECT 1",
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("channel binding cannot pass through bulkhead")
+            && text(&out).contains("channel_binding=disable"),
+        "{}",
+        text(&out)
+    );
+    // tokio-postgres over TLS: the same both ways.
+    let mut params: tokio_postgres::Config = proxy.params("scram_user").parse().unwrap();
+    params.password("scram-secret").ssl_mode(SslMode::Require);
+    let e = params
+        .connect(pki.connector())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&e), "08P01");
+    params.channel_binding(ChannelBinding::Disable);
+    let (c, conn) = params.connect(pki.connector()).await.unwrap();
+    tokio::spawn(conn);
+    assert_eq!(first_value(&c, "SELECT current_user").await, "scram_user");
+    assert!(server_side_is_tls(&c).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_cancel_statements_on_a_tls_only_server() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let mut cfg = config(&pg, ServerTls::VerifyFull, Some(&pki.ca()));
+    cfg.timeouts.read = Duration::from_millis(500);
+    let proxy = Proxy::start(cfg).await;
+    let c = proxy.connect().await;
+    let started = Instant::now();
+    let e = c
+        .simple_query("SELECT pg_sleep(30)")
+        .await
+        .err()
+        .expect("cancelled at the read deadline");
+    assert_eq!(sqlstate(&e), "57014");
+    // Cancelled on the server (the CancelRequest went in plaintext, which hostnossl-reject
+    // does not stop), so the answer came well within the deadline plus the grace period.
+    assert!(started.elapsed() < Duration::from_millis(500 + 1000 + 1000));
+    assert_eq!(first_value(&c, "SELECT 1").await, "1");
+    assert!(server_side_is_tls(&c).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_follow_a_failover_between_tls_only_servers() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let primary = Cluster::start_tls(&pki);
+    let standby = Cluster::standby_of(&primary);
+    let mut cfg = config(&primary, ServerTls::VerifyFull, Some(&pki.ca()));
+    cfg.database.hosts = vec![primary.addr(), standby.addr()];
+    cfg.database.connect_timeout = Duration::from_secs(1);
+    cfg.probe.timeout = Duration::from_millis(500);
+    let proxy = Proxy::start(cfg).await;
+    let c = proxy.connect().await;
+    c.batch_execute("CREATE TABLE moved (x int); INSERT INTO moved VALUES (1)")
+        .await
+        .unwrap();
+    eventually("the standby to replay the table", SECONDS_20, || async {
+        (standby.psql("SELECT count(*) FROM pg_class WHERE relname = 'moved'") == "1").then_some(())
+    })
+    .await;
+    primary.stop("immediate");
+    standby.promote();
+    let c = eventually("a session on the new primary", SECONDS_20, || async {
+        let c = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+            .await
+            .ok()
+            .map(|(c, conn)| {
+                tokio::spawn(conn);
+                c
+            })?;
+        c.batch_execute("INSERT INTO moved VALUES (2)").await.ok()?;
+        Some(c)
+    })
+    .await;
+    assert!(server_side_is_tls(&c).await);
+    assert_eq!(standby.psql("SELECT count(*) FROM moved"), "2");
+}
