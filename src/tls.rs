@@ -372,3 +372,70 @@ impl ServerCertVerifier for AnyName {
         self.0.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text).unwrap()
+    }
+
+    #[test]
+    fn missing_files_are_named_with_their_key() {
+        let e = Tls::load(&config(
+            "[listen]\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"/nonexistent/k.pem\"\n",
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("listen.tls_cert_file") && e.contains("/nonexistent/c.pem"),
+            "{e}"
+        );
+        let e = Tls::load(&config(
+            "[database]\ntls = \"verify-full\"\nca_file = \"/nonexistent/ca.pem\"\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("database.ca_file"), "{e}");
+    }
+
+    #[test]
+    fn a_file_without_certificates_is_refused() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = Tls::load(&config(&format!(
+            "[database]\ntls = \"verify-ca\"\nca_file = \"{}\"\n",
+            empty.display()
+        )))
+        .unwrap_err();
+        assert!(e.contains("no certificate"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn modes_without_files_need_nothing_loaded() {
+        for mode in ["disable", "prefer", "require"] {
+            let tls = Tls::load(&config(&format!("[database]\ntls = \"{mode}\"\n"))).unwrap();
+            assert_eq!(tls.connector().is_some(), mode != "disable", "{mode}");
+            assert!(tls.acceptor().is_none());
+        }
+    }
+
+    #[test]
+    fn server_names_come_from_the_host_part() {
+        assert_eq!(
+            server_name("db.internal:5432").unwrap(),
+            ServerName::try_from("db.internal").unwrap()
+        );
+        assert!(matches!(
+            server_name("127.0.0.1:5432").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name("[::1]:5432").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(server_name("bad name!:5432").is_err());
+    }
+}

@@ -270,7 +270,7 @@ async fn plaintext_clients_are_refused_with_28000_when_the_listener_requires_tls
     let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     token.cancel_query(pki.connector()).await.unwrap();
-    let e = sleeper.await.unwrap().err().expect("cancelled");
+    let e = sleeper.await.unwrap().expect_err("cancelled");
     assert_eq!(sqlstate(&e), "57014");
 }
 
@@ -362,8 +362,7 @@ async fn deadlines_cancel_statements_on_a_tls_only_server() {
     let e = c
         .simple_query("SELECT pg_sleep(30)")
         .await
-        .err()
-        .expect("cancelled at the read deadline");
+        .expect_err("cancelled at the read deadline");
     assert_eq!(sqlstate(&e), "57014");
     // Cancelled on the server (the CancelRequest went in plaintext, which hostnossl-reject
     // does not stop), so the answer came well within the deadline plus the grace period.
@@ -406,4 +405,81 @@ async fn sessions_follow_a_failover_between_tls_only_servers() {
     .await;
     assert!(server_side_is_tls(&c).await);
     assert_eq!(standby.psql("SELECT count(*) FROM moved"), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_tls_both_ways_and_check_names_a_missing_certificate() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let port = crate::support::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bulkhead.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\ntls = \"prefer\"\n\
+             tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n\
+             [database]\nhosts = [\"{host}\"]\ntls = \"verify-full\"\nca_file = \"{ca}\"\n",
+            host = pg.addr(),
+            ca = pki.ca().display(),
+            cert = pki.cert().display(),
+            key = pki.key().display(),
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_bulkhead");
+    let check = Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    let _child = tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=verify-full sslrootcert={}",
+        pki.ca().display()
+    );
+    let out = eventually("psql through the binary", SECONDS_20, || async {
+        let out = Command::new("psql")
+            .arg(&conninfo)
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .output()
+            .unwrap();
+        out.status.success().then_some(out)
+    })
+    .await;
+    assert_eq!(text(&out).trim(), "t");
+
+    // A certificate file that is not there: --check says which key and which file.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        "[listen]\ntls_cert_file = \"/nonexistent/server.pem\"\ntls_key_file = \"/nonexistent/server.key\"\n",
+    )
+    .unwrap();
+    let check = Command::new(bin)
+        .arg("--config")
+        .arg(&missing)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(1));
+    assert!(
+        text(&check).contains("listen.tls_cert_file")
+            && text(&check).contains("/nonexistent/server.pem"),
+        "{}",
+        text(&check)
+    );
 }
