@@ -1,5 +1,10 @@
 """Side-by-side: direct, bulkhead, PgBouncer, HAProxy, on one PostgreSQL, interleaved rounds.
 
+The server has ssl = on (a self-signed certificate made with openssl). The plain workloads use
+no TLS anywhere. The TLS workloads compare TLS to the server: bulkhead with [database] tls =
+"require" and PgBouncer with server_tls_sslmode = require (clients in plaintext, as a sidecar's
+are), against pgbench with sslmode=require directly and through HAProxy (TLS end to end).
+
 Reports per workload and system: median tps, average and p99 latency, ratios, and proxy CPU
 seconds per 100k transactions (utime + stime of the proxy process from /proc). On a small
 machine the proxy, pgbench and PostgreSQL share the cores, so CPU per transaction is the fair
@@ -71,17 +76,30 @@ class Systems:
         self.pg_port = free_port()
         data = os.path.join(work, "data")
         run(as_server_user([f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync"]))
+        run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+             "-keyout", os.path.join(data, "server.key"), "-out", os.path.join(data, "server.crt")])
+        os.chmod(os.path.join(data, "server.key"), 0o600)
+        if AS_ROOT:
+            for f in ("server.key", "server.crt"):
+                shutil.chown(os.path.join(data, f), "postgres")
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            f.write("ssl = on\n")
             f.write(f"port = {self.pg_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{work}'\n"
                     f"max_connections = {idle_clients + 300}\nshared_buffers = 256MB\nfsync = off\n"
                     "synchronous_commit = off\nfull_page_writes = off\n")
         run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(work, "pg.log"), "-w", "start"]))
         self.data = data
         run([f"{PG_BIN}/pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres", "postgres"])
-        self.ports = {"direct": self.pg_port}
-        self.start_bulkhead(idle_clients)
-        self.start_pgbouncer(idle_clients)
+        self.ports = {"direct": self.pg_port, "direct-tls": self.pg_port}
+        # What pgbench's own connection uses: TLS only where the client does TLS itself.
+        self.sslmode = {"direct-tls": "require", "haproxy-tls": "require"}
+        self.start_bulkhead("bulkhead", "disable", idle_clients)
+        self.start_bulkhead("bulkhead-tls", "require", idle_clients)
+        self.start_pgbouncer("pgbouncer", "disable", idle_clients)
+        self.start_pgbouncer("pgbouncer-tls", "require", idle_clients)
         self.start_haproxy(idle_clients)
+        self.ports["haproxy-tls"] = self.ports["haproxy"]
+        self.procs["haproxy-tls"] = self.procs["haproxy"]
 
     def spawn(self, name, cmd, port):
         log = open(os.path.join(self.work, f"{name}.log"), "w")
@@ -89,18 +107,18 @@ class Systems:
         self.ports[name] = port
         wait_port(port, name)
 
-    def start_bulkhead(self, idle_clients):
+    def start_bulkhead(self, name, tls, idle_clients):
         port = free_port()
-        conf = os.path.join(self.work, "bulkhead.toml")
+        conf = os.path.join(self.work, f"{name}.toml")
         with open(conf, "w") as f:
             f.write(f'[listen]\naddress = "127.0.0.1:{port}"\n[health]\naddress = "127.0.0.1:{free_port()}"\n'
-                    f'[database]\nhosts = ["127.0.0.1:{self.pg_port}"]\n'
+                    f'[database]\nhosts = ["127.0.0.1:{self.pg_port}"]\ntls = "{tls}"\n'
                     f'[limits]\nmax_clients = {idle_clients + 200}\nmax_inflight = 256\nmax_inflight_writes = 256\n')
-        self.spawn("bulkhead", [os.path.join(ROOT, "target/release/bulkhead"), "--config", conf], port)
+        self.spawn(name, [os.path.join(ROOT, "target/release/bulkhead"), "--config", conf], port)
 
-    def start_pgbouncer(self, idle_clients):
+    def start_pgbouncer(self, name, tls, idle_clients):
         port = free_port()
-        conf = os.path.join(self.work, "pgbouncer.ini")
+        conf = os.path.join(self.work, f"{name}.ini")
         users = os.path.join(self.work, "users.txt")
         open(users, "w").write('"postgres" ""\n')
         with open(conf, "w") as f:
@@ -108,14 +126,15 @@ class Systems:
                     f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
                     f"auth_type = trust\nauth_file = {users}\npool_mode = session\n"
                     f"max_client_conn = {idle_clients + 200}\ndefault_pool_size = {idle_clients + 100}\n"
-                    f"max_db_connections = 0\nlogfile = {self.work}/pgbouncer.out\npidfile =\n")
+                    f"max_db_connections = 0\nlogfile = {self.work}/{name}.out\npidfile =\n"
+                    f"server_tls_sslmode = {tls}\n")
         if AS_ROOT:
             for p in (conf, users):
                 shutil.chown(p, "postgres")
         exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        self.spawn("pgbouncer", as_server_user([exe, conf]), port)
+        self.spawn(name, as_server_user([exe, conf]), port)
         if AS_ROOT:  # runuser is the parent; find pgbouncer itself for /proc
-            self.procs["pgbouncer"].real_pid = int(run(["pgrep", "-n", "-f", f"pgbouncer {conf}"]).stdout.split()[0])
+            self.procs[name].real_pid = int(run(["pgrep", "-n", "-f", f"pgbouncer {conf}"]).stdout.split()[0])
 
     def start_haproxy(self, idle_clients):
         port = free_port()
@@ -132,9 +151,10 @@ class Systems:
         return getattr(p, "real_pid", p.pid) if p else None
 
     def stop(self):
-        for p in self.procs.values():
+        procs = {id(p): p for p in self.procs.values()}.values()
+        for p in procs:
             p.terminate()
-        for p in self.procs.values():
+        for p in procs:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -142,12 +162,13 @@ class Systems:
         subprocess.run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
 
 
-def pgbench(port, args, seconds, logdir):
+def pgbench(port, sslmode, args, seconds, logdir):
     for f in glob.glob(os.path.join(logdir, "pgbench_log*")):
         os.remove(f)
+    env = {**os.environ, "PGSSLMODE": sslmode}
     out = run([f"{PG_BIN}/pgbench", "-n", *args, "-T", str(seconds), "-l", "--sampling-rate", "0.2",
                "--log-prefix", os.path.join(logdir, "pgbench_log"), "-h", "127.0.0.1", "-p", str(port),
-               "-U", "postgres", "postgres"], cwd=logdir).stdout
+               "-U", "postgres", "postgres"], cwd=logdir, env=env).stdout
     tps = float(out.split("tps = ")[1].split()[0])
     latency = float(out.split("latency average = ")[1].split()[0])
     done = int(out.split("number of transactions actually processed: ")[1].split()[0].split("/")[0])
@@ -195,28 +216,33 @@ def main():
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bulkhead-compare-")
     systems = Systems(work, args.idle_clients)
-    order = ["direct", "bulkhead", "pgbouncer", "haproxy"]
+    plain = ["direct", "bulkhead", "pgbouncer", "haproxy"]
+    tls = ["direct-tls", "bulkhead-tls", "pgbouncer-tls", "haproxy-tls"]
     workloads = []
     for clients in (1, 16):
         for mode in ("simple", "extended", "prepared"):
-            workloads.append((f"-S -M {mode} -c {clients}", ["-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2))]))
-    workloads.append(("-N -M prepared -c 16", ["-N", "-M", "prepared", "-c", "16", "-j", "2"]))
-    results = {(w, s): [] for w, _ in workloads for s in order}
+            workloads.append((f"-S -M {mode} -c {clients}", ["-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2))], plain))
+    workloads.append(("-N -M prepared -c 16", ["-N", "-M", "prepared", "-c", "16", "-j", "2"], plain))
+    workloads.append(("TLS -S -M prepared -c 1", ["-S", "-M", "prepared", "-c", "1"], tls))
+    workloads.append(("TLS -S -M prepared -c 16", ["-S", "-M", "prepared", "-c", "16", "-j", "2"], tls))
+    workloads.append(("TLS -S -M simple -c 4 -C", ["-S", "-M", "simple", "-c", "4", "-j", "2", "-C"], tls))
+    results = {(w, s): [] for w, _, order in workloads for s in order}
     try:
         alloc = subprocess.run(["cargo", "bench", "--quiet", "--bench", "alloc"], cwd=ROOT, capture_output=True, text=True,
                                env={**os.environ, "BULKHEAD_BENCH_PG": f"127.0.0.1:{systems.pg_port}"})
         alloc_report = alloc.stdout.strip() or alloc.stderr.strip()[-2000:]
         for r in range(args.rounds):
-            for name, wargs in workloads:
+            for name, wargs, order in workloads:
                 for system in order:
                     pid = systems.pid(system)
                     cpu0 = cpu_seconds(pid) if pid else 0.0
-                    tps, lat, p99, done, failed = pgbench(systems.ports[system], wargs, args.seconds, work)
+                    sslmode = systems.sslmode.get(system, "disable")
+                    tps, lat, p99, done, failed = pgbench(systems.ports[system], sslmode, wargs, args.seconds, work)
                     cpu = (cpu_seconds(pid) - cpu0) if pid else float("nan")
                     results[(name, system)].append((tps, lat, p99, cpu / done * 100_000 if done else float("nan"), failed))
                     print(f"round {r + 1} {name:24} {system:9} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
                           f"cpu/100k {results[(name, system)][-1][3]:.2f} failed {failed}", flush=True)
-        rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients) for s in ("bulkhead", "pgbouncer")}
+        rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients) for s in ("bulkhead", "bulkhead-tls", "pgbouncer")}
     finally:
         systems.stop()
     med = lambda xs: statistics.median(xs)
@@ -228,14 +254,15 @@ def main():
         "| workload | system | tps | avg latency ms | p99 ms | proxy CPU-s / 100k tx | tps vs direct | vs PgBouncer | vs HAProxy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, _ in workloads if args.rounds else []:
+    for name, _, order in workloads if args.rounds else []:
         tps = {s: med([x[0] for x in results[(name, s)]]) for s in order}
+        direct, pgbouncer, haproxy = (tps[s] for s in order if s.split("-")[0] in ("direct", "pgbouncer", "haproxy"))
         for s in order:
             rs = results[(name, s)]
             cpu = med([x[3] for x in rs])
             lines.append(f"| `{name}` | {s} | {tps[s]:.0f} | {med([x[1] for x in rs]):.3f} | {med([x[2] for x in rs]):.3f} | "
-                         f"{'—' if cpu != cpu else f'{cpu:.2f}'} | {tps[s] / tps['direct']:.2f} | "
-                         f"{tps[s] / tps['pgbouncer']:.2f} | {tps[s] / tps['haproxy']:.2f} |")
+                         f"{'—' if cpu != cpu else f'{cpu:.2f}'} | {tps[s] / direct:.2f} | "
+                         f"{tps[s] / pgbouncer:.2f} | {tps[s] / haproxy:.2f} |")
     lines += ["", f"RSS growth per idle client ({args.idle_clients} clients): "
               + ", ".join(f"{s} {v:.1f} KiB" for s, v in rss.items()), "", "Allocations (benches/alloc.rs):", "",
               *("    " + l for l in alloc_report.splitlines())]

@@ -423,13 +423,14 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
                 circuit.failure(&settings, "write check did not commit in time");
                 if let Some((token, addr)) = c.cancel.take() {
                     // In plaintext on its own connection, as sessions' cancels go.
-                    tokio::spawn(async move {
+                    let within = config.database.connect_timeout + probe.timeout;
+                    tokio::spawn(tokio::time::timeout(within, async move {
                         let tcp = tokio::net::TcpStream::connect(addr).await?;
                         token
                             .cancel_query_raw(tcp, NoTls)
                             .await
                             .map_err(std::io::Error::other)
-                    });
+                    }));
                 }
             }
         }

@@ -483,3 +483,40 @@ async fn the_binary_serves_tls_both_ways_and_check_names_a_missing_certificate()
         text(&check)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_and_pipelines_cross_tls_on_both_sides_intact() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Require)).await;
+    let mut params: tokio_postgres::Config = proxy.params("postgres").parse().unwrap();
+    params
+        .ssl_mode(SslMode::Require)
+        .channel_binding(ChannelBinding::Disable);
+    let (c, conn) = params.connect(pki.connector()).await.unwrap();
+    tokio::spawn(conn);
+    // 8 MiB each way: many TLS records, partial reads and writes on both sides.
+    let value: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let row = c
+        .query_one("SELECT $1::bytea, md5($1::bytea)", &[&value])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<u8>>(0), value);
+    assert_eq!(row.get::<_, String>(1).len(), 32);
+    // A pipeline of 200 statements in flight at once.
+    let statement = c.prepare("SELECT $1::int * 2").await.unwrap();
+    let queries = (0..200).map(|i| {
+        let (c, statement) = (&c, &statement);
+        async move {
+            c.query_one(statement, &[&i])
+                .await
+                .unwrap()
+                .get::<_, i32>(0)
+        }
+    });
+    let answers = futures_util::future::join_all(queries).await;
+    assert_eq!(answers, (0..200).map(|i| i * 2).collect::<Vec<_>>());
+    assert!(server_side_is_tls(&c).await);
+}
