@@ -136,13 +136,14 @@ fn pgbench() -> std::path::PathBuf {
     found.pop().unwrap_or_else(|| "pgbench".into())
 }
 
-fn whole_proxy(pg: &str) {
+fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let mut config = bulkhead::Config::default();
     config.database.hosts = vec![pg.to_string()];
+    config.database.tls = tls;
     config.probe.interval = Duration::from_secs(3600);
     config.limits.max_inflight = 256;
     config.limits.max_inflight_writes = 256;
@@ -195,7 +196,8 @@ fn whole_proxy(pg: &str) {
         let extra = ((after - middle) as f64 - (middle - before) as f64).max(0.0);
         let per_tx = extra / (4.0 * (long - short) as f64);
         println!(
-            "whole proxy, pgbench -S -M {mode}: {per_tx:.4} allocations per transaction in the steady state"
+            "whole proxy, tls = {:?}, pgbench -S -M {mode}: {per_tx:.4} allocations per transaction in the steady state",
+            tls.name()
         );
     }
 }
@@ -206,7 +208,13 @@ fn main() {
     }
     hot_path_alone();
     match std::env::var("BULKHEAD_BENCH_PG") {
-        Ok(pg) => whole_proxy(&pg),
+        Ok(pg) => {
+            whole_proxy(&pg, bulkhead::config::ServerTls::Disable);
+            // With TLS to the server too, when it has TLS (benches/compare sets this).
+            if std::env::var_os("BULKHEAD_BENCH_TLS").is_some() {
+                whole_proxy(&pg, bulkhead::config::ServerTls::Require);
+            }
+        }
         Err(_) => {
             println!("whole proxy: skipped; set BULKHEAD_BENCH_PG=host:port (benches/compare does)")
         }

@@ -229,7 +229,8 @@ def main():
     results = {(w, s): [] for w, _, order in workloads for s in order}
     try:
         alloc = subprocess.run(["cargo", "bench", "--quiet", "--bench", "alloc"], cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "BULKHEAD_BENCH_PG": f"127.0.0.1:{systems.pg_port}"})
+                               env={**os.environ, "BULKHEAD_BENCH_PG": f"127.0.0.1:{systems.pg_port}",
+                                    "BULKHEAD_BENCH_TLS": "1", "PGSSLMODE": "disable"})
         alloc_report = alloc.stdout.strip() or alloc.stderr.strip()[-2000:]
         for r in range(args.rounds):
             for name, wargs, order in workloads:

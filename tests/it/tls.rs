@@ -218,6 +218,44 @@ async fn prefer_uses_tls_when_offered_and_plaintext_when_not_and_disable_never_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_logs_bulkhead_and_its_probe_in_where_the_server_demands_one() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls_cert_auth(&pki);
+    let mut cfg = config(&pg, ServerTls::VerifyFull, Some(&pki.ca()));
+    cfg.database.cert_file = pki.client_cert().display().to_string();
+    cfg.database.key_file = pki.client_key().display().to_string();
+    let proxy = Proxy::start(cfg).await;
+    let c = proxy.connect().await;
+    assert_eq!(
+        first_value(
+            &c,
+            "SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
+        .await,
+        "/CN=postgres"
+    );
+    eventually("the probe to log in by certificate", SECONDS_20, || async {
+        (host_health(&proxy).await["tls"] == "on").then_some(())
+    })
+    .await;
+    proxy.shutdown().await;
+
+    // Without the certificate the server refuses the login, and the probe says why.
+    let mut cfg = config(&pg, ServerTls::VerifyFull, Some(&pki.ca()));
+    cfg.circuit.hold_new_connections = Duration::from_millis(500);
+    let proxy = Proxy::start(cfg).await;
+    let host = eventually("the probe to be refused", SECONDS_20, || async {
+        let h = host_health(&proxy).await;
+        h["error"].as_str()?.contains("28000").then_some(h)
+    })
+    .await;
+    assert!(
+        host["error"].as_str().unwrap().contains("certificate"),
+        "{host}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_connects_with_sslmode_require_and_verify_full_through_bulkhead() {
     let pki = Pki::new(&["127.0.0.1"]);
     let pg = Cluster::start_tls(&pki);

@@ -158,15 +158,31 @@ impl Cluster {
     /// connections only (pg_hba.conf has hostssl lines and rejects the rest), so a session
     /// that reaches it proves bulkhead spoke TLS.
     pub fn start_tls(pki: &tls::Pki) -> Cluster {
+        Cluster::start_tls_with(
+            pki,
+            "hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all 127.0.0.1/32 trust\n",
+        )
+    }
+
+    /// As [`Cluster::start_tls`], but every TCP login is by client certificate (`cert`: signed
+    /// by `pki`'s CA, with the user name as its CN), so a session proves bulkhead presented one.
+    pub fn start_tls_cert_auth(pki: &tls::Pki) -> Cluster {
+        Cluster::start_tls_with(pki, "hostssl all all 127.0.0.1/32 cert\n")
+    }
+
+    fn start_tls_with(pki: &tls::Pki, hba: &str) -> Cluster {
         Cluster::start_prepared(
             &[
                 "ssl = on",
                 "ssl_cert_file = 'server.pem'",
                 "ssl_key_file = 'server.key'",
+                "ssl_ca_file = 'ca.pem'",
             ],
             |data| {
                 std::fs::copy(pki.cert(), data.join("server.pem")).unwrap();
                 std::fs::copy(pki.key(), data.join("server.key")).unwrap();
+                std::fs::copy(pki.ca(), data.join("ca.pem")).unwrap();
                 run(
                     Command::new("chmod")
                         .arg("600")
@@ -175,11 +191,12 @@ impl Cluster {
                 );
                 std::fs::write(
                     data.join("pg_hba.conf"),
-                    "local all all trust\n\
-                     hostnossl all all 127.0.0.1/32 reject\n\
-                     hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
-                     hostssl all all 127.0.0.1/32 trust\n\
-                     hostssl replication all 127.0.0.1/32 trust\n",
+                    format!(
+                        "local all all trust\n\
+                         hostnossl all all 127.0.0.1/32 reject\n\
+                         {hba}\
+                         hostssl replication all 127.0.0.1/32 trust\n"
+                    ),
                 )
                 .unwrap();
             },

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
-/// A directory holding `ca.pem`, `server.pem` and `server.key`.
+/// A directory holding `ca.pem`, `server.pem` and `server.key` (and, from [`Pki::new`],
+/// `client.pem` and `client.key`).
 pub struct Pki {
     dir: tempfile::TempDir,
 }
@@ -28,7 +29,17 @@ impl Pki {
         let issuer = Issuer::new(ca, ca_key);
         let key = KeyPair::generate().unwrap();
         let cert = server_params(names).signed_by(&key, &issuer).unwrap();
-        Pki::write(&ca_cert.pem(), &cert.pem(), &key.serialize_pem())
+        let pki = Pki::write(&ca_cert.pem(), &cert.pem(), &key.serialize_pem());
+        // A client certificate for the user postgres, for servers that log in by certificate.
+        let client_key = KeyPair::generate().unwrap();
+        let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "postgres");
+        let client_cert = client.signed_by(&client_key, &issuer).unwrap();
+        std::fs::write(pki.client_cert(), client_cert.pem()).unwrap();
+        std::fs::write(pki.client_key(), client_key.serialize_pem()).unwrap();
+        pki
     }
 
     /// A certificate for `names` that signs itself; `ca.pem` is that same certificate.
@@ -59,6 +70,15 @@ impl Pki {
 
     pub fn key(&self) -> PathBuf {
         self.dir.path().join("server.key")
+    }
+
+    /// A certificate with CN postgres, signed by the CA (made by [`Pki::new`] only).
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.path().join("client.pem")
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client.key")
     }
 
     /// A tokio-postgres connector that trusts only this CA.
