@@ -213,6 +213,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--idle-clients", type=int, default=1000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="run only the workloads whose name contains this")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bulkhead-compare-")
     systems = Systems(work, args.idle_clients)
@@ -226,6 +227,7 @@ def main():
     workloads.append(("TLS -S -M prepared -c 1", ["-S", "-M", "prepared", "-c", "1"], tls))
     workloads.append(("TLS -S -M prepared -c 16", ["-S", "-M", "prepared", "-c", "16", "-j", "2"], tls))
     workloads.append(("TLS -S -M simple -c 4 -C", ["-S", "-M", "simple", "-c", "4", "-j", "2", "-C"], tls))
+    workloads = [w for w in workloads if args.only in w[0]]
     results = {(w, s): [] for w, _, order in workloads for s in order}
     try:
         alloc = subprocess.run(["cargo", "bench", "--quiet", "--bench", "alloc"], cwd=ROOT, capture_output=True, text=True,

@@ -5,8 +5,9 @@
 //! circuits and admission publish: no database query per request, and no lock the data path
 //! takes on its hot path.
 //!
-//! Liveness is a watchdog: a heartbeat task on the data-path runtime stamps the time every
-//! 100 ms; /livez answers 503 when the stamp is more than a second old.
+//! Liveness is a watchdog: a heartbeat task on each data-path runtime (the one that accepts,
+//! and every worker) stamps the time every 100 ms; /livez answers 503 when any stamp is more
+//! than a second old.
 
 use std::convert::Infallible;
 use std::io;
@@ -37,46 +38,55 @@ pub const HEARTBEAT_STALE: Duration = Duration::from_secs(1);
 /// A connection to the health port may take this long in all; a slow client cannot pile up.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The data path's proof of life: milliseconds since `origin` at the last tick (0: none yet).
+/// The data path's proof of life, one stamp per runtime (the accepting one, then each worker):
+/// milliseconds since `origin` at its last tick (0: none yet).
 #[derive(Debug)]
 pub struct Heartbeat {
     origin: std::time::Instant,
-    last_ms: AtomicU64,
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Heartbeat {
-            origin: std::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
+    last_ms: Box<[AtomicU64]>,
 }
 
 impl Heartbeat {
-    fn beat(&self) {
-        let ms = self.origin.elapsed().as_millis() as u64;
-        self.last_ms.store(ms.max(1), Ordering::Relaxed);
+    /// For the accepting runtime and `workers` worker runtimes.
+    pub fn new(workers: usize) -> Self {
+        Heartbeat {
+            origin: std::time::Instant::now(),
+            last_ms: (0..=workers).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
-    /// How long since the last beat, or `None` if there was none yet.
-    fn age(&self) -> Option<Duration> {
-        let last = self.last_ms.load(Ordering::Relaxed);
+    fn beat(&self, runtime: usize) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms[runtime].store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// The runtime that beat least recently and how long ago, or `None` if one has not beaten
+    /// yet.
+    fn oldest(&self) -> Option<(usize, Duration)> {
+        let (runtime, last) = self
+            .last_ms
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|&(_, ms)| ms)?;
         (last > 0).then(|| {
-            self.origin
+            let age = self
+                .origin
                 .elapsed()
-                .saturating_sub(Duration::from_millis(last))
+                .saturating_sub(Duration::from_millis(last));
+            (runtime, age)
         })
     }
 }
 
-/// Runs on the data-path runtime: if this task cannot run, that runtime is stuck.
-pub(crate) async fn heartbeat(shared: Arc<Shared>) {
+/// Runs on data-path runtime `runtime` (0 accepts; workers from 1): if it cannot run, that
+/// runtime is stuck.
+pub(crate) async fn heartbeat(shared: Arc<Shared>, runtime: usize) {
     let mut ticks = tokio::time::interval(HEARTBEAT_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         ticks.tick().await;
-        shared.heartbeat.beat();
+        shared.heartbeat.beat(runtime);
     }
 }
 
@@ -209,10 +219,14 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// Alive while the data-path runtime runs its heartbeat. Never asks the database.
 fn livez(shared: &Shared) -> Result<(), String> {
-    match shared.heartbeat.age() {
+    match shared.heartbeat.oldest() {
         None => Err("the data path has not started".into()),
-        Some(age) if age > HEARTBEAT_STALE => Err(format!(
-            "the data-path runtime has not run its heartbeat for {} ms",
+        Some((runtime, age)) if age > HEARTBEAT_STALE => Err(format!(
+            "the data-path runtime {} has not run its heartbeat for {} ms",
+            match runtime {
+                0 => "that accepts connections".to_string(),
+                n => format!("of worker {n}"),
+            },
             age.as_millis()
         )),
         Some(_) => Ok(()),
@@ -294,4 +308,26 @@ fn report(shared: &Shared) -> Report {
         "inflight_writes": shared.admission.writes.held(),
     });
     Report { not_ready, json }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_runtime_speaks_for_all() {
+        let h = Heartbeat::new(2);
+        assert_eq!(h.oldest(), None);
+        h.beat(0);
+        h.beat(1);
+        assert_eq!(h.oldest(), None, "worker 2 has not beaten yet");
+        std::thread::sleep(Duration::from_millis(5));
+        h.beat(2);
+        std::thread::sleep(Duration::from_millis(5));
+        h.beat(0);
+        h.beat(2);
+        let (runtime, age) = h.oldest().unwrap();
+        assert_eq!(runtime, 1);
+        assert!(age >= Duration::from_millis(5), "{age:?}");
+    }
 }

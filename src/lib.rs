@@ -7,6 +7,7 @@
 //! - `session`: one client's life, from the first packet to the last byte.
 //! - [`upstream`]: connecting to servers and sending cancel requests.
 //! - [`tls`]: TLS toward servers and from clients, and the stream type both sides use.
+//! - [`workers`]: the threads sessions run on, one single-threaded runtime each.
 //! - [`cancel`]: the map from the cancel keys clients hold to the servers' own.
 //! - [`errors`]: the one place that turns a failure into SQLSTATE, message and hint.
 //! - [`metrics`]: metric names and handles.
@@ -30,6 +31,7 @@ mod session;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;
+pub mod workers;
 
 use std::future::Future;
 use std::io;
@@ -74,12 +76,15 @@ pub(crate) struct Shared {
 pub struct Bulkhead {
     shared: Arc<Shared>,
     phase: watch::Sender<Phase>,
+    /// How many worker threads `serve` starts for the sessions.
+    workers: usize,
 }
 
 impl Bulkhead {
     /// Sets up a proxy for `config`. Fails when a TLS file it names cannot be used.
     pub fn new(config: Config) -> Result<Self, String> {
         let tls = tls::Tls::load(&config)?;
+        let workers = workers::default_count();
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let metrics = Metrics::new();
         let topology = probe::Topology::new(&config.database.hosts, &metrics);
@@ -91,10 +96,14 @@ impl Bulkhead {
             phase: phase_rx,
             topology,
             admission,
-            heartbeat: health::Heartbeat::default(),
+            heartbeat: health::Heartbeat::new(workers),
             tls,
         });
-        Ok(Bulkhead { shared, phase })
+        Ok(Bulkhead {
+            shared,
+            phase,
+            workers,
+        })
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -133,7 +142,10 @@ impl Bulkhead {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         let mut background = probe::spawn(&self.shared);
         background.push(tokio::spawn(housekeeping(self.shared.clone())));
-        background.push(tokio::spawn(health::heartbeat(self.shared.clone())));
+        background.push(tokio::spawn(health::heartbeat(self.shared.clone(), 0)));
+        let shared = self.shared.clone();
+        let workers =
+            workers::Workers::start(self.workers, |i| health::heartbeat(shared.clone(), i + 1))?;
         let mut next_id: u64 = 0;
         tokio::pin!(shutdown);
         loop {
@@ -145,7 +157,17 @@ impl Bulkhead {
                         next_id += 1;
                         let admitted = self.shared.admission.client_arrived();
                         let span = info_span!("session", id = next_id, %peer);
-                        tokio::spawn(session::serve(self.shared.clone(), socket, admitted, alive.clone()).instrument(span));
+                        // The socket leaves this runtime's reactor for its worker's.
+                        match socket.into_std() {
+                            Ok(socket) => workers.spawn(
+                                session::serve(self.shared.clone(), socket, admitted, alive.clone())
+                                    .instrument(span),
+                            ),
+                            Err(e) => {
+                                warn!(error = %e, "cannot hand a client to a worker");
+                                self.shared.admission.client_left();
+                            }
+                        }
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.

@@ -61,7 +61,9 @@ fn main() -> ExitCode {
         println!("{}: valid", args.config.display());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This runtime accepts, probes and keeps house; sessions run on the worker threads that
+    // `Bulkhead::serve` starts (one per core, or BULKHEAD_WORKERS).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -42,12 +42,17 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// ends, which is how the server knows it has drained.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    client: TcpStream,
+    client: std::net::TcpStream,
     admitted: bool,
     _alive: mpsc::Sender<()>,
 ) {
     let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
     let _client_count = ClientCount(&shared.admission);
+    // Accepted on another runtime: register it with this worker's reactor.
+    let client = match TcpStream::from_std(client) {
+        Ok(client) => client,
+        Err(e) => return warn!(error = %e, "cannot take over a client connection"),
+    };
     let config = Snapshot::new(&shared.live);
     let started = Instant::now();
     let startup_deadline = started + config.config().timeouts.startup;
@@ -56,16 +61,25 @@ pub(crate) async fn serve(
     let first = loop {
         let step = tokio::time::timeout_at(
             startup_deadline,
-            read_first_packet(&shared, config.config(), &mut client, &mut negotiations),
+            // Boxed, as are the other startup steps: their state (a TLS handshake's is
+            // kilobytes) is freed when they finish instead of sizing the session's task.
+            Box::pin(read_first_packet(
+                &shared,
+                config.config(),
+                &mut client,
+                &mut negotiations,
+            )),
         )
         .await;
         match step {
             Ok(Ok(First::Start(first))) => break first,
             Ok(Ok(First::Done)) => return,
-            Ok(Ok(First::Upgrade)) => match accept_tls(&shared, client, startup_deadline).await {
-                Some(tls) => client = tls,
-                None => return,
-            },
+            Ok(Ok(First::Upgrade)) => {
+                match Box::pin(accept_tls(&shared, client, startup_deadline)).await {
+                    Some(tls) => client = tls,
+                    None => return,
+                }
+            }
             Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
             Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
         }
@@ -75,7 +89,7 @@ pub(crate) async fn serve(
         let max = config.config().limits.max_clients;
         return refuse(&mut client, Refusal::TooManyClients(max)).await;
     }
-    let (mut server, addr, host) = match connect_primary(&shared, config.config()).await {
+    let (mut server, addr, host) = match Box::pin(connect_primary(&shared, config.config())).await {
         Ok(connected) => connected,
         Err(refusal) => {
             if let Refusal::NoPrimary(why) = &refusal {

@@ -1,0 +1,102 @@
+//! The data path's threads: one single-threaded tokio runtime per worker (half the cores, or
+//! `BULKHEAD_WORKERS`), each on its own OS thread with its own epoll and timers. A session is handed to the worker with the fewest
+//! sessions when it is accepted and stays there, so its wake-ups never cross threads and no
+//! worker ever wakes another to steal work (tokio's multi-threaded scheduler does both, and on
+//! a small machine that cross-thread signalling costs more CPU than the relay itself).
+//!
+//! The accept loop, the probes and housekeeping stay on the runtime that calls
+//! [`crate::Bulkhead::serve`].
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// How many workers to start: `BULKHEAD_WORKERS` if set, else half the cores this process may
+/// use (at least one). A sidecar shares its node with the application it serves and with
+/// PostgreSQL's clients; on two cores one worker costs less CPU per transaction than two (see
+/// the README's benchmarks).
+pub fn default_count() -> usize {
+    std::env::var("BULKHEAD_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / 2).max(1)
+        })
+}
+
+struct Worker {
+    handle: Handle,
+    /// Sessions on this worker now.
+    sessions: Arc<AtomicUsize>,
+    /// Dropping it ends the worker's runtime, and every task still on it.
+    _stop: oneshot::Sender<()>,
+}
+
+/// The running workers. Dropping this stops them.
+pub struct Workers {
+    workers: Vec<Worker>,
+}
+
+impl Workers {
+    /// Starts `count` workers; `on_start(i)` runs on worker `i`'s runtime first (its heartbeat).
+    pub fn start<F, Fut>(count: usize, on_start: F) -> io::Result<Workers>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut workers = Vec::with_capacity(count);
+        for i in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            let (stop, stopped) = oneshot::channel::<()>();
+            handle.spawn(on_start(i));
+            std::thread::Builder::new()
+                .name(format!("bulkhead-worker-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    // Dropping the runtime here cancels the sessions still on it.
+                })?;
+            workers.push(Worker {
+                handle,
+                sessions: Arc::new(AtomicUsize::new(0)),
+                _stop: stop,
+            });
+        }
+        Ok(Workers { workers })
+    }
+
+    /// Runs `session` on the least busy worker. A socket it uses must be moved there as a
+    /// `std::net::TcpStream` (see `TcpStream::into_std`) and registered again on arrival.
+    pub fn spawn(&self, session: impl Future<Output = ()> + Send + 'static) {
+        let worker = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.sessions.load(Ordering::Relaxed))
+            .expect("at least one worker");
+        let sessions = worker.sessions.clone();
+        sessions.fetch_add(1, Ordering::Relaxed);
+        worker.handle.spawn(async move {
+            let _count = Count(sessions);
+            session.await
+        });
+    }
+}
+
+/// Counts a session on its worker while it lives.
+struct Count(Arc<AtomicUsize>);
+
+impl Drop for Count {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
