@@ -200,7 +200,8 @@ def idle_rss(port, pid, n):
                 sys.exit("idle client refused")
             buf += chunk
         socks.append(s)
-    time.sleep(2.5)  # idle sessions give their buffers back after a second quiet; then measure
+    time.sleep(7)  # idle sessions give their buffers back after a second quiet, and memory
+    # is returned to the system every 5 s; then measure
     after = rss_kib(pid)
     for s in socks:
         s.close()

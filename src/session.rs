@@ -100,15 +100,18 @@ pub(crate) async fn serve(
     };
     let _server_gauge = GaugeGuard::new(&shared.metrics.server_connections);
     debug!(server = %addr, "connected to server");
-    if let Err(e) = server.write_all(&first.packet).await {
+    let FirstPacket { packet, leftover } = first;
+    if let Err(e) = server.write_all(&packet).await {
         return refuse(&mut client, Refusal::ServerLost(e.to_string())).await;
     }
+    // Not kept for the session's life: it shares its memory with `leftover`, copied below.
+    drop(packet);
     let mut relay = Relay::new(
         client,
         server,
         addr,
         host,
-        first.leftover,
+        leftover,
         startup_deadline,
         config,
     );
