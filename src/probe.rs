@@ -193,6 +193,15 @@ impl Topology {
         }
     }
 
+    /// The first host's reason for failing TLS, if any host fails it.
+    pub fn any_tls_failure(&self) -> Option<String> {
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts
+            .iter()
+            .find(|h| h.tls == TlsState::Failed)
+            .and_then(|h| h.error.clone())
+    }
+
     /// Records what a probe of host `index` found and chooses the primary again.
     pub fn report(&self, index: usize, report: Report, took: Duration) {
         let tls_failed = matches!(report, Report::TlsFailed(_));
@@ -561,6 +570,7 @@ mod tests {
         assert_eq!(t.tls_failure(), None, "host 1 not probed yet");
         t.report(1, Report::Down("refused".into()), MS);
         assert_eq!(t.tls_failure(), None, "host 1 may come back");
+        assert_eq!(t.any_tls_failure().as_deref(), Some("bad CA"));
         t.report(1, Report::TlsFailed("bad name".into()), MS);
         assert_eq!(t.tls_failure().as_deref(), Some("bad CA"));
         assert_eq!(t.hosts()[0].tls, TlsState::Failed);

@@ -165,10 +165,12 @@ async fn connect_primary(
             return Err(Refusal::ServerTls(why));
         }
         if Instant::now() >= deadline {
-            return Err(Refusal::NoPrimary(format!(
-                "{last_error} (waited {})",
-                humantime::format_duration(hold)
-            )));
+            let mut why = format!("{last_error} (waited {})", humantime::format_duration(hold));
+            // Some host fails TLS as configured: that may be why no primary is known.
+            if let Some(tls) = shared.topology.any_tls_failure() {
+                why.push_str(&format!("; TLS failed: {tls}"));
+            }
+            return Err(Refusal::NoPrimary(why));
         }
         // Wait for the probe to see a change, but look again at least every probe interval.
         let retry = (Instant::now() + config.probe.interval).min(deadline);

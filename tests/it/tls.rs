@@ -144,6 +144,29 @@ async fn verify_full_with_the_wrong_ca_is_a_fatal_08006_that_names_the_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_another_host_merely_down_the_57p03_still_names_the_tls_failure() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let other = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let mut cfg = config(&pg, ServerTls::VerifyFull, Some(&other.ca()));
+    let nobody = format!("127.0.0.1:{}", crate::support::free_port());
+    cfg.database.hosts = vec![pg.addr(), nobody];
+    cfg.circuit.hold_new_connections = Duration::from_millis(1500);
+    let proxy = Proxy::start(cfg).await;
+    eventually("the probe to fail TLS", SECONDS_20, || async {
+        (host_health(&proxy).await["tls"] == "failed").then_some(())
+    })
+    .await;
+    // The other host may yet become primary, so the session waits; then it is told both.
+    let (code, message, _) = refused(&proxy).await;
+    assert_eq!(code, "57P03", "{message}");
+    assert!(
+        message.contains("TLS failed") && message.contains("trusted CA"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_refuses_a_certificate_for_another_name_and_verify_ca_accepts_it() {
     let pki = Pki::new(&["db.example.internal"]);
     let pg = Cluster::start_tls(&pki);
