@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, NoTls};
 
 use bulkhead::Config;
 use bulkhead::probe::Role;
 
-use crate::support::{Cluster, Proxy, connect, connect_watched, eventually, sqlstate};
+use crate::support::{Cluster, Proxy, connect, connect_watched, eventually, first_value, sqlstate};
 
 const SECONDS_20: Duration = Duration::from_secs(20);
 
@@ -26,19 +26,6 @@ fn fast_config(hosts: &[&Cluster]) -> Config {
     config.circuit.open_for = Duration::from_secs(1);
     config.circuit.hold_new_connections = Duration::from_secs(10);
     config
-}
-
-async fn first_value(c: &Client, sql: &str) -> String {
-    let msgs = c
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
-            _ => None,
-        })
-        .unwrap_or_default()
 }
 
 /// Stalls the commit path (synchronous replication to a standby that does not exist) and

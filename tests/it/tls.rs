@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_postgres::config::{ChannelBinding, SslMode};
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, NoTls};
 
 use bulkhead::Config;
 use bulkhead::config::{ListenTls, ServerTls};
 
 use crate::support::raw::{self, Raw};
 use crate::support::tls::Pki;
-use crate::support::{Cluster, Proxy, eventually, sqlstate};
+use crate::support::{Cluster, Proxy, eventually, first_value, sqlstate};
 
 const SECONDS_20: Duration = Duration::from_secs(20);
 
@@ -37,19 +37,6 @@ fn config_with_client_tls(pg: &Cluster, pki: &Pki, listen: ListenTls) -> Config 
     config.listen.tls_cert_file = pki.cert().display().to_string();
     config.listen.tls_key_file = pki.key().display().to_string();
     config
-}
-
-async fn first_value(c: &Client, sql: &str) -> String {
-    let msgs = c
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
-            _ => None,
-        })
-        .unwrap_or_default()
 }
 
 /// Whether the server sees this session's connection (bulkhead's) as TLS.
@@ -361,24 +348,23 @@ async fn scram_works_over_tls_on_both_sides_without_channel_binding() {
          CREATE ROLE scram_user LOGIN PASSWORD 'scram-secret'",
     );
     let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Prefer)).await;
-    // TLS on both sides: the client must not try to bind its login to a TLS session.
-    let out = psql(
-        &proxy,
-        "sslmode=require channel_binding=disable",
-        "scram_user",
-        "scram-secret",
-        "SELECT current_user",
-    );
-    assert_eq!(text(&out).trim(), "scram_user", "{}", text(&out));
-    // A plaintext client with TLS only toward the server: plain SCRAM, as offered.
-    let out = psql(
-        &proxy,
-        "sslmode=disable",
-        "scram_user",
-        "scram-secret",
-        "SELECT current_user",
-    );
-    assert_eq!(text(&out).trim(), "scram_user", "{}", text(&out));
+    // TLS on both sides: the client must not try to bind its login to a TLS session. A
+    // plaintext client with TLS only toward the server: plain SCRAM, as offered.
+    for settings in ["sslmode=require channel_binding=disable", "sslmode=disable"] {
+        let out = psql(
+            &proxy,
+            settings,
+            "scram_user",
+            "scram-secret",
+            "SELECT current_user",
+        );
+        assert_eq!(
+            text(&out).trim(),
+            "scram_user",
+            "{settings}: {}",
+            text(&out)
+        );
+    }
     // libpq's default (channel_binding=prefer) over TLS would be taken by the server as a
     // downgrade; bulkhead says why and what to do instead.
     let out = psql(

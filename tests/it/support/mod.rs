@@ -409,6 +409,20 @@ pub async fn connect_watched(
     (client, tokio::spawn(connection))
 }
 
+/// The first column of the first row `sql` returns, as text (simple protocol), or "".
+pub async fn first_value(c: &Client, sql: &str) -> String {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 /// Asserts that a session still answers statements (after an error, a cancel, a refusal).
 pub async fn assert_answers(c: &Client) {
     let row = c
