@@ -68,8 +68,8 @@ pub(crate) struct Shared {
     pub admission: Arc<admission::Admission>,
     /// The data-path runtime's proof of life, for /livez.
     pub heartbeat: health::Heartbeat,
-    /// TLS toward clients and servers, loaded at start.
-    pub tls: tls::Tls,
+    /// TLS toward clients and servers, loaded at start and on SIGHUP.
+    pub tls: tls::Current,
 }
 
 /// One proxy instance.
@@ -97,7 +97,7 @@ impl Bulkhead {
             topology,
             admission,
             heartbeat: health::Heartbeat::new(workers),
-            tls,
+            tls: tls::Current::new(tls),
         });
         Ok(Bulkhead {
             shared,
@@ -126,9 +126,17 @@ impl Bulkhead {
 
     /// Applies a reloaded configuration: timeouts, circuit and limits take effect for every
     /// session, running ones included. Returns the sections whose changes need a restart.
+    /// The certificate and key files the running configuration names are read again, so
+    /// certificates rotated in place take effect for new connections; if they cannot be used,
+    /// the loaded ones stay and the log says why.
     pub fn reload(&self, config: Config) -> Vec<&'static str> {
         self.shared.admission.configure(&config.limits);
-        self.shared.live.reload(config)
+        let needs_restart = self.shared.live.reload(config);
+        match tls::Tls::load(&self.shared.live.get()) {
+            Ok(tls) => self.shared.tls.replace(tls),
+            Err(e) => error!(error = %e, "reload: TLS files unusable; keeping the loaded ones"),
+        }
+        needs_restart
     }
 
     /// Accepts clients on `listener` until `shutdown` resolves, then drains: stops accepting,

@@ -361,7 +361,7 @@ struct Dial {
 impl Dial {
     /// A new connection, with TLS exactly as sessions get it. Also says whether it is TLS.
     async fn connect(&self) -> Result<(Conn, bool), ProbeError> {
-        let (stream, addr) = upstream::connect(&self.address, self.within, &self.shared.tls)
+        let (stream, addr) = upstream::connect(&self.address, self.within, &self.shared.tls.get())
             .await
             .map_err(|e| match e {
                 ConnectError::Unreachable(why) => ProbeError::Down(why),

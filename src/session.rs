@@ -154,7 +154,12 @@ async fn connect_primary(
     loop {
         let known = primary.borrow_and_update().clone();
         if let Some(p) = known {
-            match upstream::connect(&p.address, config.database.connect_timeout, &shared.tls).await
+            match upstream::connect(
+                &p.address,
+                config.database.connect_timeout,
+                &shared.tls.get(),
+            )
+            .await
             {
                 Ok((stream, addr)) => return Ok((stream, addr, p.index)),
                 Err(ConnectError::Tls(why)) => return Err(Refusal::ServerTls(why)),
@@ -181,7 +186,8 @@ async fn connect_primary(
 /// Does the TLS handshake with a client that was answered 'S'. `None` when it failed; there
 /// is no way left to tell the client why.
 async fn accept_tls(shared: &Shared, client: Stream, deadline: Instant) -> Option<Stream> {
-    let (Stream::Plain(tcp), Some(acceptor)) = (client, shared.tls.acceptor()) else {
+    let tls = shared.tls.get();
+    let (Stream::Plain(tcp), Some(acceptor)) = (client, tls.acceptor()) else {
         return None;
     };
     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
@@ -249,7 +255,7 @@ async fn read_first_packet(
                     ));
                 }
                 let tls = matches!(packet, startup::Startup::SslRequest)
-                    && shared.tls.acceptor().is_some();
+                    && shared.tls.get().acceptor().is_some();
                 if tls && buf.len() > len {
                     // Bytes sent before the handshake would be taken as if they came over
                     // TLS: the CVE-2021-23214 class of bug. PostgreSQL refuses them too.
@@ -283,7 +289,7 @@ async fn read_first_packet(
                     tls = client.is_tls(),
                     "startup"
                 );
-                if shared.tls.listen == ListenTls::Require && !client.is_tls() {
+                if shared.tls.get().listen == ListenTls::Require && !client.is_tls() {
                     return Err(Refusal::TlsRequired);
                 }
                 let packet = buf.split_to(len);

@@ -13,13 +13,13 @@
 //! 'S' and the session is TLS from the next byte. [listen] tls = "require" refuses plaintext
 //! sessions; "disable" answers 'N' even with a certificate configured.
 //!
-//! Files are read once, at start. A session's bytes pass through [`Stream`], which is a plain
+//! Files are read at start and again on SIGHUP ([`Current`]). A session's bytes pass through [`Stream`], which is a plain
 //! socket or a TLS one; the relay does not know which.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use rustls::client::WebPkiServerVerifier;
@@ -207,6 +207,27 @@ impl Tls {
     /// The connector, unless [database] tls is "disable".
     pub fn connector(&self) -> Option<&TlsConnector> {
         self.connector.as_ref()
+    }
+}
+
+/// The TLS settings in force. SIGHUP loads them again, so certificates rotated in place (by
+/// cert-manager, a Vault agent, …) are picked up without a restart. Read once per connection,
+/// never on the relay path.
+#[derive(Debug)]
+pub struct Current(Mutex<Arc<Tls>>);
+
+impl Current {
+    pub fn new(tls: Tls) -> Self {
+        Current(Mutex::new(Arc::new(tls)))
+    }
+
+    pub fn get(&self) -> Arc<Tls> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// New connections use `tls` from now on; those already set up keep theirs.
+    pub fn replace(&self, tls: Tls) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(tls);
     }
 }
 

@@ -567,3 +567,49 @@ async fn large_values_and_pipelines_cross_tls_on_both_sides_intact() {
     assert_eq!(answers, (0..200).map(|i| i * 2).collect::<Vec<_>>());
     assert!(server_side_is_tls(&c).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_picks_up_certificates_rotated_in_place_and_keeps_them_if_broken() {
+    let old = Pki::new(&["127.0.0.1"]);
+    let new = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&old);
+    // bulkhead's own certificate lives at fixed paths, as a mounted secret does.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(old.cert(), &cert).unwrap();
+    std::fs::copy(old.key(), &key).unwrap();
+    let mut cfg = config_with_client_tls(&pg, &old, ListenTls::Require);
+    cfg.listen.tls_cert_file = cert.display().to_string();
+    cfg.listen.tls_key_file = key.display().to_string();
+    let proxy = Proxy::start(cfg.clone()).await;
+    let trusting = |pki: &Pki| {
+        let mut params: tokio_postgres::Config = proxy.params("postgres").parse().unwrap();
+        params.ssl_mode(SslMode::Require);
+        let connector = pki.connector();
+        async move {
+            params.connect(connector).await.map(|(c, conn)| {
+                tokio::spawn(conn);
+                c
+            })
+        }
+    };
+    assert!(trusting(&old).await.is_ok());
+    assert!(
+        trusting(&new).await.is_err(),
+        "the new CA is not in use yet"
+    );
+
+    std::fs::copy(new.cert(), &cert).unwrap();
+    std::fs::copy(new.key(), &key).unwrap();
+    assert!(proxy.bulkhead.reload(cfg.clone()).is_empty());
+    let c = trusting(&new)
+        .await
+        .expect("the rotated certificate is served");
+    assert_eq!(first_value(&c, "SELECT 1").await, "1");
+    assert!(trusting(&old).await.is_err(), "the old certificate is gone");
+
+    // A broken file on reload: the loaded certificate stays.
+    std::fs::write(&key, "not a key").unwrap();
+    proxy.bulkhead.reload(cfg);
+    assert!(trusting(&new).await.is_ok());
+}
