@@ -154,10 +154,8 @@ impl Tls {
             None
         } else {
             let verifier: Arc<dyn ServerCertVerifier> = match db.tls {
-                ServerTls::Prefer => Arc::new(AnyCertificate(provider.clone())),
-                ServerTls::Require if db.ca_file.is_empty() => {
-                    Arc::new(AnyCertificate(provider.clone()))
-                }
+                ServerTls::Prefer => Arc::new(Lenient::any(&provider)),
+                ServerTls::Require if db.ca_file.is_empty() => Arc::new(Lenient::any(&provider)),
                 mode => {
                     let roots = Arc::new(roots(&db.ca_file)?);
                     let webpki =
@@ -167,7 +165,7 @@ impl Tls {
                     if mode == ServerTls::VerifyFull {
                         webpki
                     } else {
-                        Arc::new(AnyName(webpki))
+                        Arc::new(Lenient::any_name(&provider, webpki))
                     }
                 }
             };
@@ -300,58 +298,33 @@ fn roots(ca_file: &str) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// For "prefer" and "require" without a CA: any certificate, as libpq accepts there. The
-/// handshake's signatures are still checked, so the session is encrypted to whoever holds the
-/// certificate's key.
+/// The checks libpq makes short of verify-full. Without `chain` ("prefer", and "require" without
+/// a CA) any certificate is taken; with it ("verify-ca") the chain must be trusted but the name
+/// in the certificate does not matter. Either way the handshake's signatures are checked, so the
+/// session is encrypted to whoever holds the certificate's key.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
 
-impl AnyCertificate {
-    fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
-        &self.0.signature_verification_algorithms
+impl Lenient {
+    fn any(provider: &CryptoProvider) -> Self {
+        Lenient {
+            chain: None,
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+
+    fn any_name(provider: &CryptoProvider, chain: Arc<WebPkiServerVerifier>) -> Self {
+        Lenient {
+            chain: Some(chain),
+            ..Lenient::any(provider)
+        }
     }
 }
 
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, self.algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, self.algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms().supported_schemes()
-    }
-}
-
-/// For "verify-ca": the chain must be trusted; the name in the certificate does not matter.
-#[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -360,10 +333,10 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -377,7 +350,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -386,11 +359,11 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 

@@ -316,7 +316,14 @@ async fn plaintext_clients_are_refused_with_28000_when_the_listener_requires_tls
     // A cancel request over TLS, as tokio-postgres (and libpq 17) send it.
     let token = c.cancel_token();
     let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the sleep to run on the server", SECONDS_20, || async {
+        let running = pg.psql(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'",
+        );
+        (running == "1").then_some(())
+    })
+    .await;
     token.cancel_query(pki.connector()).await.unwrap();
     let e = sleeper.await.unwrap().expect_err("cancelled");
     assert_eq!(sqlstate(&e), "57014");
