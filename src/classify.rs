@@ -17,6 +17,25 @@ pub enum Kind {
 /// Classifies statement text. `complete` is false when only a prefix of the text was seen;
 /// then anything that looks like a read is taken as a write, since the unseen rest could write.
 pub fn classify(sql: &[u8], complete: bool) -> Kind {
+    // Most texts are one statement, perhaps ending in a semicolon: then no pass is needed to
+    // find where statements end. (A lone final semicolon inside an unterminated string or
+    // comment hides no tokens either.)
+    let kind = match sql.iter().position(|&c| c == b';') {
+        None => classify_statement(sql),
+        Some(at) if sql[at + 1..].iter().all(u8::is_ascii_whitespace) => {
+            classify_statement(&sql[..at])
+        }
+        Some(_) => classify_statements(sql),
+    };
+    if !complete && kind == Kind::Read {
+        Kind::Write
+    } else {
+        kind
+    }
+}
+
+/// Classifies each statement of a multi-statement text; the strongest wins.
+fn classify_statements(sql: &[u8]) -> Kind {
     let mut kind = Kind::Read;
     let mut tokens = Tokens::new(sql);
     let mut start = 0;
@@ -31,14 +50,9 @@ pub fn classify(sql: &[u8], complete: bool) -> Kind {
             kind = kind.max(classify_statement(&sql[start..end]));
             start = tokens.at;
             if token.is_none() {
-                break;
+                return kind;
             }
         }
-    }
-    if !complete && kind == Kind::Read {
-        Kind::Write
-    } else {
-        kind
     }
 }
 
@@ -209,6 +223,18 @@ fn copy(text: &[u8]) -> Kind {
     Kind::Write
 }
 
+/// The bytes that continue an identifier or keyword, looked up instead of tested one by one.
+static WORD_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+        c += 1;
+    }
+    table
+};
+
 struct Tokens<'a> {
     sql: &'a [u8],
     at: usize,
@@ -265,16 +291,30 @@ impl<'a> Tokens<'a> {
                         return Some(Token::Other);
                     }
                     let start = self.at;
-                    while self.peek(0).is_some_and(|c| {
-                        c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-                    }) {
-                        self.at += 1;
-                    }
+                    self.at += self.word_len();
                     return Some(Token::Word(&self.sql[start..self.at]));
+                }
+                // A run of digits is one token. What follows it is a token of its own, as
+                // servers before 15 read `1into` as `1 into`.
+                b'0'..=b'9' => {
+                    let rest = &self.sql[self.at..];
+                    self.at += rest
+                        .iter()
+                        .position(|c| !c.is_ascii_digit())
+                        .unwrap_or(rest.len());
+                    return Some(Token::Other);
                 }
                 _ => return self.one(Token::Other),
             }
         }
+    }
+
+    /// How many bytes from here continue a word: letters, digits, `_`, `$` and non-ASCII.
+    fn word_len(&self) -> usize {
+        let rest = &self.sql[self.at..];
+        rest.iter()
+            .position(|&c| !WORD_BYTE[usize::from(c)])
+            .unwrap_or(rest.len())
     }
 
     fn one(&mut self, t: Token<'a>) -> Option<Token<'a>> {
@@ -358,6 +398,11 @@ mod tests {
         for sql in [
             "SELECT 1",
             "select * from t where a = 1",
+            "SELECT 1;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7;\n ",
+            "SELECT ';'",
+            "SELECT 'a;b' FROM t;",
+            "SELECT 1; SELECT 2",
             "  \n\tSELECT 1",
             "(SELECT 1) UNION (SELECT 2)",
             "((select 1))",
@@ -452,6 +497,9 @@ mod tests {
             "select * from t for update nowait",
             "(SELECT * FROM t FOR UPDATE)",
             "SELECT * INTO new_t FROM t",
+            "SELECT 1into new_t",
+            "SELECT 12345 FOR UPDATE",
+            "SELECT 1e5 FROM t FOR SHARE",
             "SELECT nextval('s')",
             "SELECT setval('s', 10)",
             "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
@@ -462,6 +510,10 @@ mod tests {
             "EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1",
             "EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING 1) SELECT 1",
             "SELECT 1; DELETE FROM t",
+            "SELECT 1;DELETE FROM t;",
+            "SELECT 'x;'; UPDATE t SET a = 1;\n",
+            "UPDATE t SET a = 1;",
+            "SELECT * FROM t FOR UPDATE;  ",
             "BEGIN; INSERT INTO t VALUES (1); COMMIT",
             "/* SELECT */ INSERT INTO t VALUES (1)",
             "-- SELECT\nUPDATE t SET a = 1",
