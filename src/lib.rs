@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{error, info, info_span, warn};
 
 pub use config::Config;
 pub use metrics::Metrics;
@@ -168,8 +168,7 @@ impl Bulkhead {
                         // The socket leaves this runtime's reactor for its worker's.
                         match socket.into_std() {
                             Ok(socket) => workers.spawn(
-                                session::serve(self.shared.clone(), socket, admitted, alive.clone())
-                                    .instrument(span),
+                                session::serve(self.shared.clone(), socket, admitted, alive.clone(), span),
                             ),
                             Err(e) => {
                                 warn!(error = %e, "cannot hand a client to a worker");

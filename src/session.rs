@@ -6,17 +6,19 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, timeout};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::breaker::Decision;
 use crate::cancel::Target;
@@ -40,18 +42,54 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted client connection to its end. `_alive` is dropped when the session
 /// ends, which is how the server knows it has drained.
+///
+/// Startup and the farewell run inside `span`. The relay in between does not enter it on every
+/// wake-up (that cost as much as the relay's own bookkeeping); its few log lines name `span` as
+/// their parent instead.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     client: std::net::TcpStream,
     admitted: bool,
     _alive: mpsc::Sender<()>,
+    span: Span,
 ) {
     let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
     let _client_count = ClientCount(&shared.admission);
+    let Some((mut relay, _server_gauge)) = start(&shared, client, admitted, span.clone())
+        .instrument(span.clone())
+        .await
+    else {
+        return;
+    };
+    let end = relay.run(&shared).await;
+    async {
+        if let Some(pid) = relay.client_pid {
+            shared.cancels.remove(pid);
+        }
+        // The session takes no more statements: its slots go to others before the farewell.
+        relay.release_slots(&shared);
+        relay.finish(&shared, end).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// From the client's first packet to the startup packet sent on to the server; the relay takes
+/// it from there. `None` when the client has been answered already (refused, or a cancel
+/// request).
+async fn start(
+    shared: &Shared,
+    client: std::net::TcpStream,
+    admitted: bool,
+    span: Span,
+) -> Option<(Relay, GaugeGuard)> {
     // Accepted on another runtime: register it with this worker's reactor.
     let client = match TcpStream::from_std(client) {
         Ok(client) => client,
-        Err(e) => return warn!(error = %e, "cannot take over a client connection"),
+        Err(e) => {
+            warn!(error = %e, "cannot take over a client connection");
+            return None;
+        }
     };
     let config = Snapshot::new(&shared.live);
     let started = Instant::now();
@@ -64,7 +102,7 @@ pub(crate) async fn serve(
             // Boxed, as are the other startup steps: their state (a TLS handshake's is
             // kilobytes) is freed when they finish instead of sizing the session's task.
             Box::pin(read_first_packet(
-                &shared,
+                shared,
                 config.config(),
                 &mut client,
                 &mut negotiations,
@@ -73,40 +111,49 @@ pub(crate) async fn serve(
         .await;
         match step {
             Ok(Ok(First::Start(first))) => break first,
-            Ok(Ok(First::Done)) => return,
+            Ok(Ok(First::Done)) => return None,
             Ok(Ok(First::Upgrade)) => {
-                match Box::pin(accept_tls(&shared, client, startup_deadline)).await {
+                match Box::pin(accept_tls(shared, client, startup_deadline)).await {
                     Some(tls) => client = tls,
-                    None => return,
+                    None => return None,
                 }
             }
-            Ok(Err(refusal)) => return refuse(&mut client, refusal).await,
-            Err(_) => return refuse(&mut client, Refusal::StartupTimeout).await,
+            Ok(Err(refusal)) => {
+                refuse(&mut client, refusal).await;
+                return None;
+            }
+            Err(_) => {
+                refuse(&mut client, Refusal::StartupTimeout).await;
+                return None;
+            }
         }
     };
     if !admitted {
         // Refused after the first packet, as PostgreSQL does, so every client can read it.
         let max = config.config().limits.max_clients;
-        return refuse(&mut client, Refusal::TooManyClients(max)).await;
+        refuse(&mut client, Refusal::TooManyClients(max)).await;
+        return None;
     }
-    let (mut server, addr, host) = match Box::pin(connect_primary(&shared, config.config())).await {
+    let (mut server, addr, host) = match Box::pin(connect_primary(shared, config.config())).await {
         Ok(connected) => connected,
         Err(refusal) => {
             if let Refusal::NoPrimary(why) = &refusal {
                 warn!(%why, "no writable primary for a new session");
             }
-            return refuse(&mut client, refusal).await;
+            refuse(&mut client, refusal).await;
+            return None;
         }
     };
-    let _server_gauge = GaugeGuard::new(&shared.metrics.server_connections);
+    let server_gauge = GaugeGuard::new(&shared.metrics.server_connections);
     debug!(server = %addr, "connected to server");
     let FirstPacket { packet, leftover } = first;
     if let Err(e) = server.write_all(&packet).await {
-        return refuse(&mut client, Refusal::ServerLost(e.to_string())).await;
+        refuse(&mut client, Refusal::ServerLost(e.to_string())).await;
+        return None;
     }
     // Not kept for the session's life: it shares its memory with `leftover`, copied below.
     drop(packet);
-    let mut relay = Relay::new(
+    let relay = Relay::new(
         client,
         server,
         addr,
@@ -114,14 +161,9 @@ pub(crate) async fn serve(
         leftover,
         startup_deadline,
         config,
+        span,
     );
-    let end = relay.run(&shared).await;
-    if let Some(pid) = relay.client_pid {
-        shared.cancels.remove(pid);
-    }
-    // The session takes no more statements: its slots go to others before the farewell.
-    relay.release_slots(&shared);
-    relay.finish(&shared, end).await;
+    Some((relay, server_gauge))
 }
 
 /// Counts a client for max_clients while it is connected.
@@ -474,6 +516,34 @@ struct Relay {
     /// The server offered SASL over TLS; the client's next password message picks the
     /// mechanism.
     sasl_offered: bool,
+    /// The session's span: the relay's log lines name it as their parent.
+    span: Span,
+}
+
+/// What woke a session's relay loop, as far as it must act on it.
+enum Event {
+    /// The phase watch changed (false: its sender is gone).
+    Phase(bool),
+    Primary,
+    End(End),
+}
+
+/// Wakes a session for its watches and records that they, not its sockets, woke it.
+#[derive(Default)]
+struct WatchWoke {
+    woke: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WatchWoke {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 /// What admission says about the statement at hand.
@@ -484,6 +554,7 @@ enum Admit {
 }
 
 impl Relay {
+    #[allow(clippy::too_many_arguments)] // each is one thing startup learned
     fn new(
         client: Stream,
         server: Stream,
@@ -492,6 +563,7 @@ impl Relay {
         leftover: BytesMut,
         startup_deadline: Instant,
         config: Snapshot,
+        span: Span,
     ) -> Self {
         let mut up = Pipe::default();
         up.preload(&leftover);
@@ -533,6 +605,7 @@ impl Relay {
             idle_since: None,
             swallow_parse_complete: 0,
             sasl_offered: false,
+            span,
         }
     }
 
@@ -548,11 +621,44 @@ impl Relay {
         }
         let mut primary = shared.topology.watch_primary();
         primary.borrow_and_update();
+        let mut primary_gone = false;
+        // The watches are polled only after they woke the session: polling a waiting watch
+        // takes its lock, which every session shares, and the relay wakes the task for every
+        // message.
+        let flag = Arc::new(WatchWoke::default());
+        let flag_waker = Waker::from(flag.clone());
         loop {
-            tokio::select! {
-                biased;
-                changed = phase.changed() => {
-                    let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closing };
+            flag.woke.store(true, Ordering::Relaxed);
+            let event = {
+                let mut phase_changed = pin!(phase.changed());
+                let mut primary_changed = pin!(primary.changed());
+                poll_fn(|cx| {
+                    flag.task.register(cx.waker());
+                    if flag.woke.swap(false, Ordering::AcqRel) {
+                        let mut watch_cx = Context::from_waker(&flag_waker);
+                        if let Poll::Ready(r) = phase_changed.as_mut().poll(&mut watch_cx) {
+                            return Poll::Ready(Event::Phase(r.is_ok()));
+                        }
+                        if !primary_gone
+                            && let Poll::Ready(r) = primary_changed.as_mut().poll(&mut watch_cx)
+                        {
+                            if r.is_ok() {
+                                return Poll::Ready(Event::Primary);
+                            }
+                            primary_gone = true;
+                        }
+                    }
+                    self.poll_relay(cx, shared).map(Event::End)
+                })
+                .await
+            };
+            match event {
+                Event::Phase(open) => {
+                    let now = if open {
+                        *phase.borrow_and_update()
+                    } else {
+                        Phase::Closing
+                    };
                     match now {
                         Phase::Running => {}
                         Phase::Draining if self.is_quiet() => return End::Drained,
@@ -560,20 +666,23 @@ impl Relay {
                         Phase::Closing => return End::Closing,
                     }
                 }
-                Ok(()) = primary.changed() => {
+                Event::Primary => {
                     // Another host is primary now: this session's server takes no more writes.
                     // (No primary at all is a failover in progress; the session ends on its own
                     // if its server is gone.)
-                    let replaced = primary.borrow_and_update().as_ref().is_some_and(|p| p.index != self.host);
+                    let replaced = primary
+                        .borrow_and_update()
+                        .as_ref()
+                        .is_some_and(|p| p.index != self.host);
                     if replaced {
-                        info!("primary replaced; the session ends when its transaction does");
+                        info!(parent: &self.span, "primary replaced; the session ends when its transaction does");
                         if self.is_quiet() {
                             return End::Demoted;
                         }
                         self.leave_when_quiet = Some(|| End::Demoted);
                     }
                 }
-                end = poll_fn(|cx| self.poll_relay(cx, shared)) => return end,
+                Event::End(end) => return end,
             }
         }
     }
@@ -589,7 +698,7 @@ impl Relay {
                 match self.up.poll_read_from(cx, &mut self.client) {
                     Poll::Ready(Ok(_)) => progress = true,
                     Poll::Ready(Err(e)) => {
-                        debug!(error = %e, "client connection failed");
+                        debug!(parent: &self.span, error = %e, "client connection failed");
                         return Poll::Ready(End::ClientLeft);
                     }
                     Poll::Pending => {}
@@ -652,7 +761,7 @@ impl Relay {
             match self.down.poll_write_to(cx, &mut self.client) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
                 Poll::Ready(Err(e)) => {
-                    debug!(error = %e, "client connection failed");
+                    debug!(parent: &self.span, error = %e, "client connection failed");
                     return Poll::Ready(End::ClientLeft);
                 }
                 Poll::Pending => {}
@@ -669,12 +778,15 @@ impl Relay {
             {
                 return Poll::Ready(leave());
             }
+            if progress {
+                continue;
+            }
+            // Checked once nothing moves, which a flow of bytes always comes to: the socket
+            // runs dry or the task's cooperative budget runs out and reads return Pending.
             if let Some(end) = self.poll_deadlines(cx, shared) {
                 return Poll::Ready(end);
             }
-            if !progress {
-                return Poll::Pending;
-            }
+            return Poll::Pending;
         }
     }
 
@@ -769,7 +881,7 @@ impl Relay {
             limit,
             stalled,
         };
-        info!(%deadline, "deadline passed; cancelling the statement on the server");
+        info!(parent: &self.span, %deadline, "deadline passed; cancelling the statement on the server");
         self.cancelling = Some(Cancelling {
             deadline,
             give_up_at: now + t.cancel_grace,
@@ -1407,12 +1519,15 @@ impl Relay {
         let addr = self.server_addr;
         let c = self.config.config();
         let within = c.database.connect_timeout + c.timeouts.cancel_grace;
-        debug!(server = %addr, pid, "sending cancel request");
-        tokio::spawn(async move {
-            if let Err(e) = upstream::send_cancel(addr, pid, &key, within).await {
-                warn!(error = %e, "cancel request failed");
+        debug!(parent: &self.span, server = %addr, pid, "sending cancel request");
+        tokio::spawn(
+            async move {
+                if let Err(e) = upstream::send_cancel(addr, pid, &key, within).await {
+                    warn!(error = %e, "cancel request failed");
+                }
             }
-        });
+            .instrument(self.span.clone()),
+        );
     }
 }
 
