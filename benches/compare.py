@@ -6,7 +6,8 @@ no TLS anywhere. The TLS workloads compare TLS to the server: bulkhead with [dat
 are), against pgbench with sslmode=require directly and through HAProxy (TLS end to end).
 
 Reports per workload and system: median tps, average and p99 latency, ratios, and proxy CPU
-seconds per 100k transactions (utime + stime of the proxy process from /proc). On a small
+seconds per 100k transactions (utime + stime of the proxy process from /proc; utime alone in
+parentheses). On a small
 machine the proxy, pgbench and PostgreSQL share the cores, so CPU per transaction is the fair
 figure. Also bulkhead's and PgBouncer's RSS growth per idle client. Run through benches/compare.
 """
@@ -56,8 +57,9 @@ def wait_port(port, what, seconds=30):
 
 
 def cpu_seconds(pid):
+    """(user, system) CPU seconds of the process `pid`, all threads."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_kib(pid):
@@ -239,13 +241,15 @@ def main():
             for name, wargs, order in workloads:
                 for system in order:
                     pid = systems.pid(system)
-                    cpu0 = cpu_seconds(pid) if pid else 0.0
+                    user0, sys0 = cpu_seconds(pid) if pid else (0.0, 0.0)
                     sslmode = systems.sslmode.get(system, "disable")
                     tps, lat, p99, done, failed = pgbench(systems.ports[system], sslmode, wargs, args.seconds, work)
-                    cpu = (cpu_seconds(pid) - cpu0) if pid else float("nan")
-                    results[(name, system)].append((tps, lat, p99, cpu / done * 100_000 if done else float("nan"), failed))
+                    user1, sys1 = cpu_seconds(pid) if pid else (float("nan"), float("nan"))
+                    per = 100_000 / done if done else float("nan")
+                    cpu, user = (user1 - user0 + sys1 - sys0) * per, (user1 - user0) * per
+                    results[(name, system)].append((tps, lat, p99, cpu, failed, user))
                     print(f"round {r + 1} {name:24} {system:9} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
-                          f"cpu/100k {results[(name, system)][-1][3]:.2f} failed {failed}", flush=True)
+                          f"cpu/100k {cpu:.2f} (user {user:.2f}) failed {failed}", flush=True)
         rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients) for s in ("bulkhead", "bulkhead-tls", "pgbouncer")}
     finally:
         systems.stop()
@@ -255,7 +259,7 @@ def main():
         f"{platform.system()} {platform.release()}; PostgreSQL {os.path.basename(os.path.dirname(PG_BIN))}; "
         f"{args.rounds} interleaved rounds of {args.seconds} s; medians.",
         "",
-        "| workload | system | tps | avg latency ms | p99 ms | proxy CPU-s / 100k tx | tps vs direct | vs PgBouncer | vs HAProxy |",
+        "| workload | system | tps | avg latency ms | p99 ms | proxy CPU-s / 100k tx (user) | tps vs direct | vs PgBouncer | vs HAProxy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, _, order in workloads if args.rounds else []:
@@ -263,9 +267,9 @@ def main():
         direct, pgbouncer, haproxy = (tps[s] for s in order if s.split("-")[0] in ("direct", "pgbouncer", "haproxy"))
         for s in order:
             rs = results[(name, s)]
-            cpu = med([x[3] for x in rs])
+            cpu, user = med([x[3] for x in rs]), med([x[5] for x in rs])
             lines.append(f"| `{name}` | {s} | {tps[s]:.0f} | {med([x[1] for x in rs]):.3f} | {med([x[2] for x in rs]):.3f} | "
-                         f"{'—' if cpu != cpu else f'{cpu:.2f}'} | {tps[s] / direct:.2f} | "
+                         f"{'—' if cpu != cpu else f'{cpu:.2f} ({user:.2f})'} | {tps[s] / direct:.2f} | "
                          f"{tps[s] / pgbouncer:.2f} | {tps[s] / haproxy:.2f} |")
     lines += ["", f"RSS growth per idle client ({args.idle_clients} clients): "
               + ", ".join(f"{s} {v:.1f} KiB" for s, v in rss.items()), "", "Allocations (benches/alloc.rs):", "",
