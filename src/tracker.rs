@@ -49,8 +49,9 @@ struct Request {
 }
 
 /// Requests in flight beyond which the queue grows instead of reusing its space; pipelines
-/// deeper than this cost one allocation, once.
-const QUEUE_CAPACITY: usize = 16;
+/// deeper than this cost one allocation, once. Small, because every idle session holds it
+/// (16 cost an idle session 512 bytes).
+const QUEUE_CAPACITY: usize = 4;
 
 #[derive(Debug)]
 pub struct Tracker {

@@ -85,10 +85,33 @@ impl Workers {
             .expect("at least one worker");
         let sessions = worker.sessions.clone();
         sessions.fetch_add(1, Ordering::Relaxed);
-        worker.handle.spawn(async move {
-            let _count = Count(sessions);
-            session.await
-        });
+        let session = Counted {
+            session,
+            _count: Count(sessions),
+        };
+        worker.handle.spawn(session);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A session and its count on its worker. A struct rather than an `async` block around
+    /// the session: such a block holds the session future twice (as captured, and as awaited),
+    /// doubling what every idle session costs.
+    struct Counted<F> {
+        #[pin]
+        session: F,
+        _count: Count,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Counted<F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.project().session.poll(cx)
     }
 }
 
