@@ -88,13 +88,21 @@ impl Workers {
             .iter()
             .min_by_key(|w| w.sessions.load(Ordering::Relaxed))
             .expect("at least one worker");
-        let sessions = worker.sessions.clone();
-        sessions.fetch_add(1, Ordering::Relaxed);
-        let session = Counted {
-            session,
-            _count: Count(sessions),
-        };
-        worker.handle.spawn(session);
+        worker
+            .handle
+            .spawn(counted(session, worker.sessions.clone()));
+    }
+}
+
+/// What a worker runs for a session: the session, counted in `sessions` while it lives.
+pub(crate) fn counted<F: Future<Output = ()>>(
+    session: F,
+    sessions: Arc<AtomicUsize>,
+) -> impl Future<Output = ()> {
+    sessions.fetch_add(1, Ordering::Relaxed);
+    Counted {
+        session,
+        _count: Count(sessions),
     }
 }
 
