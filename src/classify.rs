@@ -20,7 +20,7 @@ pub fn classify(sql: &[u8], complete: bool) -> Kind {
     // Most texts are one statement, perhaps ending in a semicolon: then no pass is needed to
     // find where statements end. (A lone final semicolon inside an unterminated string or
     // comment hides no tokens either.)
-    let kind = match sql.iter().position(|&c| c == b';') {
+    let kind = match memchr::memchr(b';', sql) {
         None => classify_statement(sql),
         Some(at) if sql[at + 1..].iter().all(u8::is_ascii_whitespace) => {
             classify_statement(&sql[..at])
@@ -197,14 +197,12 @@ fn select_like(text: &[u8], cursor: bool) -> Kind {
 /// token scan, so it can only ever send a statement the long way.
 fn may_name_a_write_word(text: &[u8]) -> bool {
     let lower = |i: usize| text.get(i).map_or(0, |b| b | 0x20);
-    text.iter().enumerate().any(|(i, &b)| match b | 0x20 {
-        b'o' => {
-            (i >= 1 && lower(i - 1) == b'f' && lower(i + 1) == b'r')
-                || (i >= 3 && lower(i - 3) == b'i' && lower(i - 2) == b'n' && lower(i - 1) == b't')
-        }
-        b'v' => lower(i + 1) == b'a' && lower(i + 2) == b'l',
-        _ => false,
-    })
+    // memchr finds the few O and V bytes a word at a time; only they are looked at closely.
+    memchr::memchr2_iter(b'o', b'O', text).any(|i| {
+        (i >= 1 && lower(i - 1) == b'f' && lower(i + 1) == b'r')
+            || (i >= 3 && lower(i - 3) == b'i' && lower(i - 2) == b'n' && lower(i - 1) == b't')
+    }) || memchr::memchr2_iter(b'v', b'V', text)
+        .any(|i| lower(i + 1) == b'a' && lower(i + 2) == b'l')
 }
 
 /// EXPLAIN reads, but EXPLAIN ANALYZE runs the statement, so it is what the statement is.
