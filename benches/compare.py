@@ -69,29 +69,48 @@ def rss_kib(pid):
     return 0
 
 
-class Systems:
-    def __init__(self, work, idle_clients):
-        self.work = work
-        self.procs = {}
-        if AS_ROOT:
-            shutil.chown(work, "postgres")
-        self.pg_port = free_port()
-        data = os.path.join(work, "data")
-        run(as_server_user([f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync"]))
+def start_postgres(work, max_connections, ssl=True):
+    """initdb, start and pgbench -i (scale 10) a throwaway server in `work`; returns (port, data dir)."""
+    if AS_ROOT:
+        shutil.chown(work, "postgres")
+    port = free_port()
+    data = os.path.join(work, "data")
+    run(as_server_user([f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync"]))
+    if ssl:
         run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
              "-keyout", os.path.join(data, "server.key"), "-out", os.path.join(data, "server.crt")])
         os.chmod(os.path.join(data, "server.key"), 0o600)
         if AS_ROOT:
             for f in ("server.key", "server.crt"):
                 shutil.chown(os.path.join(data, f), "postgres")
-        with open(os.path.join(data, "postgresql.conf"), "a") as f:
-            f.write("ssl = on\n")
-            f.write(f"port = {self.pg_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{work}'\n"
-                    f"max_connections = {idle_clients + 300}\nshared_buffers = 256MB\nfsync = off\n"
-                    "synchronous_commit = off\nfull_page_writes = off\n")
-        run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(work, "pg.log"), "-w", "start"]))
-        self.data = data
-        run([f"{PG_BIN}/pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres", "postgres"])
+    with open(os.path.join(data, "postgresql.conf"), "a") as f:
+        f.write(f"ssl = {'on' if ssl else 'off'}\n")
+        f.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{work}'\n"
+                f"max_connections = {max_connections}\nshared_buffers = 256MB\nfsync = off\n"
+                "synchronous_commit = off\nfull_page_writes = off\n")
+    run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(work, "pg.log"), "-w", "start"]))
+    run([f"{PG_BIN}/pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"])
+    return port, data
+
+
+def write_bulkhead_config(path, port, pg_port, tls, max_clients):
+    """bulkhead's defaults (deadlines, classification, probe, admission, metrics all on), with
+    admission limits high enough that the benchmark's clients are never shed."""
+    with open(path, "w") as f:
+        f.write(f'[listen]\naddress = "127.0.0.1:{port}"\n[health]\naddress = "127.0.0.1:{free_port()}"\n'
+                f'[database]\nhosts = ["127.0.0.1:{pg_port}"]\ntls = "{tls}"\n'
+                f'[limits]\nmax_clients = {max_clients}\nmax_inflight = 256\nmax_inflight_writes = 256\n')
+
+
+def stop_postgres(data):
+    subprocess.run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", data, "-m", "immediate", "stop"]), capture_output=True)
+
+
+class Systems:
+    def __init__(self, work, idle_clients):
+        self.work = work
+        self.procs = {}
+        self.pg_port, self.data = start_postgres(work, idle_clients + 300)
         self.ports = {"direct": self.pg_port, "direct-tls": self.pg_port}
         # What pgbench's own connection uses: TLS only where the client does TLS itself.
         self.sslmode = {"direct-tls": "require", "haproxy-tls": "require"}
@@ -112,10 +131,7 @@ class Systems:
     def start_bulkhead(self, name, tls, idle_clients):
         port = free_port()
         conf = os.path.join(self.work, f"{name}.toml")
-        with open(conf, "w") as f:
-            f.write(f'[listen]\naddress = "127.0.0.1:{port}"\n[health]\naddress = "127.0.0.1:{free_port()}"\n'
-                    f'[database]\nhosts = ["127.0.0.1:{self.pg_port}"]\ntls = "{tls}"\n'
-                    f'[limits]\nmax_clients = {idle_clients + 200}\nmax_inflight = 256\nmax_inflight_writes = 256\n')
+        write_bulkhead_config(conf, port, self.pg_port, tls, idle_clients + 200)
         self.spawn(name, [os.path.join(ROOT, "target/release/bulkhead"), "--config", conf], port)
 
     def start_pgbouncer(self, name, tls, idle_clients):
@@ -161,7 +177,7 @@ class Systems:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        subprocess.run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
+        stop_postgres(self.data)
 
 
 def pgbench(port, sslmode, args, seconds, logdir):

@@ -16,6 +16,6 @@ pub const MAX_MESSAGE_LEN: usize = 0x3fff_ffff;
 
 /// Reads a NUL-terminated string at the front of `buf`; returns it and the rest after the NUL.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, buf)?;
     Some((&buf[..end], &buf[end + 1..]))
 }

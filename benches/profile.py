@@ -1,0 +1,109 @@
+"""Where bulkhead's CPU time goes, in instructions per transaction, counted by callgrind.
+
+Runs the release bulkhead (one worker thread) under valgrind --tool=callgrind in front of a
+throwaway PostgreSQL, drives it with pgbench -S for N and then 3N transactions per client, and
+reports the worker thread's instructions per transaction (the difference of the two runs, so
+startup and login cancel out), grouped by where they are spent, and the costliest functions.
+Instruction counts repeat to within a fraction of a percent from run to run, where CPU seconds
+on a shared machine move by 10%: this is for comparing two builds, the load benchmark
+(benches/compare) for comparing proxies. Under valgrind the proxy runs some 50 times slower,
+so at many clients it handles more messages per wake-up than it would natively. Run through
+benches/profile.
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare as C  # noqa: E402
+
+# Exclusive costs are grouped by the first pattern that matches the function's name.
+GROUPS = [
+    ("classification", r"bulkhead::classify|memchr"),
+    ("metrics", r"^metrics|metrics_exporter|AtomicBucket"),
+    ("relay: framing, bookkeeping, buffers", r"bulkhead::|bytes::"),
+    ("tokio: socket readiness and I/O", r"tokio::runtime::io|tokio::net|poll_evented|mio::|tokio_util::"),
+    ("tokio: timer wheel and clock reads", r"tokio::runtime::time|tokio::time|Timespec|clock_gettime|Instant"),
+    ("tokio: scheduler, tasks, wakers", r"tokio::|atomic_waker|core::future|Waker"),
+    ("libc: system call wrappers", r"recv|send|epoll|cancel|syscall"),
+]
+LINE = re.compile(r"^\s*([\d,]+)\s+(?:\(\s*[\d.]+%\)\s+)?(\?\?\?|[^:]*):(.*?)(?: \[[^\]]*\])?$")
+
+
+def exclusive_costs(path):
+    """{function: instructions} from a callgrind output file, exclusive costs."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", "--auto=no", path],
+                         capture_output=True, text=True, check=True).stdout
+    costs = collections.Counter()
+    body = out.split("file:function", 1)[-1]
+    for line in body.splitlines():
+        m = LINE.match(line)
+        if m:
+            costs[m.group(3).strip()] += int(m.group(1).replace(",", ""))
+    return costs
+
+
+def worker_costs(binary, pg_port, work, mode, clients, transactions):
+    """Exclusive costs of the busiest thread (the data-path worker) over one pgbench run."""
+    port = C.free_port()
+    conf = os.path.join(work, "profile.toml")
+    C.write_bulkhead_config(conf, port, pg_port, "disable", 300)
+    out = os.path.join(work, "callgrind.out")
+    for f in glob.glob(out + "*"):
+        os.remove(f)
+    proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
+                              binary, "--config", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "BULKHEAD_WORKERS": "1"})
+    try:
+        C.wait_port(port, "bulkhead under valgrind", 120)
+        C.run([f"{C.PG_BIN}/pgbench", "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
+               "-t", str(transactions), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"])
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait()
+    threads = [exclusive_costs(f) for f in glob.glob(out + "-*")]  # one file per thread
+    return max(threads, key=lambda c: sum(c.values()))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="simple", choices=["simple", "extended", "prepared"])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--transactions", type=int, default=300, help="per client, in the shorter run")
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--binary", default=os.path.join(C.ROOT, "target/release/bulkhead"))
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bulkhead-profile-")
+    pg_port, data = C.start_postgres(work, 100, ssl=False)
+    try:
+        short = worker_costs(args.binary, pg_port, work, args.mode, args.clients, args.transactions)
+        long = worker_costs(args.binary, pg_port, work, args.mode, args.clients, 3 * args.transactions)
+    finally:
+        C.stop_postgres(data)
+        shutil.rmtree(work, ignore_errors=True)
+    tx = 2 * args.transactions * args.clients
+    per_tx = {f: (long[f] - short.get(f, 0)) / tx for f in long}
+    groups = collections.Counter()
+    for f, n in per_tx.items():
+        group = next((g for g, pattern in GROUPS if re.search(pattern, f)), "other")
+        groups[group] += n
+    total = sum(per_tx.values())
+    print(f"pgbench -S -M {args.mode} -c {args.clients}: {total:.0f} instructions per transaction "
+          "on the worker thread\n")
+    for group, n in groups.most_common():
+        print(f"  {n:7.0f}  {100 * n / total:5.1f}%  {group}")
+    print(f"\ncostliest functions (exclusive):\n")
+    for f, n in sorted(per_tx.items(), key=lambda x: -x[1])[:args.top]:
+        print(f"  {n:7.0f}  {100 * n / total:5.1f}%  {f[:110]}")
+
+
+if __name__ == "__main__":
+    main()
