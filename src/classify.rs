@@ -110,8 +110,8 @@ fn classify_statement(text: &[u8]) -> Kind {
     let Some(first) = tokens.next() else {
         return Kind::Read;
     };
-    let second = tokens.next();
-    let second_is = |k: &str| second.is_some_and(|t| t.is(k));
+    // Only a few first words need the second: it is not read for the rest.
+    let mut second_is = |k: &str| tokens.next().is_some_and(|t| t.is(k));
     let Token::Word(word) = first else {
         return Kind::Write;
     };
@@ -197,12 +197,47 @@ fn select_like(text: &[u8], cursor: bool) -> Kind {
 /// token scan, so it can only ever send a statement the long way.
 fn may_name_a_write_word(text: &[u8]) -> bool {
     let lower = |i: usize| text.get(i).map_or(0, |b| b | 0x20);
-    // memchr finds the few O and V bytes a word at a time; only they are looked at closely.
-    memchr::memchr2_iter(b'o', b'O', text).any(|i| {
-        (i >= 1 && lower(i - 1) == b'f' && lower(i + 1) == b'r')
-            || (i >= 3 && lower(i - 3) == b'i' && lower(i - 2) == b'n' && lower(i - 1) == b't')
-    }) || memchr::memchr2_iter(b'v', b'V', text)
-        .any(|i| lower(i + 1) == b'a' && lower(i + 2) == b'l')
+    let hit = |i: usize| match lower(i) {
+        b'o' => {
+            (i >= 1 && lower(i - 1) == b'f' && lower(i + 1) == b'r')
+                || (i >= 3 && lower(i - 3) == b'i' && lower(i - 2) == b'n' && lower(i - 1) == b't')
+        }
+        b'v' => lower(i + 1) == b'a' && lower(i + 2) == b'l',
+        _ => false,
+    };
+    // Eight bytes at a time (`| 0x20` maps exactly O and o to o, V and v to v). `found` sets
+    // the top bit of each byte equal to `byte`; a borrow can also set it in a byte above a
+    // true one, which costs only a needless look, as `hit` checks the byte itself.
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let found = |word: u64, byte: u8| {
+        let x = word ^ (ONES * u64::from(byte));
+        x.wrapping_sub(ONES) & !x & (ONES << 7)
+    };
+    let in_word = |word: u64, at: usize| {
+        let word = word | (ONES * 0x20);
+        let mut bytes = found(word, b'o') | found(word, b'v');
+        while bytes != 0 {
+            if hit(at + bytes.trailing_zeros() as usize / 8) {
+                return true;
+            }
+            bytes &= bytes - 1;
+        }
+        false
+    };
+    let mut chunks = text.chunks_exact(8);
+    if (&mut chunks).enumerate().any(|(n, chunk)| {
+        in_word(
+            u64::from_le_bytes(chunk.try_into().expect("8 bytes")),
+            8 * n,
+        )
+    }) {
+        return true;
+    }
+    // The last few bytes, padded with zeros (spaces, once `| 0x20`).
+    let rest = chunks.remainder();
+    let mut last = [0; 8];
+    last[..rest.len()].copy_from_slice(rest);
+    in_word(u64::from_le_bytes(last), text.len() - rest.len())
 }
 
 /// EXPLAIN reads, but EXPLAIN ANALYZE runs the statement, so it is what the statement is.
@@ -567,6 +602,24 @@ mod tests {
                 may_name_a_write_word(format!("SELECT 1 {w}(x)").as_bytes()),
                 "{w}"
             );
+        }
+    }
+
+    #[test]
+    fn the_byte_scan_finds_each_word_at_every_offset_and_across_eight_byte_boundaries() {
+        for w in ["for", "INTO", "nextval", "SetVal"] {
+            for pad in 0..20 {
+                for tail in 0..10 {
+                    let text = format!("{}{w}{}", "x".repeat(pad), "y".repeat(tail));
+                    assert!(may_name_a_write_word(text.as_bytes()), "{text}");
+                }
+            }
+        }
+        // Bytes that differ from O and V only in bit 5, or that only look alike once
+        // lower-cased by other means, are no hit.
+        for pad in 0..20 {
+            let text = format!("{}F\x0fR INT\x0f N\x16AL f/r", "x".repeat(pad));
+            assert!(!may_name_a_write_word(text.as_bytes()), "{text:?}");
         }
     }
 
