@@ -38,6 +38,11 @@ pub struct Pipe {
     inject: BytesMut,
     /// The source has closed.
     eof: bool,
+    /// A flush of the destination said Pending: it is owed until one completes. A TLS stream
+    /// takes bytes into its own buffer and says so before they reach the socket; only a flush
+    /// (or more writes) gets them out, so one that stalled must be tried again even when
+    /// nothing new is written.
+    unflushed: bool,
     /// Bytes written to the destination so far, so a caller can tell progress from none.
     written: u64,
     /// Bytes of a skipped message still to come from the source; they are dropped on arrival.
@@ -138,7 +143,7 @@ impl Pipe {
 
     /// Whether anything is waiting to be written.
     pub fn has_output(&self) -> bool {
-        self.ready > 0 || !self.inject.is_empty()
+        self.ready > 0 || !self.inject.is_empty() || self.unflushed
     }
 
     /// Whether the source has been read to its end.
@@ -215,8 +220,10 @@ impl Pipe {
             self.written += n as u64;
             wrote = true;
         }
-        if wrote {
+        if wrote || self.unflushed {
+            self.unflushed = true;
             ready!(Pin::new(&mut *dest).poll_flush(cx))?;
+            self.unflushed = false;
         }
         Poll::Ready(Ok(wrote))
     }
@@ -270,6 +277,60 @@ mod tests {
             p.forward(&h);
         }
         tags
+    }
+
+    /// Takes every write at once, as a TLS stream does into its buffer, but its first flush
+    /// says Pending.
+    #[derive(Default)]
+    struct BufferingWriter {
+        taken: Vec<u8>,
+        flushes: usize,
+        flushed: bool,
+    }
+
+    impl AsyncWrite for BufferingWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.taken.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes += 1;
+            if self.flushes == 1 {
+                return Poll::Pending;
+            }
+            self.flushed = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_flush_that_said_pending_is_tried_again_when_nothing_new_is_written() {
+        let mut p = Pipe::default();
+        p.feed(&msg(b'Q', b"SELECT 1\0"));
+        drain(&mut p);
+        let mut dest = BufferingWriter::default();
+        let cx = &mut Context::from_waker(std::task::Waker::noop());
+        assert!(p.poll_write_to(cx, &mut dest).is_pending());
+        assert!(
+            p.has_output(),
+            "bytes still in the writer's buffer are output"
+        );
+        assert!(matches!(
+            p.poll_write_to(cx, &mut dest),
+            Poll::Ready(Ok(false))
+        ));
+        assert!(dest.flushed);
+        assert!(!p.has_output());
+        assert_eq!(dest.taken, msg(b'Q', b"SELECT 1\0"));
     }
 
     #[test]
