@@ -7,9 +7,12 @@
 //! on them in order, so only the head of the queue runs; its clock starts when it was sent or
 //! when the request before it completed, whichever is later (DESIGN.md §3.2).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
+// Statement and portal names hash with foldhash, seeded at random per map: far cheaper than
+// SipHash per Bind, and still not a table a client can predict.
+use foldhash::{HashMap, HashMapExt};
 use tokio::time::Instant;
 
 use crate::classify::{Control, Kind};
