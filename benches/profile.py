@@ -1,7 +1,8 @@
 """Where bulkhead's CPU time goes, in instructions per transaction, counted by callgrind.
 
 Runs the release bulkhead (one worker thread) under valgrind --tool=callgrind in front of a
-throwaway PostgreSQL, drives it with pgbench -S for N and then 3N transactions per client, and
+throwaway PostgreSQL, drives it with pgbench (-S, or -N with --writes) for N and then 3N
+transactions per client, and
 reports the worker thread's instructions per transaction (the difference of the two runs, so
 startup and login cancel out), grouped by where they are spent, and the costliest functions.
 Instruction counts repeat to within a fraction of a percent from run to run, where CPU seconds
@@ -51,7 +52,7 @@ def exclusive_costs(path):
     return costs
 
 
-def worker_costs(binary, pg_port, work, mode, clients, transactions):
+def worker_costs(binary, pg_port, work, workload, mode, clients, transactions):
     """Exclusive costs of the busiest thread (the data-path worker) over one pgbench run."""
     port = C.free_port()
     conf = os.path.join(work, "profile.toml")
@@ -64,7 +65,7 @@ def worker_costs(binary, pg_port, work, mode, clients, transactions):
                              env={**os.environ, "BULKHEAD_WORKERS": "1"})
     try:
         C.wait_port(port, "bulkhead under valgrind", 120)
-        C.run([f"{C.PG_BIN}/pgbench", "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
+        C.run([f"{C.PG_BIN}/pgbench", "-n", workload, "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
                "-t", str(transactions), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"])
     finally:
         proxy.send_signal(signal.SIGTERM)
@@ -77,6 +78,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="simple", choices=["simple", "extended", "prepared"])
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--writes", action="store_true", help="pgbench -N (five statements a transaction) instead of -S")
     ap.add_argument("--transactions", type=int, default=300, help="per client, in the shorter run")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--binary", default=os.path.join(C.ROOT, "target/release/bulkhead"))
@@ -84,8 +86,9 @@ def main():
     work = tempfile.mkdtemp(prefix="bulkhead-profile-")
     pg_port, data = C.start_postgres(work, 100, ssl=False)
     try:
-        short = worker_costs(args.binary, pg_port, work, args.mode, args.clients, args.transactions)
-        long = worker_costs(args.binary, pg_port, work, args.mode, args.clients, 3 * args.transactions)
+        workload = "-N" if args.writes else "-S"
+        short = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, args.transactions)
+        long = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, 3 * args.transactions)
     finally:
         C.stop_postgres(data)
         shutil.rmtree(work, ignore_errors=True)
@@ -96,7 +99,7 @@ def main():
         group = next((g for g, pattern in GROUPS if re.search(pattern, f)), "other")
         groups[group] += n
     total = sum(per_tx.values())
-    print(f"pgbench -S -M {args.mode} -c {args.clients}: {total:.0f} instructions per transaction "
+    print(f"pgbench {workload} -M {args.mode} -c {args.clients}: {total:.0f} instructions per transaction "
           "on the worker thread\n")
     for group, n in groups.most_common():
         print(f"  {n:7.0f}  {100 * n / total:5.1f}%  {group}")
