@@ -28,7 +28,7 @@ import compare as C  # noqa: E402
 
 # Exclusive costs are grouped by the first pattern that matches the function's name.
 GROUPS = [
-    ("classification", r"bulkhead::classify|memchr"),
+    ("classification, and memchr (NUL and semicolon searches)", r"bulkhead::classify|memchr"),
     ("metrics", r"^metrics|metrics_exporter|AtomicBucket"),
     ("relay: framing, bookkeeping, buffers", r"bulkhead::|bytes::"),
     ("tokio: socket readiness and I/O", r"tokio::runtime::io|tokio::net|poll_evented|mio::|tokio_util::"),
