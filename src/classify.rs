@@ -615,8 +615,8 @@ mod tests {
                 }
             }
         }
-        // Bytes that differ from O and V only in bit 5, or that only look alike once
-        // lower-cased by other means, are no hit.
+        // Bytes one bit away from O and V (0x0f, 0x16: bit 6) and a slash where the O of FOR
+        // would be are no hit.
         for pad in 0..20 {
             let text = format!("{}F\x0fR INT\x0f N\x16AL f/r", "x".repeat(pad));
             assert!(!may_name_a_write_word(text.as_bytes()), "{text:?}");

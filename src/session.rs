@@ -570,9 +570,9 @@ impl Wake for BitWaker {
     }
 }
 
-/// The wakers a session polls its sources with, so that it knows which of them woke it:
-/// polling a source that has not (a watch: its lock; a socket: tokio's readiness machinery)
-/// costs as much as relaying a message.
+/// The wakers a session polls its sources with, so that it knows which of them woke it and
+/// polls only those: polling one that did not (a watch: its lock; a socket: tokio's readiness
+/// machinery) costs about as much as relaying a message.
 struct Wakers {
     watches: Waker,
     client: Waker,
