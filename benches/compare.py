@@ -180,6 +180,14 @@ class Systems:
         stop_postgres(self.data)
 
 
+def commit():
+    """The commit the measured bulkhead was built from, marked if the tree had changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src", "Cargo.toml", "Cargo.lock"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return (head.stdout.strip() or "unknown") + (" with uncommitted changes" if dirty else "")
+
+
 def pgbench(port, sslmode, args, seconds, logdir):
     for f in glob.glob(os.path.join(logdir, "pgbench_log*")):
         os.remove(f)
@@ -234,6 +242,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="run only the workloads whose name contains this")
     args = ap.parse_args()
+    built_from = commit()  # before the run, which takes a while
     work = tempfile.mkdtemp(prefix="bulkhead-compare-")
     systems = Systems(work, args.idle_clients)
     plain = ["direct", "bulkhead", "pgbouncer", "haproxy"]
@@ -274,7 +283,7 @@ def main():
         systems.stop()
     med = lambda xs: statistics.median(xs)
     lines = [
-        f"Date: {time.strftime('%Y-%m-%d')}; machine: {os.cpu_count()} cores, {platform.machine()}, "
+        f"Date: {time.strftime('%Y-%m-%d')}; commit {built_from}; machine: {os.cpu_count()} cores, {platform.machine()}, "
         f"{platform.system()} {platform.release()}; PostgreSQL {os.path.basename(os.path.dirname(PG_BIN))}; "
         f"{args.rounds} interleaved rounds of {args.seconds} s; medians.",
         "",
