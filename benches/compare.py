@@ -7,9 +7,10 @@ are), against pgbench with sslmode=require directly and through HAProxy (TLS end
 
 Reports per workload and system: median tps, average and p99 latency, ratios, and proxy CPU
 seconds per 100k transactions (utime + stime of the proxy process from /proc; utime alone in
-parentheses). On a small
-machine the proxy, pgbench and PostgreSQL share the cores, so CPU per transaction is the fair
-figure. Also bulkhead's and PgBouncer's RSS growth per idle client. Run through benches/compare.
+parentheses), and the CPU seconds of the whole machine per 100k transactions (busy time of all
+CPUs from /proc/stat: pgbench, PostgreSQL and the proxy together). On a small machine the proxy,
+pgbench and PostgreSQL share the cores, so CPU per transaction is the fair figure. Also
+bulkhead's and PgBouncer's RSS growth per idle client. Run through benches/compare.
 """
 
 import argparse
@@ -60,6 +61,12 @@ def cpu_seconds(pid):
     """(user, system) CPU seconds of the process `pid`, all threads."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def machine_busy_seconds():
+    """CPU seconds all CPUs have spent busy (not idle, not waiting for I/O) since boot."""
+    ticks = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
 
 
 def rss_kib(pid):
@@ -271,13 +278,15 @@ def main():
                     pid = systems.pid(system)
                     user0, sys0 = cpu_seconds(pid) if pid else (0.0, 0.0)
                     sslmode = systems.sslmode.get(system, "disable")
+                    busy0 = machine_busy_seconds()
                     tps, lat, p99, done, failed = pgbench(systems.ports[system], sslmode, wargs, args.seconds, work)
                     user1, sys1 = cpu_seconds(pid) if pid else (float("nan"), float("nan"))
+                    busy = machine_busy_seconds() - busy0
                     per = 100_000 / done if done else float("nan")
                     cpu, user = (user1 - user0 + sys1 - sys0) * per, (user1 - user0) * per
-                    results[(name, system)].append((tps, lat, p99, cpu, failed, user))
+                    results[(name, system)].append((tps, lat, p99, cpu, failed, user, busy * per))
                     print(f"round {r + 1} {name:24} {system:9} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
-                          f"cpu/100k {cpu:.2f} (user {user:.2f}) failed {failed}", flush=True)
+                          f"cpu/100k {cpu:.2f} (user {user:.2f}) all {busy * per:.2f} failed {failed}", flush=True)
         rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients) for s in ("bulkhead", "bulkhead-tls", "pgbouncer")}
     finally:
         systems.stop()
@@ -287,8 +296,8 @@ def main():
         f"{platform.system()} {platform.release()}; PostgreSQL {os.path.basename(os.path.dirname(PG_BIN))}; "
         f"{args.rounds} interleaved rounds of {args.seconds} s; medians.",
         "",
-        "| workload | system | tps | avg latency ms | p99 ms | proxy CPU-s / 100k tx (user) | tps vs direct | vs PgBouncer | vs HAProxy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | system | tps | avg latency ms | p99 ms | proxy CPU-s / 100k tx (user) | all CPUs / 100k tx | tps vs direct | vs PgBouncer | vs HAProxy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, _, order in workloads if args.rounds else []:
         tps = {s: med([x[0] for x in results[(name, s)]]) for s in order}
@@ -297,7 +306,7 @@ def main():
             rs = results[(name, s)]
             cpu, user = med([x[3] for x in rs]), med([x[5] for x in rs])
             lines.append(f"| `{name}` | {s} | {tps[s]:.0f} | {med([x[1] for x in rs]):.3f} | {med([x[2] for x in rs]):.3f} | "
-                         f"{'—' if cpu != cpu else f'{cpu:.2f} ({user:.2f})'} | {tps[s] / direct:.2f} | "
+                         f"{'—' if cpu != cpu else f'{cpu:.2f} ({user:.2f})'} | {med([x[6] for x in rs]):.2f} | {tps[s] / direct:.2f} | "
                          f"{tps[s] / pgbouncer:.2f} | {tps[s] / haproxy:.2f} |")
     lines += ["", f"RSS growth per idle client ({args.idle_clients} clients): "
               + ", ".join(f"{s} {v:.1f} KiB" for s, v in rss.items()), "", "Allocations (benches/alloc.rs):", "",
