@@ -85,7 +85,7 @@ fn hot_path_alone() {
                 b'Q' => tracker.query(classify(up.body(&h), true), now),
                 b'B' => tracker.bind(b"", b"P0_1", now),
                 b'E' => {
-                    tracker.execute(b"", now);
+                    tracker.execute(tracker.portal_kind(b""), now);
                 }
                 _ => tracker.sync(now),
             }

@@ -124,7 +124,7 @@ fn bookkeeping(c: &mut Criterion) {
     g.bench_function("prepared_statement_cycle", |b| {
         b.iter(|| {
             t.bind(b"", b"P0_1", now);
-            t.execute(b"", now);
+            t.execute(t.portal_kind(b""), now);
             t.sync(now);
             black_box(t.deadline(Duration::from_secs(30), Duration::from_secs(5)));
             black_box(t.ready(TxStatus::Idle, now));

@@ -1086,7 +1086,8 @@ impl Relay {
                         continue;
                     }
                     let portal = frontend::execute_portal(self.up.body(&h)).unwrap_or(b"\0");
-                    let write = self.tracker.peek_execute(portal) == Class::Write;
+                    let kind = self.tracker.portal_kind(portal);
+                    let write = self.tracker.peek_execute(kind) == Class::Write;
                     match self.admit(shared, write) {
                         Admit::Go => {}
                         Admit::Wait => return Ok(Hold::Wait),
@@ -1096,8 +1097,7 @@ impl Relay {
                             continue;
                         }
                     }
-                    let portal = frontend::execute_portal(self.up.body(&h)).unwrap_or(b"\0");
-                    let became_write = self.tracker.execute(portal, now);
+                    let became_write = self.tracker.execute(kind, now);
                     if became_write && !self.admit_write(shared) {
                         self.skip_to_sync = true;
                         self.up.skip(&h);

@@ -129,13 +129,19 @@ impl Tracker {
         }
     }
 
-    /// The class of the open request once an Execute of `portal` is added, without adding it.
-    pub fn peek_execute(&self, portal: &[u8]) -> Class {
-        let kind = if portal.is_empty() {
+    /// What `portal` runs: the kind of the statement it was bound from. An unknown portal is a
+    /// write.
+    pub fn portal_kind(&self, portal: &[u8]) -> Kind {
+        if portal.is_empty() {
             self.unnamed_portal
         } else {
             self.portals.get(portal).copied().unwrap_or(Kind::Write)
-        };
+        }
+    }
+
+    /// The class of the open request once an Execute of a portal of `kind` is added, without
+    /// adding it.
+    pub fn peek_execute(&self, kind: Kind) -> Class {
         let open_write = self.open && self.last() == Some(Class::Write);
         if open_write {
             Class::Write
@@ -184,15 +190,10 @@ impl Tracker {
         }
     }
 
-    /// Execute: the open request is at least as strong as the portal it runs. Returns true if
-    /// this made a read request a write.
-    pub fn execute(&mut self, portal: &[u8], now: Instant) -> bool {
+    /// Execute of a portal of `kind` (see `portal_kind`): the open request is at least as
+    /// strong as the portal it runs. Returns true if this made a read request a write.
+    pub fn execute(&mut self, kind: Kind, now: Instant) -> bool {
         self.extended(now);
-        let kind = if portal.is_empty() {
-            self.unnamed_portal
-        } else {
-            self.portals.get(portal).copied().unwrap_or(Kind::Write)
-        };
         let class = self.resolve(kind);
         match self.queue.back_mut() {
             Some(last) if class == Class::Write && last.class == Class::Read => {
@@ -397,16 +398,19 @@ mod tests {
             "Parse alone writes nothing"
         );
         t.bind(b"", b"sel", t0);
-        t.execute(b"", t0);
+        t.execute(t.portal_kind(b""), t0);
         t.sync(t0);
         t.bind(b"p1", b"ins", t0);
-        assert!(t.execute(b"p1", t0), "the request became a write");
+        assert!(
+            t.execute(t.portal_kind(b"p1"), t0),
+            "the request became a write"
+        );
         t.sync(t0);
         assert_eq!(t.ready(TxStatus::Idle, t0).unwrap().class, Class::Read);
         assert_eq!(t.ready(TxStatus::Idle, t0).unwrap().class, Class::Write);
         // Unknown statement or portal: a write.
         t.bind(b"", b"never-parsed", t0);
-        t.execute(b"", t0);
+        t.execute(t.portal_kind(b""), t0);
         t.sync(t0);
         assert_eq!(t.head(), Some(Class::Write));
     }
@@ -418,7 +422,7 @@ mod tests {
         t.parse(b"s", Kind::Read, t0);
         t.close(b'S', b"s", t0);
         t.bind(b"", b"s", t0);
-        t.execute(b"", t0);
+        t.execute(t.portal_kind(b""), t0);
         assert_eq!(t.head(), Some(Class::Write));
     }
 
@@ -465,7 +469,7 @@ mod tests {
         t.bind(b"p", b"s", t0);
         t.sync(t0);
         t.ready(TxStatus::Idle, t0);
-        t.execute(b"p", t0);
+        t.execute(t.portal_kind(b"p"), t0);
         assert_eq!(
             t.head(),
             Some(Class::Write),
