@@ -10,7 +10,9 @@ seconds per 100k transactions (utime + stime of the proxy process from /proc; ut
 parentheses), and the CPU seconds of the whole machine per 100k transactions (busy time of all
 CPUs from /proc/stat: pgbench, PostgreSQL and the proxy together). On a small machine the proxy,
 pgbench and PostgreSQL share the cores, so CPU per transaction is the fair figure. Also
-bulkhead's and PgBouncer's RSS growth per idle client. Run through benches/compare.
+bulkhead's and PgBouncer's RSS growth per idle client. With --floor, the plain workloads also
+run through benches/floor.rs, a bare relay that parses nothing, for scale. Run through
+benches/compare.
 """
 
 import argparse
@@ -171,6 +173,10 @@ class Systems:
         exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.spawn("haproxy", [exe, "-f", conf, "-db"], port)
 
+    def start_floor(self, exe):
+        port = free_port()
+        self.spawn("floor", [exe, f"127.0.0.1:{port}", f"127.0.0.1:{self.pg_port}"], port)
+
     def pid(self, name):
         p = self.procs.get(name)
         return getattr(p, "real_pid", p.pid) if p else None
@@ -248,11 +254,16 @@ def main():
     ap.add_argument("--idle-clients", type=int, default=1000)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="run only the workloads whose name contains this")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run the plain workloads through benches/floor.rs, a bare relay, for scale")
     args = ap.parse_args()
     built_from = commit()  # before the run, which takes a while
     work = tempfile.mkdtemp(prefix="bulkhead-compare-")
     systems = Systems(work, args.idle_clients)
     plain = ["direct", "bulkhead", "pgbouncer", "haproxy"]
+    if args.floor:
+        systems.start_floor(os.environ["BULKHEAD_FLOOR_BIN"])
+        plain.append("floor")
     tls = ["direct-tls", "bulkhead-tls", "pgbouncer-tls", "haproxy-tls"]
     workloads = []
     for clients in (1, 16):
