@@ -11,7 +11,8 @@ parentheses), and the CPU seconds of the whole machine per 100k transactions (bu
 CPUs from /proc/stat: pgbench, PostgreSQL and the proxy together). On a small machine the proxy,
 pgbench and PostgreSQL share the cores, so CPU per transaction is the fair figure. Also
 bulkhead's and PgBouncer's RSS growth per idle client. With --floor, the plain workloads also
-run through benches/floor.rs, a bare relay that parses nothing, for scale. Run through
+run through benches/floor.rs, a bare relay that parses nothing, for scale, as it is and with its
+sends batched through io_uring. Run through
 benches/compare.
 """
 
@@ -173,9 +174,9 @@ class Systems:
         exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.spawn("haproxy", [exe, "-f", conf, "-db"], port)
 
-    def start_floor(self, exe):
+    def start_floor(self, name, exe, *flags):
         port = free_port()
-        self.spawn("floor", [exe, f"127.0.0.1:{port}", f"127.0.0.1:{self.pg_port}"], port)
+        self.spawn(name, [exe, f"127.0.0.1:{port}", f"127.0.0.1:{self.pg_port}", *flags], port)
 
     def pid(self, name):
         p = self.procs.get(name)
@@ -255,15 +256,17 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="run only the workloads whose name contains this")
     ap.add_argument("--floor", action="store_true",
-                    help="also run the plain workloads through benches/floor.rs, a bare relay, for scale")
+                    help="also run the plain workloads through benches/floor.rs, a bare relay, for scale "
+                         "(as it is, and with --uring)")
     args = ap.parse_args()
     built_from = commit()  # before the run, which takes a while
     work = tempfile.mkdtemp(prefix="bulkhead-compare-")
     systems = Systems(work, args.idle_clients)
     plain = ["direct", "bulkhead", "pgbouncer", "haproxy"]
     if args.floor:
-        systems.start_floor(os.environ["BULKHEAD_FLOOR_BIN"])
-        plain.append("floor")
+        systems.start_floor("floor", os.environ["BULKHEAD_FLOOR_BIN"])
+        systems.start_floor("floor-uring", os.environ["BULKHEAD_FLOOR_BIN"], "--uring")
+        plain += ["floor", "floor-uring"]
     tls = ["direct-tls", "bulkhead-tls", "pgbouncer-tls", "haproxy-tls"]
     workloads = []
     for clients in (1, 16):
