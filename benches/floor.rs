@@ -134,19 +134,22 @@ struct Batch {
 }
 
 impl Batch {
-    /// Sends what every queued half holds, `RING` at a time, one `io_uring_enter` each;
-    /// returns the pairs to drop.
+    /// Sends what every queued half holds, `RING` at a time, one `io_uring_enter` each, and
+    /// adds the pairs whose sockets failed to `dead`.
     fn flush(&mut self, pairs: &mut [Option<Pair>], dead: &mut Vec<usize>) -> io::Result<()> {
         for part in self.sends.chunks(RING) {
             let mut n = 0;
             for (k, &(i, up)) in part.iter().enumerate() {
-                let Some(pair) = pairs[i].as_mut() else { continue };
+                let Some(pair) = pairs[i].as_mut() else {
+                    continue;
+                };
                 let (half, to, _) = pair.half(up);
                 let held = half.held();
-                let send = opcode::Send::new(types::Fd(to.as_raw_fd()), held.as_ptr(), held.len() as u32)
-                    .flags(libc::MSG_DONTWAIT)
-                    .build()
-                    .user_data(k as u64);
+                let send =
+                    opcode::Send::new(types::Fd(to.as_raw_fd()), held.as_ptr(), held.len() as u32)
+                        .flags(libc::MSG_DONTWAIT)
+                        .build()
+                        .user_data(k as u64);
                 // SAFETY: the buffer is the half's and stays put: nothing touches it before
                 // the completion below, which submit_and_wait waits for (MSG_DONTWAIT: every
                 // send completes within the call).
@@ -156,7 +159,9 @@ impl Batch {
             self.ring.submit_and_wait(n)?;
             for done in self.ring.completion() {
                 let (i, up) = part[done.user_data() as usize];
-                let Some(pair) = pairs[i].as_mut() else { continue };
+                let Some(pair) = pairs[i].as_mut() else {
+                    continue;
+                };
                 let (half, to, from) = pair.half(up);
                 half.queued = false;
                 match done.result() {
@@ -190,7 +195,9 @@ fn main() -> io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addresses: Vec<SocketAddr> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let [listen, server] = addresses[..] else {
-        println!("floor: a bare TCP relay for benches/compare --floor; usage: floor LISTEN SERVER [--uring]");
+        println!(
+            "floor: a bare TCP relay for benches/compare --floor; usage: floor LISTEN SERVER [--uring]"
+        );
         return Ok(());
     };
     let mut batch = match args.iter().any(|a| a == "--uring") {
