@@ -4,7 +4,8 @@
 //! the data path: is it reachable, is it a primary or a standby, on which timeline, and — on a
 //! primary — does a write commit within [probe] timeout? The write check writes WAL and commits
 //! (`pg_logical_emit_message(true, …)`), so a commit path that hangs while reads work (a
-//! synchronous standby that is gone, a full disk) is caught. At most one write check per host is
+//! synchronous standby that is gone, a full disk) is caught, and it fails on a primary that has
+//! been made read-only (`default_transaction_read_only`). At most one write check per host is
 //! outstanding: a stuck one is cancelled and not followed by another until it ends.
 //!
 //! From the hosts' reports the topology picks the writable primary: among hosts that say they
@@ -21,7 +22,7 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tracing::{info, warn};
 
 use crate::Shared;
@@ -478,8 +479,16 @@ async fn status(dial: &Dial) -> Result<Report, ProbeError> {
     })
 }
 
+/// The write check's statement. The WHERE clause makes it write nothing and return no row on
+/// a server that is up and not in recovery but takes no writes (`default_transaction_read_only`
+/// on, as some managed services set it when storage runs out): there every application write fails
+/// with 25006, so the check must fail too, or it would close the circuit those failures opened.
+const WRITE_CHECK: &str = "SELECT pg_logical_emit_message(true, 'bulkhead', 'probe') \
+                           WHERE current_setting('transaction_read_only') = 'off'";
+
 /// A write that must reach WAL and commit: it waits for synchronous replication like any
-/// application commit, needs no table and no superuser, and fails on a standby.
+/// application commit, needs no table and no superuser, and fails on a standby and on a
+/// read-only primary.
 async fn write_check(conn: Option<Conn>, dial: &Dial) -> (Option<Conn>, Result<(), String>) {
     let conn = match conn {
         Some(c) if !c.client.is_closed() => c,
@@ -488,12 +497,19 @@ async fn write_check(conn: Option<Conn>, dial: &Dial) -> (Option<Conn>, Result<(
             Err(e) => return (None, Err(e.into_string())),
         },
     };
-    let result = conn
-        .client
-        .simple_query("SELECT pg_logical_emit_message(true, 'bulkhead', 'probe')")
-        .await
-        .map(|_| ())
-        .map_err(|e| describe(&e));
+    let result = match conn.client.simple_query(WRITE_CHECK).await {
+        Ok(messages)
+            if messages
+                .iter()
+                .any(|m| matches!(m, SimpleQueryMessage::Row(_))) =>
+        {
+            Ok(())
+        }
+        Ok(_) => Err("the server takes no writes: transaction_read_only is on \
+                      (default_transaction_read_only, for the server or the probe's user)"
+            .to_string()),
+        Err(e) => Err(describe(&e)),
+    };
     (Some(conn), result)
 }
 

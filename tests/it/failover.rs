@@ -113,6 +113,59 @@ async fn wedged_commit_path_opens_the_circuit_then_writes_fail_fast_while_reads_
     assert_eq!(pg.psql("SELECT count(*) FROM w WHERE x = 100"), "1");
 }
 
+/// A primary that stays primary (not in recovery) but takes no writes, as managed services make
+/// one whose storage is full: every write would fail with 25006. The probe's write check must
+/// see that by itself, with no client writing; before it did, its check kept succeeding and
+/// kept such a circuit closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_primary_opens_the_circuit_on_the_probe_alone_and_closes_when_writable_again() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE ro (x int)");
+    let mut config = fast_config(&[&pg]);
+    config.circuit.open_for = Duration::from_secs(2);
+    let proxy = Proxy::start(config).await;
+    let c = proxy.connect().await;
+    c.simple_query("INSERT INTO ro VALUES (1)").await.unwrap();
+
+    pg.psql("ALTER SYSTEM SET default_transaction_read_only = on");
+    pg.psql("SELECT pg_reload_conf()");
+    eventually(
+        "the probe to open the write circuit",
+        SECONDS_20,
+        || async { (circuit_state(&proxy) == 2.0).then_some(()) },
+    )
+    .await;
+    let health = proxy.health_json().await;
+    assert_eq!(health["backends"][0]["role"], "primary", "{health}");
+    assert_eq!(health["backends"][0]["circuit"], "open", "{health}");
+    assert_eq!(health["ready"], false, "{health}");
+
+    let started = Instant::now();
+    let err = c
+        .simple_query("INSERT INTO ro VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "57P03", "refused, not sent: {err:?}");
+    assert!(started.elapsed() < Duration::from_millis(50));
+    assert_eq!(
+        first_value(&c, "SELECT count(*) FROM ro").await,
+        "1",
+        "reads go on"
+    );
+
+    pg.psql("ALTER SYSTEM RESET default_transaction_read_only");
+    pg.psql("SELECT pg_reload_conf()");
+    eventually("writes to flow again", SECONDS_20, || async {
+        c.simple_query("INSERT INTO ro VALUES (3)").await.ok()
+    })
+    .await;
+    assert_eq!(circuit_state(&proxy), 0.0);
+    assert_eq!(
+        pg.psql("SELECT string_agg(x::text, ',' ORDER BY x) FROM ro"),
+        "1,3"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_write_in_a_psql_transaction_block_fails_the_block_and_commit_rolls_back() {
     let pg = Cluster::start();
