@@ -165,6 +165,9 @@ pub struct Circuit {
     /// Some failure has been counted since the last success: a success must take the lock.
     dirty: AtomicBool,
     breaker: Mutex<Breaker>,
+    /// The last failure counted, for the log line that says the circuit opened and for the
+    /// health port while it is not closed. Written only when a failure is counted.
+    reason: Mutex<String>,
     gauge: metrics::Gauge,
 }
 
@@ -176,6 +179,7 @@ impl Circuit {
             state: AtomicU8::new(State::Closed.as_u8()),
             dirty: AtomicBool::new(false),
             breaker: Mutex::new(Breaker::new(Instant::now())),
+            reason: Mutex::new(String::new()),
             gauge,
         }
     }
@@ -204,7 +208,20 @@ impl Circuit {
 
     pub fn failure(&self, s: &Settings, why: &str) {
         tracing::debug!(backend = %self.name, why, "write failure counted");
+        {
+            let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            reason.clear();
+            reason.push_str(why);
+        }
         self.with(|b, now| b.failure(now, s), s);
+    }
+
+    /// The last failure counted: why the circuit opened, while it is not closed.
+    pub fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The state as last published, read without the lock (for the health port). An open
@@ -235,7 +252,8 @@ impl Circuit {
             self.gauge.set(after.gauge());
             match after {
                 State::Open => {
-                    warn!(backend = %self.name, open_for = ?s.open_for, "write circuit opened: writes are refused")
+                    let why = self.reason();
+                    warn!(backend = %self.name, open_for = ?s.open_for, why, "write circuit opened: writes are refused")
                 }
                 State::HalfOpen => {
                     warn!(backend = %self.name, "write circuit half-open: the next good write or write check closes it")

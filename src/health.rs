@@ -250,6 +250,8 @@ fn report(shared: &Shared) -> Report {
         .iter()
         .enumerate()
         .map(|(i, h)| {
+            let circuit = shared.topology.circuit(i);
+            let state = circuit.published();
             let role = match h.role {
                 Role::Primary if h.superseded => "superseded",
                 r => r.label(),
@@ -257,7 +259,8 @@ fn report(shared: &Shared) -> Report {
             json!({
                 "address": h.address,
                 "role": role,
-                "circuit": shared.topology.circuit(i).published().label(),
+                "circuit": state.label(),
+                "circuit_reason": (state != State::Closed).then(|| circuit.reason()),
                 "last_probe_age_ms": h.last_probe.map(|t| t.elapsed().as_millis() as u64),
                 "timeline": h.timeline,
                 "tls": h.tls.label(),

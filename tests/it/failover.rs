@@ -138,6 +138,10 @@ async fn read_only_primary_opens_the_circuit_on_the_probe_alone_and_closes_when_
     let health = proxy.health_json().await;
     assert_eq!(health["backends"][0]["role"], "primary", "{health}");
     assert_eq!(health["backends"][0]["circuit"], "open", "{health}");
+    let why = health["backends"][0]["circuit_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("transaction_read_only is on"), "{health}");
     assert_eq!(health["ready"], false, "{health}");
 
     let started = Instant::now();

@@ -43,6 +43,7 @@ async fn endpoints_tell_healthy_circuit_open_and_down_apart_and_follow_recovery(
     assert_eq!(h["primary"], pg.addr());
     assert_eq!(h["backends"][0]["role"], "primary");
     assert_eq!(h["backends"][0]["circuit"], "closed");
+    assert!(h["backends"][0]["circuit_reason"].is_null(), "{h}");
     assert!(h["backends"][0]["last_probe_age_ms"].as_u64().unwrap() < 1000);
     assert!(h["clients"].is_number() && h["inflight"].is_number());
     assert_eq!(proxy.get("/livez").await.status, 200);
@@ -68,6 +69,13 @@ async fn endpoints_tell_healthy_circuit_open_and_down_apart_and_follow_recovery(
     let h = proxy.health_json().await;
     assert_eq!(h["status"], "degraded", "{h}");
     assert_ne!(h["backends"][0]["circuit"], "closed");
+    let why = h["backends"][0]["circuit_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains("write check"),
+        "the reason names the failed check: {h}"
+    );
     assert_eq!(
         proxy.get("/livez").await.status,
         200,
