@@ -170,6 +170,55 @@ async fn read_only_primary_opens_the_circuit_on_the_probe_alone_and_closes_when_
     );
 }
 
+/// Read-only for the application's role only, so the probe (another user) can still write:
+/// the 25006 errors the sessions see are what opens the circuit. Each reaches its client as
+/// the server's own error until the circuit refuses writes itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_errors_seen_by_sessions_open_the_circuit_though_the_probe_can_write() {
+    let pg = Cluster::start();
+    pg.psql("CREATE ROLE app LOGIN");
+    pg.psql("CREATE TABLE ro (x int)");
+    pg.psql("GRANT SELECT, INSERT ON ro TO app");
+    pg.psql("ALTER ROLE app SET default_transaction_read_only = on");
+    let proxy = Proxy::start(fast_config(&[&pg])).await;
+    let app = connect(&proxy.params("app")).await;
+
+    let seen = std::sync::Mutex::new(Vec::new());
+    let refused = eventually("writes to be refused", SECONDS_20, || async {
+        let err = app
+            .simple_query("INSERT INTO ro VALUES (1)")
+            .await
+            .unwrap_err();
+        seen.lock().unwrap().push(sqlstate(&err).to_string());
+        (sqlstate(&err) == "57P03").then_some(err)
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.len() >= 4, "three 25006 first: {seen:?}");
+    assert!(
+        seen[..seen.len() - 1].iter().all(|c| c == "25006"),
+        "{seen:?}"
+    );
+    assert!(
+        refused
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("retry in")
+    );
+    let health = proxy.health_json().await;
+    let why = health["backends"][0]["circuit_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("25006"), "{health}");
+    assert_eq!(
+        first_value(&app, "SELECT count(*) FROM ro").await,
+        "0",
+        "reads go on"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM ro"), "0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_write_in_a_psql_transaction_block_fails_the_block_and_commit_rolls_back() {
     let pg = Cluster::start();
