@@ -496,6 +496,172 @@ async fn malformed_and_oversized_messages_after_login_get_08p01() {
     assert_answers(&bystander).await;
 }
 
+/// xorshift64*: deterministic, so a failing stream can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A valid frontend message of a random kind, then, half the time, its body mangled: bytes
+/// flipped or zeroed, cut short or lengthened. The length field always matches the body, so
+/// every message is framed; what is inside may be anything. A FunctionCall keeps its function
+/// (int4abs), so no mangling can call something that sleeps.
+fn mangled_message(rng: &mut Rng) -> Vec<u8> {
+    let int4 = |v: i32| v.to_be_bytes().to_vec();
+    let int2 = |v: i16| v.to_be_bytes().to_vec();
+    let (tag, mut body, keep): (u8, Vec<u8>, usize) = match rng.below(10) {
+        0 => (b'Q', b"SELECT 1\0".to_vec(), 0),
+        1 => (
+            b'P',
+            [&b"s1\0SELECT $1::int\0"[..], &int2(1), &int4(23)].concat(),
+            0,
+        ),
+        2 => {
+            let params = [&int2(0)[..], &int2(1), &int4(1), b"7", &int2(0)].concat();
+            (b'B', [&b"p1\0s1\0"[..], &params].concat(), 0)
+        }
+        3 => (
+            b'D',
+            if rng.below(2) == 0 {
+                b"Ss1\0".to_vec()
+            } else {
+                b"Pp1\0".to_vec()
+            },
+            0,
+        ),
+        4 => (b'E', [&b"p1\0"[..], &int4(0)].concat(), 0),
+        5 => (
+            b'C',
+            if rng.below(2) == 0 {
+                b"Ss1\0".to_vec()
+            } else {
+                b"Pp1\0".to_vec()
+            },
+            0,
+        ),
+        6 => (b'S', vec![], 0),
+        7 => (b'H', vec![], 0),
+        8 => {
+            let call = [
+                &int4(1397)[..],
+                &int2(0),
+                &int2(1),
+                &int4(4),
+                &int4(-5),
+                &int2(0),
+            ];
+            (b'F', call.concat(), 4)
+        }
+        _ => (
+            b'd',
+            (0..rng.below(32)).map(|_| rng.next() as u8).collect(),
+            0,
+        ),
+    };
+    if rng.below(16) == 0 {
+        // A letter that is no frontend message (Terminate excepted: it ends a session quietly).
+        let other = b'a' + rng.below(26) as u8;
+        return msg(if other == b'X' { b'x' } else { other }, &body);
+    }
+    if rng.below(2) == 0 && body.len() > keep {
+        match rng.below(4) {
+            0 => {
+                for _ in 0..=rng.below(3) {
+                    let i = keep + rng.below(body.len() - keep);
+                    body[i] ^= 1 << rng.below(8);
+                }
+            }
+            1 => {
+                let i = keep + rng.below(body.len() - keep);
+                body[i] = 0;
+            }
+            2 => body.truncate(keep + rng.below(body.len() - keep)),
+            _ => body.extend((0..=rng.below(16)).map(|_| rng.next() as u8)),
+        }
+    }
+    msg(tag, &body)
+}
+
+/// A header no message may have: a length under four, or one past the largest message.
+fn broken_header(rng: &mut Rng) -> Vec<u8> {
+    let len: u32 = if rng.below(2) == 0 {
+        rng.below(4) as u32
+    } else {
+        u32::MAX
+    };
+    [&[b'Q'][..], &len.to_be_bytes()].concat()
+}
+
+/// Ends a mangled stream: a Sync, then a query whose answer shows the session is still in step.
+/// Returns whether the session came through alive and how many errors it was sent; panics
+/// (naming the seed) unless it either answered that query or closed after a FATAL error.
+async fn survives(proxy: &Proxy, seed: u64, stream: &[u8]) -> (bool, usize) {
+    let mut r = Raw::connect(proxy.addr).await;
+    r.login("postgres").await;
+    let end = [msg(b'S', b""), msg(b'Q', b"SELECT 'fuzz-end'\0")].concat();
+    // One write, so the proxy has read everything before it answers (a socket closed with
+    // unread bytes in it is reset, and the reset could overtake the answer).
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut r.stream, &[stream, &end].concat()).await;
+    let (mut last, mut ended, mut errors) = (None, false, 0);
+    while let Some((tag, body)) = r.recv().await {
+        ended |= tag == b'D' && body.ends_with(b"fuzz-end");
+        errors += usize::from(tag == b'E');
+        if ended && tag == b'Z' {
+            return (true, errors);
+        }
+        last = Some((tag, body));
+    }
+    match last {
+        Some((b'E', body)) if field(&body, b'V').as_deref() == Some("FATAL") => (false, errors),
+        other => panic!(
+            "seed {seed}: the connection closed without a FATAL error; last message {other:?}; \
+             stream {stream:?}"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangled_messages_after_login_get_an_error_or_an_answer_never_a_silent_close() {
+    let (_pg, proxy) = setup().await;
+    let first: u64 = std::env::var("BULKHEAD_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    let (mut alive, mut closed, mut with_errors) = (0, 0, 0);
+    for seed in first..first + 150 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut stream: Vec<u8> = (0..=rng.below(12))
+            .flat_map(|_| mangled_message(&mut rng))
+            .collect();
+        if rng.below(8) == 0 {
+            stream.extend(broken_header(&mut rng));
+        }
+        let (answered, errors) = survives(&proxy, seed, &stream).await;
+        alive += usize::from(answered);
+        closed += usize::from(!answered);
+        with_errors += usize::from(errors > 0);
+    }
+    // The mangling must provoke errors of both kinds for the test to prove anything.
+    assert!(closed >= 5, "{closed} of 150 closed with FATAL");
+    assert!(
+        alive >= 50 && with_errors >= 50,
+        "{alive} alive, {with_errors} got errors"
+    );
+    let c = proxy.connect().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(proxy.get("/livez").await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_sends_nothing_is_closed_after_the_startup_timeout() {
     let pg = Cluster::start();
