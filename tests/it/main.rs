@@ -6,5 +6,6 @@ mod deadlines;
 mod failover;
 mod health;
 mod passthrough;
+mod scripted_server;
 mod support;
 mod tls;

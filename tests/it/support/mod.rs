@@ -2,6 +2,7 @@
 //! on port 0, a raw protocol client for byte-level cases, and polling with a deadline.
 #![allow(dead_code)]
 
+pub mod fake;
 pub mod raw;
 pub mod tls;
 
