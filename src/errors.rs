@@ -33,6 +33,17 @@ impl std::fmt::Display for Deadline {
     }
 }
 
+/// What a lost server connection means for the client's work, for the hint it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// A write was sent and not answered: it may have committed (an autocommit write, a COMMIT).
+    WriteInDoubt,
+    /// A transaction was open and no write of it was in flight: it cannot have committed.
+    OpenTransaction,
+    /// Nothing was in flight and no transaction was open (or the session was still logging in).
+    Nothing,
+}
+
 /// An error bulkhead raises itself, toward a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -41,8 +52,9 @@ pub enum Refusal {
     /// The client asked for a protocol version bulkhead cannot speak. FATAL 0A000, as
     /// PostgreSQL answers it.
     UnsupportedProtocol(String),
-    /// The server connection broke or sent garbage mid-session. FATAL 08006.
-    ServerLost(String),
+    /// The server connection broke or sent garbage mid-session. FATAL 08006; the hint says
+    /// what became of the client's work.
+    ServerLost(String, Lost),
     /// No server accepted the connection. FATAL 57P03.
     NoServer(String),
     /// bulkhead is shutting down. FATAL 57P01.
@@ -94,11 +106,19 @@ impl Refusal {
                 format!("bulkhead: {why}"),
                 "Use a client that speaks protocol 3.",
             ),
-            Refusal::ServerLost(why) => (
+            Refusal::ServerLost(why, lost) => (
                 Severity::Fatal,
                 "08006",
                 format!("bulkhead: lost the connection to the database server: {why}"),
-                "Reconnect. A write that was in progress may or may not have been committed.",
+                match lost {
+                    Lost::WriteInDoubt => {
+                        "Reconnect. The write in progress may or may not have been committed."
+                    }
+                    Lost::OpenTransaction => {
+                        "Reconnect. The open transaction did not commit; run it again."
+                    }
+                    Lost::Nothing => "Reconnect.",
+                },
             ),
             Refusal::NoServer(why) => (
                 Severity::Fatal,
@@ -282,7 +302,7 @@ mod tests {
         let cases = [
             (Refusal::ClientProtocol("x".into()), "08P01"),
             (Refusal::UnsupportedProtocol("x".into()), "0A000"),
-            (Refusal::ServerLost("x".into()), "08006"),
+            (Refusal::ServerLost("x".into(), Lost::WriteInDoubt), "08006"),
             (Refusal::NoServer("x".into()), "57P03"),
             (Refusal::ShuttingDown, "57P01"),
             (Refusal::StartupTimeout, "08P01"),

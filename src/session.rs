@@ -24,7 +24,7 @@ use crate::breaker::Decision;
 use crate::cancel::Target;
 use crate::classify::{Control, Kind, classify, transaction_control};
 use crate::config::{Config, ListenTls};
-use crate::errors::{Deadline, Refusal};
+use crate::errors::{Deadline, Lost, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
@@ -151,7 +151,11 @@ async fn start(
     debug!(server = %addr, "connected to server");
     let FirstPacket { packet, leftover } = first;
     if let Err(e) = server.write_all(&packet).await {
-        refuse(&mut client, Refusal::ServerLost(e.to_string())).await;
+        refuse(
+            &mut client,
+            Refusal::ServerLost(e.to_string(), Lost::Nothing),
+        )
+        .await;
         return None;
     }
     // Not kept for the session's life: it shares its memory with `leftover`, copied below.
@@ -1517,6 +1521,17 @@ impl Relay {
             && !self.up.has_output()
     }
 
+    /// What losing the server now means for the client's work.
+    fn lost(&self) -> Lost {
+        if self.tracker.write_in_flight() {
+            Lost::WriteInDoubt
+        } else if self.authenticated() && self.tx != TxStatus::Idle {
+            Lost::OpenTransaction
+        } else {
+            Lost::Nothing
+        }
+    }
+
     /// Ends the session: tells the client why when it should hear it, cancels a statement the
     /// server may still be running, and closes both connections.
     async fn finish(&mut self, shared: &Shared, end: End) {
@@ -1524,7 +1539,7 @@ impl Relay {
             End::ClientLeft => None,
             End::ClientBroke(why) => Some(Refusal::ClientProtocol(why.clone())),
             End::ServerLost(_) if self.server_said_fatal => None,
-            End::ServerLost(why) => Some(Refusal::ServerLost(why.clone())),
+            End::ServerLost(why) => Some(Refusal::ServerLost(why.clone(), self.lost())),
             End::ServerSilent(why) => Some(Refusal::NoServer(why.clone())),
             End::Drained | End::Closing => Some(Refusal::ShuttingDown),
             End::Demoted => Some(Refusal::Demoted),

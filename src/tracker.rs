@@ -297,6 +297,13 @@ impl Tracker {
         self.queue.len() - usize::from(self.open)
     }
 
+    /// Whether a write went to the server and has not been answered.
+    pub fn write_in_flight(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|r| r.class == Class::Write && !matches!(r.effect, Effect::Refused(_)))
+    }
+
     /// Whether a refused request is in flight: then client framing waits for its answer.
     pub fn refusal_in_flight(&self) -> bool {
         self.queue

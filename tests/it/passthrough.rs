@@ -736,6 +736,11 @@ async fn server_connection_lost_mid_statement_gives_08006() {
     assert_eq!(sqlstate(&err), "08006");
     let db = err.as_db_error().unwrap();
     assert!(db.message().starts_with("bulkhead:"), "{}", db.message());
+    assert_eq!(
+        db.hint(),
+        Some("Reconnect."),
+        "a read was lost: nothing in doubt"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,3 +173,44 @@ async fn broken_logins_from_the_server_get_a_fatal_error_not_a_silent_close() {
         "{seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_server_connections_hint_says_what_became_of_the_clients_work() {
+    let (_fake, proxy) = setup().await;
+    for (queries, hint) in [
+        (&["SELECT 'case:close-between-messages'"][..], "Reconnect."),
+        (
+            &["INSERT INTO t VALUES ('case:close-between-messages')"],
+            "Reconnect. The write in progress may or may not have been committed.",
+        ),
+        (
+            &[
+                "SELECT 'case:begin'",
+                "SELECT 'case:close-between-messages'",
+            ],
+            "Reconnect. The open transaction did not commit; run it again.",
+        ),
+    ] {
+        let mut r = Raw::connect(proxy.addr).await;
+        r.login("postgres").await;
+        let mut seen = vec![];
+        for q in queries {
+            r.send(&msg(b'Q', format!("{q}\0").as_bytes())).await;
+            while let Some(m) = r.recv().await {
+                let ready = m.0 == b'Z';
+                seen.push(m);
+                if ready {
+                    break;
+                }
+            }
+        }
+        assert_fatal(
+            queries[0],
+            &seen,
+            "08006",
+            "the server closed the connection",
+        );
+        let body = &seen.last().unwrap().1;
+        assert_eq!(field(body, b'H').as_deref(), Some(hint), "{queries:?}");
+    }
+}

@@ -132,6 +132,7 @@ fn answer(query: &[u8]) -> (Vec<u8>, Then) {
             Then::Close,
         ),
         b"silent" => (vec![], Then::Silence),
+        b"begin" => ([row(), msg(b'Z', b"T")].concat(), Then::Continue),
         _ => ([row(), ready].concat(), Then::Continue),
     }
 }
