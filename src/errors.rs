@@ -36,9 +36,10 @@ impl std::fmt::Display for Deadline {
 /// What a lost server connection means for the client's work, for the hint it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lost {
-    /// A write was sent and not answered: it may have committed (an autocommit write, a COMMIT).
+    /// A write was sent and not answered, or anything inside a transaction: it may have
+    /// committed (an autocommit write, a COMMIT).
     WriteInDoubt,
-    /// A transaction was open and no write of it was in flight: it cannot have committed.
+    /// A transaction was open and nothing was in flight: it cannot have committed.
     OpenTransaction,
     /// Nothing was in flight and no transaction was open (or the session was still logging in).
     Nothing,

@@ -1521,11 +1521,16 @@ impl Relay {
             && !self.up.has_output()
     }
 
-    /// What losing the server now means for the client's work.
+    /// What losing the server now means for the client's work. Inside a transaction any
+    /// statement in flight may be a COMMIT of writes the classifier cannot see (a function
+    /// called from a SELECT), so only a transaction with nothing in flight is sure not to
+    /// have committed.
     fn lost(&self) -> Lost {
-        if self.tracker.write_in_flight() {
+        let in_transaction = self.authenticated() && self.tx != TxStatus::Idle;
+        let in_flight = self.tracker.in_flight() > 0;
+        if self.tracker.write_in_flight() || (in_transaction && in_flight) {
             Lost::WriteInDoubt
-        } else if self.authenticated() && self.tx != TxStatus::Idle {
+        } else if in_transaction {
             Lost::OpenTransaction
         } else {
             Lost::Nothing

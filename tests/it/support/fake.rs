@@ -133,6 +133,7 @@ fn answer(query: &[u8]) -> (Vec<u8>, Then) {
         ),
         b"silent" => (vec![], Then::Silence),
         b"begin" => ([row(), msg(b'Z', b"T")].concat(), Then::Continue),
+        b"begin-then-close" => ([row(), msg(b'Z', b"T")].concat(), Then::Close),
         _ => ([row(), ready].concat(), Then::Continue),
     }
 }
