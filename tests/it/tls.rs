@@ -473,7 +473,9 @@ async fn the_binary_serves_tls_both_ways_and_check_names_a_missing_certificate()
         format!(
             "[listen]\naddress = \"127.0.0.1:{port}\"\ntls = \"prefer\"\n\
              tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n\
+             [health]\naddress = \"127.0.0.1:{health}\"\n\
              [database]\nhosts = [\"{host}\"]\ntls = \"verify-full\"\nca_file = \"{ca}\"\n",
+            health = crate::support::free_port(),
             host = pg.addr(),
             ca = pki.ca().display(),
             cert = pki.cert().display(),
