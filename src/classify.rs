@@ -34,6 +34,45 @@ pub fn classify(sql: &[u8], complete: bool) -> Kind {
     }
 }
 
+/// The longest text [`Memo`] keeps.
+const MEMO_LIMIT: usize = 1024;
+
+/// The last text classified and what it was, so a client that sends the same text again and
+/// again (an unnamed statement parsed for every execution, as `pgbench -M extended` and many
+/// drivers do) pays for one comparison instead of a classification. Holds at most
+/// [`MEMO_LIMIT`] bytes, and nothing once [`Memo::release`]d.
+#[derive(Debug, Default)]
+pub struct Memo {
+    text: Vec<u8>,
+    complete: bool,
+    kind: Option<Kind>,
+}
+
+impl Memo {
+    /// [`classify`], remembered.
+    pub fn classify(&mut self, sql: &[u8], complete: bool) -> Kind {
+        if let Some(kind) = self.kind
+            && complete == self.complete
+            && self.text == sql
+        {
+            return kind;
+        }
+        let kind = classify(sql, complete);
+        if sql.len() <= MEMO_LIMIT {
+            self.text.clear();
+            self.text.extend_from_slice(sql);
+            self.complete = complete;
+            self.kind = Some(kind);
+        }
+        kind
+    }
+
+    /// Gives the memory back, for an idle session.
+    pub fn release(&mut self) {
+        *self = Memo::default();
+    }
+}
+
 /// Classifies each statement of a multi-statement text; the strongest wins.
 fn classify_statements(sql: &[u8]) -> Kind {
     let mut kind = Kind::Read;
@@ -672,5 +711,34 @@ mod tests {
         assert_eq!(classify(b"SELECT 1, 2, 3", false), Write);
         assert_eq!(classify(b"INSERT INTO t VALUES ('x", false), Write);
         assert_eq!(classify(b"COMMIT", false), Commit);
+    }
+
+    #[test]
+    fn the_memo_answers_as_classify_does_for_repeated_and_changing_texts() {
+        let mut memo = Memo::default();
+        let long = format!("SELECT 1 /* {} */", "x".repeat(MEMO_LIMIT));
+        for (sql, complete) in [
+            ("SELECT 1", true),
+            ("SELECT 1", true),
+            ("SELECT 1", false),
+            ("SELECT 1", false),
+            ("DELETE FROM t", true),
+            ("DELETE FROM t", true),
+            ("SELECT 1", true),
+            (long.as_str(), true),
+            (long.as_str(), true),
+            ("", true),
+            ("COMMIT", true),
+        ] {
+            assert_eq!(
+                memo.classify(sql.as_bytes(), complete),
+                classify(sql.as_bytes(), complete),
+                "{sql:.20} {complete}"
+            );
+        }
+        assert!(memo.text.len() <= MEMO_LIMIT);
+        memo.release();
+        assert_eq!(memo.text.capacity(), 0);
+        assert_eq!(memo.classify(b"UPDATE t SET a = 1", true), Write);
     }
 }

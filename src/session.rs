@@ -22,7 +22,7 @@ use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::breaker::Decision;
 use crate::cancel::Target;
-use crate::classify::{Control, Kind, classify, transaction_control};
+use crate::classify::{Control, Kind, Memo, classify, transaction_control};
 use crate::config::{Config, ListenTls};
 use crate::errors::{Deadline, Lost, Refusal};
 use crate::live::Snapshot;
@@ -460,6 +460,9 @@ struct Relay {
     up: Pipe,
     /// Server to client.
     down: Pipe,
+    /// The last Parse text classified: drivers parse the same unnamed statement again and
+    /// again.
+    memo: Memo,
     /// The server address this session is connected to; cancels go there.
     server_addr: SocketAddr,
     /// Which of [database] hosts that is: its write circuit, and whether it is still primary.
@@ -628,6 +631,7 @@ impl Relay {
             server,
             up,
             down: Pipe::default(),
+            memo: Memo::default(),
             server_addr,
             host,
             server_key: None,
@@ -939,6 +943,7 @@ impl Relay {
                 if self.idle_since.take().is_some() {
                     self.up.release_if_empty();
                     self.down.release_if_empty();
+                    self.memo.release();
                 }
                 continue;
             }
@@ -1073,7 +1078,7 @@ impl Relay {
                     }
                     let (name, text) =
                         frontend::parse_message(self.up.body(&h)).unwrap_or((b"", b""));
-                    let kind = classify(text, self.up.is_whole(&h));
+                    let kind = self.memo.classify(text, self.up.is_whole(&h));
                     if kind != Kind::Write
                         && !name.is_empty()
                         && let Some(control) = transaction_control(text)
