@@ -63,6 +63,14 @@ async fn exchange(proxy: &Proxy, app: &str, query: Option<&str>) -> Vec<(u8, Vec
     seen
 }
 
+/// The `case:ok` row arrived: the session (or a new one) is served as usual.
+fn assert_answered(seen: &[(u8, Vec<u8>)]) {
+    assert!(
+        seen.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"ok")),
+        "{seen:?}"
+    );
+}
+
 /// The last message must be a FATAL with `code` whose text contains `says`.
 fn assert_fatal(case: &str, seen: &[(u8, Vec<u8>)], code: &str, says: &str) {
     let Some((b'E', body)) = seen.last() else {
@@ -95,10 +103,7 @@ async fn broken_answers_end_the_session_with_fatal_08006_naming_what_was_wrong()
         assert_fatal(case, &seen, "08006", says);
     }
     let seen = exchange(&proxy, "test", Some("SELECT 'case:ok'")).await;
-    assert!(
-        seen.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"ok")),
-        "{seen:?}"
-    );
+    assert_answered(&seen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,10 +123,7 @@ async fn garbage_inside_well_framed_messages_passes_through_and_the_session_goes
     assert_eq!(seen[0], (b'N', b"S".to_vec()));
     r.send(&msg(b'Q', b"SELECT 'case:ok'\0")).await;
     let seen = r.recv_until(b'Z').await;
-    assert!(
-        seen.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"ok")),
-        "{seen:?}"
-    );
+    assert_answered(&seen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,10 +170,7 @@ async fn broken_logins_from_the_server_get_a_fatal_error_not_a_silent_close() {
         assert_fatal(case, &seen, code, says);
     }
     let seen = exchange(&proxy, "test", Some("SELECT 'case:ok'")).await;
-    assert!(
-        seen.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"ok")),
-        "{seen:?}"
-    );
+    assert_answered(&seen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
