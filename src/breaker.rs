@@ -208,7 +208,8 @@ impl Circuit {
 
     pub fn failure(&self, s: &Settings, why: &str) {
         tracing::debug!(backend = %self.name, why, "write failure counted");
-        {
+        // Failures while open count for nothing; keep the reason that opened it.
+        if self.published() != State::Open {
             let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
             reason.clear();
             reason.push_str(why);
@@ -373,9 +374,11 @@ mod tests {
             m.gauge("bulkhead_circuit_state", &[("backend", "db:5432")]),
         );
         assert_eq!(c.decide(&S), Decision::Allow);
-        for _ in 0..3 {
-            c.failure(&S, "test");
-        }
+        c.failure(&S, "first");
+        c.failure(&S, "second");
+        c.failure(&S, "third, which opens it");
+        c.failure(&S, "one while open, which counts for nothing");
+        assert_eq!(c.reason(), "third, which opens it");
         assert!(matches!(c.decide(&S), Decision::Refuse { .. }));
         assert!(
             m.render()
