@@ -257,7 +257,6 @@ fn main() -> io::Result<()> {
                 let (into_other, other, this) = pair.half(from_client);
                 match &mut batch {
                     None => open &= into_other.relay(this, other).unwrap_or(false),
-                    Some(_) if into_other.queued => {} // read again once the send is done
                     Some(batch) => {
                         open &= into_other.fill(this).unwrap_or(false);
                         if !into_other.held().is_empty() {

@@ -519,6 +519,11 @@ impl Rng {
 fn mangled_message(rng: &mut Rng) -> Vec<u8> {
     let int4 = |v: i32| v.to_be_bytes().to_vec();
     let int2 = |v: i16| v.to_be_bytes().to_vec();
+    // What a Describe or Close names: the statement or the portal.
+    let target = |rng: &mut Rng| match rng.below(2) {
+        0 => b"Ss1\0".to_vec(),
+        _ => b"Pp1\0".to_vec(),
+    };
     let (tag, mut body, keep): (u8, Vec<u8>, usize) = match rng.below(10) {
         0 => (b'Q', b"SELECT 1\0".to_vec(), 0),
         1 => (
@@ -530,25 +535,9 @@ fn mangled_message(rng: &mut Rng) -> Vec<u8> {
             let params = [&int2(0)[..], &int2(1), &int4(1), b"7", &int2(0)].concat();
             (b'B', [&b"p1\0s1\0"[..], &params].concat(), 0)
         }
-        3 => (
-            b'D',
-            if rng.below(2) == 0 {
-                b"Ss1\0".to_vec()
-            } else {
-                b"Pp1\0".to_vec()
-            },
-            0,
-        ),
+        3 => (b'D', target(rng), 0),
         4 => (b'E', [&b"p1\0"[..], &int4(0)].concat(), 0),
-        5 => (
-            b'C',
-            if rng.below(2) == 0 {
-                b"Ss1\0".to_vec()
-            } else {
-                b"Pp1\0".to_vec()
-            },
-            0,
-        ),
+        5 => (b'C', target(rng), 0),
         6 => (b'S', vec![], 0),
         7 => (b'H', vec![], 0),
         8 => {

@@ -33,10 +33,10 @@ async fn setup() -> (FakeServer, Proxy) {
     (fake, proxy)
 }
 
-/// Logs in (with `application_name`, which picks a login script), sends `query` if any, and
-/// returns every whole message received until the connection closed or a ReadyForQuery
-/// answered the query.
-async fn exchange(proxy: &Proxy, app: &str, query: Option<&str>) -> Vec<(u8, Vec<u8>)> {
+/// Logs in (with `application_name`, which picks a login script), sends `queries` one after
+/// another, each once the one before was answered, and returns every whole message received
+/// until the connection closed or a ReadyForQuery answered the last query, with the connection.
+async fn exchange_on(proxy: &Proxy, app: &str, queries: &[&str]) -> (Vec<(u8, Vec<u8>)>, Raw) {
     let mut r = Raw::connect(proxy.addr).await;
     let params = [
         ("user", "postgres"),
@@ -45,22 +45,23 @@ async fn exchange(proxy: &Proxy, app: &str, query: Option<&str>) -> Vec<(u8, Vec
     ];
     r.send(&startup_packet(0, &params)).await;
     let mut seen = vec![];
-    let mut logged_in = false;
+    let mut queries = queries.iter();
     while let Some(m) = r.recv().await {
         let ready = m.0 == b'Z';
         seen.push(m);
-        if ready && logged_in {
-            break;
-        }
         if ready {
-            logged_in = true;
-            match query {
+            match queries.next() {
                 Some(q) => r.send(&msg(b'Q', format!("{q}\0").as_bytes())).await,
                 None => break,
             }
         }
     }
-    seen
+    (seen, r)
+}
+
+/// [`exchange_on`] with at most one query, when the connection is of no further use.
+async fn exchange(proxy: &Proxy, app: &str, query: Option<&str>) -> Vec<(u8, Vec<u8>)> {
+    exchange_on(proxy, app, query.as_slice()).await.0
 }
 
 /// The `case:ok` row arrived: the session (or a new one) is served as usual.
@@ -195,19 +196,7 @@ async fn a_lost_server_connections_hint_says_what_became_of_the_clients_work() {
             "Reconnect. The open transaction did not commit; run it again.",
         ),
     ] {
-        let mut r = Raw::connect(proxy.addr).await;
-        r.login("postgres").await;
-        let mut seen = vec![];
-        for q in queries {
-            r.send(&msg(b'Q', format!("{q}\0").as_bytes())).await;
-            while let Some(m) = r.recv().await {
-                let ready = m.0 == b'Z';
-                seen.push(m);
-                if ready {
-                    break;
-                }
-            }
-        }
+        let (mut seen, mut r) = exchange_on(&proxy, "test", queries).await;
         while let Some(m) = r.recv().await {
             seen.push(m); // the close may come after the last answer
         }
