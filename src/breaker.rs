@@ -5,17 +5,25 @@
 //! ```text
 //!   Closed ──(failure_threshold consecutive failures)──► Open
 //!   Open ──(open_for has passed)──► HalfOpen
-//!   HalfOpen ──(a successful write check, or a successful trial write)──► Closed
+//!   Open ──(a write check begun after the opening commits)──► Closed
+//!   HalfOpen ──(a successful write check, or a successful trial commit)──► Closed
 //!   HalfOpen ──(the trial or a check fails)──► Open
 //! ```
 //!
+//! Only evidence about the commit path moves it (see [`Success`]): a confirmed commit, or the
+//! probe's write check. A statement inside a transaction proves nothing about whether commits
+//! get through, so it neither resets the count nor serves as the half-open trial.
+//!
 //! [`Circuit`] shares one breaker among all sessions. While it is closed and healthy, asking it
-//! costs one atomic load; the mutex is taken only while something is wrong.
+//! costs one atomic load; the mutex is taken only while something is wrong. It also carries the
+//! host's *alarm*: a watch that sessions on the host follow, bumped when the circuit opens or
+//! the probe finds the host not answering, so that statements stuck there are answered at once.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -47,6 +55,18 @@ impl State {
     fn as_u8(self) -> u8 {
         self.gauge() as u8
     }
+}
+
+/// Evidence that the commit path works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Success {
+    /// A commit a client saw confirmed: an autocommit write, or the COMMIT of a transaction
+    /// that wrote, answered with ReadyForQuery outside a transaction.
+    Commit,
+    /// The same, for the one trial commit of a half-open circuit.
+    Trial,
+    /// The probe's write check committed; it began at the instant given.
+    Check { started: Instant },
 }
 
 /// What to do with a write that is about to start.
@@ -97,11 +117,19 @@ impl Breaker {
         self.state
     }
 
-    pub fn decide(&mut self, now: Instant, s: &Settings) -> Decision {
+    /// `commits`: the write would commit if it succeeds (an autocommit write, or the COMMIT
+    /// of a transaction that wrote). Only such a write can be the half-open trial; a write
+    /// inside a transaction is refused until the circuit closes, since its success would say
+    /// nothing about the commit that is to follow.
+    pub fn decide(&mut self, now: Instant, s: &Settings, commits: bool) -> Decision {
         match self.state(now, s) {
             State::Closed => Decision::Allow,
             State::Open => Decision::Refuse {
                 retry_at: self.opened_at + s.open_for,
+            },
+            State::HalfOpen if !commits => Decision::Refuse {
+                // The probe's next write check may close it; its interval is not known here.
+                retry_at: now + Duration::from_secs(1),
             },
             State::HalfOpen => match self.trial_started {
                 Some(t) if now < t + s.trial_timeout => Decision::Refuse {
@@ -115,22 +143,30 @@ impl Breaker {
         }
     }
 
-    /// A write, trial write or write check succeeded.
-    pub fn success(&mut self, now: Instant, s: &Settings, trial_or_check: bool) {
-        match self.state(now, s) {
-            State::Closed => self.failures = 0,
-            State::HalfOpen if trial_or_check => {
-                self.state = State::Closed;
+    /// A commit was confirmed, or the write check committed.
+    pub fn success(&mut self, now: Instant, s: &Settings, how: Success) {
+        let closes = match (self.state(now, s), how) {
+            (State::Closed, _) => {
                 self.failures = 0;
-                self.trial_started = None;
+                false
             }
-            // A write that started before the circuit opened proves little.
-            _ => {}
+            (State::HalfOpen, Success::Trial | Success::Check { .. }) => true,
+            // The probe's own commit, begun after the circuit opened, went through: the commit
+            // path has healed, and waiting out open_for would only refuse writes that would
+            // succeed. (A check begun before the opening may have been freed by its cancel.)
+            (State::Open, Success::Check { started }) => started >= self.opened_at,
+            // A commit that started before the circuit opened proves little.
+            _ => false,
+        };
+        if closes {
+            self.state = State::Closed;
+            self.failures = 0;
+            self.trial_started = None;
         }
     }
 
-    /// A write failed in a way that counts: a write deadline, a lost server connection, a
-    /// read-only error from a host that was primary, or a failed write check.
+    /// A commit failed in a way that counts: it missed its deadline, a read-only error from a
+    /// host that was primary, a failed write check, or a lost connection the probe confirmed.
     pub fn failure(&mut self, now: Instant, s: &Settings) {
         match self.state(now, s) {
             State::Closed => {
@@ -169,11 +205,24 @@ pub struct Circuit {
     /// health port while it is not closed. Written only when a failure is counted.
     reason: Mutex<String>,
     gauge: metrics::Gauge,
+    openings: metrics::Counter,
+    unresponsive_gauge: metrics::Gauge,
+    /// Bumped when the circuit opens or the host stops answering: sessions on the host follow
+    /// it and answer what is stuck there.
+    alarm: watch::Sender<u64>,
+    /// The probe found the host not answering (twice in a row): statements sent there would
+    /// hang, so sessions end instead of sending them.
+    unresponsive: AtomicBool,
 }
 
 impl Circuit {
-    pub fn new(name: String, gauge: metrics::Gauge) -> Self {
+    /// A closed circuit for backend `name`, publishing to the metrics of `m`.
+    pub fn new(name: String, m: &crate::metrics::Metrics) -> Self {
+        let gauge = m.gauge("bulkhead_circuit_state", &[("backend", &name)]);
         gauge.set(0.0);
+        let unresponsive_gauge = m.gauge("bulkhead_backend_unresponsive", &[("backend", &name)]);
+        unresponsive_gauge.set(0.0);
+        let openings = m.counter("bulkhead_circuit_openings_total", &[("backend", &name)]);
         Circuit {
             name,
             state: AtomicU8::new(State::Closed.as_u8()),
@@ -181,29 +230,68 @@ impl Circuit {
             breaker: Mutex::new(Breaker::new(Instant::now())),
             reason: Mutex::new(String::new()),
             gauge,
+            openings,
+            unresponsive_gauge,
+            alarm: watch::channel(0).0,
+            unresponsive: AtomicBool::new(false),
         }
     }
 
-    /// Whether the circuit is anything but closed and clean: then writes must be decided
-    /// with care. One atomic load.
-    pub fn is_troubled(&self) -> bool {
-        self.state.load(Ordering::Relaxed) != State::Closed.as_u8()
+    /// Why statements to the host are not sent, while it is unresponsive.
+    pub fn reason_unresponsive(&self) -> String {
+        format!("{} did not answer the probe twice in a row", self.name)
     }
 
-    pub fn decide(&self, s: &Settings) -> Decision {
+    /// Whether the probe last found the host not answering.
+    pub fn is_unresponsive(&self) -> bool {
+        self.unresponsive.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the host answers; a host that stops raises the alarm.
+    pub fn set_unresponsive(&self, unresponsive: bool) {
+        if self.unresponsive.swap(unresponsive, Ordering::Relaxed) != unresponsive {
+            self.unresponsive_gauge
+                .set(if unresponsive { 1.0 } else { 0.0 });
+            if unresponsive {
+                warn!(backend = %self.name, "host not answering: statements stuck there are answered now");
+                self.raise_alarm();
+            } else {
+                warn!(backend = %self.name, "host answers again");
+            }
+        }
+    }
+
+    /// Follows the host's alarm (see [`Circuit::raise_alarm`]).
+    pub fn watch_alarm(&self) -> watch::Receiver<u64> {
+        self.alarm.subscribe()
+    }
+
+    /// Tells every session on the host to look at what it has in flight there: the circuit
+    /// opened, or the host stopped answering.
+    pub fn raise_alarm(&self) {
+        self.alarm.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the circuit is anything but closed, or the host is not answering: then
+    /// statements must be decided with care. Two relaxed atomic loads.
+    pub fn is_troubled(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != State::Closed.as_u8() || self.is_unresponsive()
+    }
+
+    pub fn decide(&self, s: &Settings, commits: bool) -> Decision {
         if self.state.load(Ordering::Relaxed) == State::Closed.as_u8() {
             return Decision::Allow;
         }
-        self.with(|b, now| b.decide(now, s), s)
+        self.with(|b, now| b.decide(now, s, commits), s)
     }
 
-    pub fn success(&self, s: &Settings, trial_or_check: bool) {
+    pub fn success(&self, s: &Settings, how: Success) {
         if self.state.load(Ordering::Relaxed) == State::Closed.as_u8()
             && !self.dirty.load(Ordering::Relaxed)
         {
             return;
         }
-        self.with(|b, now| b.success(now, s, trial_or_check), s);
+        self.with(|b, now| b.success(now, s, how), s);
     }
 
     pub fn failure(&self, s: &Settings, why: &str) {
@@ -254,7 +342,9 @@ impl Circuit {
             match after {
                 State::Open => {
                     let why = self.reason();
-                    warn!(backend = %self.name, open_for = ?s.open_for, why, "write circuit opened: writes are refused")
+                    warn!(backend = %self.name, open_for = ?s.open_for, why, "write circuit opened: writes are refused");
+                    self.openings.increment(1);
+                    self.raise_alarm();
                 }
                 State::HalfOpen => {
                     warn!(backend = %self.name, "write circuit half-open: the next good write or write check closes it")
@@ -284,13 +374,13 @@ mod tests {
         let now = Instant::now();
         b.failure(now, &S);
         b.failure(now, &S);
-        b.success(now, &S, false);
+        b.success(now, &S, Success::Commit);
         b.failure(now, &S);
         b.failure(now, &S);
-        assert_eq!(b.decide(now, &S), Decision::Allow);
+        assert_eq!(b.decide(now, &S, true), Decision::Allow);
         b.failure(now, &S);
         assert_eq!(
-            b.decide(now, &S),
+            b.decide(now, &S, true),
             Decision::Refuse {
                 retry_at: now + S.open_for
             }
@@ -308,14 +398,24 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         let now = Instant::now();
         assert_eq!(b.state(now, &S), State::HalfOpen);
-        assert_eq!(b.decide(now, &S), Decision::Trial);
         assert!(
-            matches!(b.decide(now, &S), Decision::Refuse { .. }),
+            matches!(b.decide(now, &S, false), Decision::Refuse { .. }),
+            "a write inside a transaction is never the trial"
+        );
+        assert_eq!(b.decide(now, &S, true), Decision::Trial);
+        assert!(
+            matches!(b.decide(now, &S, true), Decision::Refuse { .. }),
             "one trial at a time"
         );
-        b.success(now, &S, true);
+        b.success(now, &S, Success::Commit);
+        assert_eq!(
+            b.state(now, &S),
+            State::HalfOpen,
+            "a commit that is not the trial proves little"
+        );
+        b.success(now, &S, Success::Trial);
         assert_eq!(b.state(now, &S), State::Closed);
-        assert_eq!(b.decide(now, &S), Decision::Allow);
+        assert_eq!(b.decide(now, &S, true), Decision::Allow);
     }
 
     #[tokio::test(start_paused = true)]
@@ -325,12 +425,12 @@ mod tests {
             b.failure(Instant::now(), &S);
         }
         tokio::time::advance(S.open_for).await;
-        assert_eq!(b.decide(Instant::now(), &S), Decision::Trial);
+        assert_eq!(b.decide(Instant::now(), &S, true), Decision::Trial);
         tokio::time::advance(Duration::from_millis(300)).await;
         b.failure(Instant::now(), &S);
         let reopened = Instant::now();
         assert_eq!(
-            b.decide(reopened, &S),
+            b.decide(reopened, &S, true),
             Decision::Refuse {
                 retry_at: reopened + S.open_for
             }
@@ -344,50 +444,66 @@ mod tests {
             b.failure(Instant::now(), &S);
         }
         tokio::time::advance(S.open_for).await;
-        assert_eq!(b.decide(Instant::now(), &S), Decision::Trial);
+        assert_eq!(b.decide(Instant::now(), &S, true), Decision::Trial);
         tokio::time::advance(S.trial_timeout).await;
-        assert_eq!(b.decide(Instant::now(), &S), Decision::Trial);
+        assert_eq!(b.decide(Instant::now(), &S, true), Decision::Trial);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn write_check_success_closes_only_a_half_open_circuit() {
+    async fn only_a_write_check_begun_after_the_opening_closes_an_open_circuit() {
         let mut b = Breaker::new(Instant::now());
+        let before = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
         for _ in 0..3 {
             b.failure(Instant::now(), &S);
         }
-        b.success(Instant::now(), &S, true);
+        b.success(Instant::now(), &S, Success::Check { started: before });
+        b.success(Instant::now(), &S, Success::Commit);
         assert_eq!(
             b.state(Instant::now(), &S),
             State::Open,
-            "open_for is not over"
+            "a check begun before the opening, or a client's commit, proves little"
         );
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let after = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        b.success(Instant::now(), &S, Success::Check { started: after });
+        assert_eq!(b.state(Instant::now(), &S), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_closes_a_half_open_circuit() {
+        let mut b = Breaker::new(Instant::now());
+        let before = Instant::now();
+        for _ in 0..3 {
+            b.failure(Instant::now(), &S);
+        }
         tokio::time::advance(S.open_for).await;
-        b.success(Instant::now(), &S, true);
+        b.success(Instant::now(), &S, Success::Check { started: before });
         assert_eq!(b.state(Instant::now(), &S), State::Closed);
     }
 
     #[tokio::test(start_paused = true)]
     async fn shared_circuit_publishes_its_state() {
         let m = crate::metrics::Metrics::new();
-        let c = Circuit::new(
-            "db:5432".into(),
-            m.gauge("bulkhead_circuit_state", &[("backend", "db:5432")]),
-        );
-        assert_eq!(c.decide(&S), Decision::Allow);
+        let c = Circuit::new("db:5432".into(), &m);
+        assert_eq!(c.decide(&S, true), Decision::Allow);
+        let alarm = c.watch_alarm();
         c.failure(&S, "first");
         c.failure(&S, "second");
         c.failure(&S, "third, which opens it");
         c.failure(&S, "one while open, which counts for nothing");
         assert_eq!(c.reason(), "third, which opens it");
-        assert!(matches!(c.decide(&S), Decision::Refuse { .. }));
+        assert!(matches!(c.decide(&S, true), Decision::Refuse { .. }));
         assert!(
             m.render()
                 .contains("bulkhead_circuit_state{backend=\"db:5432\"} 2")
         );
+        assert_eq!(*alarm.borrow(), 1, "the opening raised the alarm once");
         tokio::time::advance(S.open_for).await;
-        c.success(&S, true);
+        c.success(&S, Success::Trial);
         assert_eq!(c.state(&S), State::Closed);
-        assert_eq!(c.decide(&S), Decision::Allow);
+        assert_eq!(c.decide(&S, true), Decision::Allow);
         assert!(
             m.render()
                 .contains("bulkhead_circuit_state{backend=\"db:5432\"} 0")

@@ -8,27 +8,40 @@ use bytes::BytesMut;
 use crate::metrics::Class;
 use crate::protocol::backend::{ErrorFields, Severity, write_error};
 
-/// Which deadline passed.
+/// Why bulkhead cancelled a statement: which deadline passed, or that the write circuit
+/// opened while a commit waited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline {
     pub class: Class,
     pub limit: Duration,
-    /// The server stopped reading what bulkhead sent it (TCP backpressure), rather than taking
-    /// too long to answer.
-    pub stalled: bool,
+    pub cause: Cause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The server took longer than the deadline to answer.
+    Elapsed,
+    /// The server stopped reading what bulkhead sent it (TCP backpressure).
+    Stalled,
+    /// The write circuit of the host opened while this commit waited: commits there are
+    /// failing, so it is answered now rather than at its deadline.
+    CircuitOpened,
 }
 
 impl std::fmt::Display for Deadline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let limit = humantime::format_duration(self.limit);
-        if self.stalled {
-            write!(
+        let class = self.class.label();
+        match self.cause {
+            Cause::Elapsed => write!(f, "the {class} deadline of {limit} passed"),
+            Cause::Stalled => write!(
                 f,
-                "the server accepted no data for the {} deadline of {limit}",
-                self.class.label()
-            )
-        } else {
-            write!(f, "the {} deadline of {limit} passed", self.class.label())
+                "the server accepted no data for the {class} deadline of {limit}"
+            ),
+            Cause::CircuitOpened => write!(
+                f,
+                "the write circuit opened while it waited to commit (commits to this server are failing)"
+            ),
         }
     }
 }
@@ -70,6 +83,10 @@ pub enum Refusal {
     /// bulkhead's cancel freed a COMMIT waiting for synchronous replication: committed locally,
     /// not confirmed by the standby. FATAL 40003.
     CommitUnconfirmed(Deadline),
+    /// The probe found the session's server not answering twice in a row, and the session had
+    /// a statement waiting there or was about to send one. FATAL 40003 when a write is in
+    /// doubt, else 08006.
+    Unresponsive(String, Lost),
     /// The write circuit is open; retry in `retry_in`. ERROR 57P03.
     CircuitOpen { retry_in: Duration },
     /// A statement in a block that failed because bulkhead refused a write. ERROR 25P02.
@@ -121,6 +138,24 @@ impl Refusal {
                     Lost::Nothing => "Reconnect.",
                 },
             ),
+            Refusal::Unresponsive(why, lost) => (
+                Severity::Fatal,
+                if *lost == Lost::WriteInDoubt {
+                    "40003"
+                } else {
+                    "08006"
+                },
+                format!("bulkhead: the database server is not answering: {why}; closing the connection"),
+                match lost {
+                    Lost::WriteInDoubt => {
+                        "Reconnect. The write in progress may or may not have been committed; check before retrying it."
+                    }
+                    Lost::OpenTransaction => {
+                        "Reconnect. The open transaction did not commit; run it again."
+                    }
+                    Lost::Nothing => "Reconnect and retry; no write was in progress.",
+                },
+            ),
             Refusal::NoServer(why) => (
                 Severity::Fatal,
                 "57P03",
@@ -144,6 +179,10 @@ impl Refusal {
                 "57014",
                 format!("bulkhead: canceling statement because {deadline}"),
                 match deadline.class {
+                    Class::Write if deadline.cause == Cause::CircuitOpened => {
+                        "The statement was cancelled on the server and did not take effect; the session goes on. \
+                         Writes are refused while the write circuit is open; retry the transaction in a few seconds."
+                    }
                     Class::Read => {
                         "The statement was cancelled on the server; the session goes on. Raise [timeouts] read if it needs longer."
                     }
@@ -175,8 +214,8 @@ impl Refusal {
                 Severity::Fatal,
                 "40003",
                 format!(
-                    "bulkhead: {deadline} while the commit waited for synchronous replication; \
-                     it committed locally but no standby confirmed it"
+                    "bulkhead: the commit waited for synchronous replication and was cancelled \
+                     because {deadline}; it committed locally but no standby confirmed it"
                 ),
                 "The durability you asked for was not confirmed. Check the transaction with \
                  pg_xact_status() before retrying. The connection was closed.",
@@ -269,7 +308,7 @@ mod tests {
         Deadline {
             class: Class::Read,
             limit: Duration::from_secs(30),
-            stalled: false,
+            cause: Cause::Elapsed,
         }
     }
 
@@ -277,7 +316,7 @@ mod tests {
         Deadline {
             class: Class::Write,
             limit: Duration::from_millis(500),
-            stalled: false,
+            cause: Cause::Elapsed,
         }
     }
 
@@ -291,10 +330,15 @@ mod tests {
             "{text}"
         );
         let stalled = Deadline {
-            stalled: true,
+            cause: Cause::Stalled,
             ..write()
         };
         assert!(stalled.to_string().contains("accepted no data"));
+        let opened = Deadline {
+            cause: Cause::CircuitOpened,
+            ..write()
+        };
+        assert!(opened.to_string().contains("write circuit opened"));
         assert_eq!(error_info(&out[5..]).severity, Severity::Error);
     }
 

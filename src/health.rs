@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::breaker::State;
-use crate::probe::Role;
+use crate::probe::{HostInfo, Role};
 use crate::{Phase, Shared};
 
 /// How often the data-path runtime proves it is alive.
@@ -240,6 +240,22 @@ struct Report {
 }
 
 /// Readiness and the /health document, from what the probe and circuits have published.
+/// Why the host's commit path looks stuck to the probe, if it does: its last write check
+/// failed or timed out, or the one in progress has not committed within the probe's timeout.
+fn write_check_problem(h: &HostInfo, timeout: Duration) -> Option<String> {
+    if let Some(why) = &h.check_failing {
+        return Some(why.clone());
+    }
+    let since = h.check_since?;
+    let waited = since.elapsed();
+    (waited >= timeout).then(|| {
+        format!(
+            "the write check has not committed for {}",
+            humantime::format_duration(Duration::from_millis(waited.as_millis() as u64))
+        )
+    })
+}
+
 fn report(shared: &Shared) -> Report {
     let config = shared.live.get();
     let stale_after = config.probe.interval * 3;
@@ -265,6 +281,7 @@ fn report(shared: &Shared) -> Report {
                 "timeline": h.timeline,
                 "tls": h.tls.label(),
                 "error": h.error,
+                "write_check": write_check_problem(h, config.probe.timeout),
             })
         })
         .collect();
@@ -280,6 +297,9 @@ fn report(shared: &Shared) -> Report {
                     p.address,
                     circuit.label()
                 ))
+            } else if let Some(why) = write_check_problem(&hosts[p.index], config.probe.timeout) {
+                // Commits are stalling even if no client has waited out its deadline yet.
+                Some(format!("{}: {why}", p.address))
             } else if age.is_none_or(|a| a > stale_after) {
                 Some(format!(
                     "the last probe of {} is older than three intervals",

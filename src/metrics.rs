@@ -62,7 +62,7 @@ enum Kind {
 
 /// Every metric bulkhead exports through the recorder, with its help text (DESIGN.md §3.7);
 /// the statement latency histogram is rendered by [`Latency`].
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 11] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 13] = [
     (
         "bulkhead_client_connections",
         Kind::Gauge,
@@ -104,6 +104,18 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 11] = [
         Kind::Gauge,
         None,
         "Write circuit per backend: 0 closed, 1 half-open, 2 open.",
+    ),
+    (
+        "bulkhead_circuit_openings_total",
+        Kind::Counter,
+        None,
+        "Times the write circuit of a backend opened.",
+    ),
+    (
+        "bulkhead_backend_unresponsive",
+        Kind::Gauge,
+        None,
+        "1 while the probe finds the backend not answering at all (twice in a row or more).",
     ),
     (
         "bulkhead_backend_up",

@@ -15,18 +15,19 @@
 //! when it changes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tracing::{info, warn};
 
 use crate::Shared;
-use crate::breaker::{Circuit, Settings};
+use crate::breaker::{Circuit, Settings, Success};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::upstream::{self, ConnectError};
@@ -65,6 +66,10 @@ pub struct HostInfo {
     pub error: Option<String>,
     /// Whether the probe's last connection was encrypted, or could not be.
     pub tls: TlsState,
+    /// Why the last write check failed or did not commit in time; `None` once one commits.
+    pub check_failing: Option<String>,
+    /// When the write check in progress began, if one is.
+    pub check_since: Option<Instant>,
 }
 
 /// TLS on the probe's last connection to a host.
@@ -106,6 +111,8 @@ pub enum Report {
         tls: bool,
     },
     Down(String),
+    /// No answer at all within the probe's timeout: the host may be frozen or cut off.
+    Silent(String),
     /// Reachable, but TLS as configured could not be set up.
     TlsFailed(String),
 }
@@ -117,6 +124,12 @@ pub struct Topology {
     /// primary" (as real ones do) is still counted.
     last_primary: Mutex<Option<usize>>,
     circuits: Vec<Circuit>,
+    /// Per host: a session lost its server connection, so the probe should look now.
+    wake: Vec<Notify>,
+    /// Per host: a lost connection is waiting for the probe's verdict.
+    lost: Vec<AtomicBool>,
+    /// Since when no writable primary has been known (bulkhead's start, at first).
+    no_primary_since: Mutex<Instant>,
     primary: watch::Sender<Option<Primary>>,
     failovers: Counter,
     up: Vec<[Gauge; 2]>,
@@ -135,16 +148,13 @@ impl Topology {
                 superseded: false,
                 error: None,
                 tls: TlsState::Unknown,
+                check_failing: None,
+                check_since: None,
             })
             .collect();
         let circuits = addresses
             .iter()
-            .map(|a| {
-                Circuit::new(
-                    a.clone(),
-                    metrics.gauge("bulkhead_circuit_state", &[("backend", a)]),
-                )
-            })
+            .map(|a| Circuit::new(a.clone(), metrics))
             .collect();
         let up = addresses
             .iter()
@@ -162,6 +172,9 @@ impl Topology {
             hosts: Mutex::new(hosts),
             last_primary: Mutex::new(None),
             circuits,
+            wake: addresses.iter().map(|_| Notify::new()).collect(),
+            lost: addresses.iter().map(|_| AtomicBool::new(false)).collect(),
+            no_primary_since: Mutex::new(Instant::now()),
             primary: watch::channel(None).0,
             failovers: metrics.counter("bulkhead_failovers_total", &[]),
             up,
@@ -177,6 +190,31 @@ impl Topology {
     /// The write circuit of host `index`.
     pub fn circuit(&self, index: usize) -> &Circuit {
         &self.circuits[index]
+    }
+
+    /// A session lost its connection to host `index` without the client having said goodbye.
+    /// That alone proves nothing (one backend may have been terminated on a healthy server):
+    /// the probe looks at the host now, and counts a write failure only if it finds it down.
+    pub fn connection_lost(&self, index: usize) {
+        self.lost[index].store(true, Ordering::Relaxed);
+        self.wake[index].notify_one();
+    }
+
+    /// Since when no writable primary has been known, if none is.
+    pub fn no_primary_since(&self) -> Option<Instant> {
+        if self.primary.borrow().is_some() {
+            return None;
+        }
+        Some(
+            *self
+                .no_primary_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    fn set_check(&self, index: usize, f: impl FnOnce(&mut HostInfo)) {
+        f(&mut self.hosts.lock().unwrap_or_else(|e| e.into_inner())[index]);
     }
 
     /// Every host as last probed.
@@ -225,12 +263,16 @@ impl Topology {
                 };
                 host.timeline = timeline;
                 host.error = None;
+                if in_recovery {
+                    // A standby gets no write checks: an old verdict would only mislead.
+                    host.check_failing = None;
+                }
                 if in_recovery && host.superseded {
                     info!(backend = %host.address, "superseded host is back as a standby");
                     host.superseded = false;
                 }
             }
-            Report::Down(why) | Report::TlsFailed(why) => {
+            Report::Down(why) | Report::Silent(why) | Report::TlsFailed(why) => {
                 // Said once, and again only when the reason changes.
                 if was != Role::Unreachable || host.error.as_deref() != Some(why.as_str()) {
                     if tls_failed {
@@ -292,7 +334,13 @@ impl Topology {
                     warn!(primary = %p.address, "primary changed");
                 }
                 Some(p) => info!(primary = %p.address, "writable primary found"),
-                None => warn!("no writable primary"),
+                None => {
+                    warn!("no writable primary");
+                    *self
+                        .no_primary_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                }
             }
             if let Some(p) = &next {
                 *last = Some(p.index);
@@ -379,6 +427,17 @@ impl Dial {
     }
 }
 
+/// What woke a host's probe task.
+enum Wake {
+    Tick,
+    /// A session lost its connection to the host.
+    Lost,
+    /// The write check in progress reached its timeout (or, timed out already, the point
+    /// where it is abandoned).
+    CheckDue,
+    CheckDone(Result<(Option<Conn>, Result<(), String>), tokio::task::JoinError>),
+}
+
 async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
     let address = config.database.hosts[index].clone();
     let dial = Dial {
@@ -388,49 +447,77 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
         within: config.database.connect_timeout,
     };
     let probe = &config.probe;
+    let topology = &shared.topology;
+    let circuit = topology.circuit(index);
     let mut ticks = tokio::time::interval(probe.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut write_conn: Option<Conn> = None;
     let mut check: Option<WriteCheck> = None;
+    // Status checks in a row that got no answer at all (not a refusal).
+    let mut silent = 0u32;
     loop {
-        ticks.tick().await;
-        let settings = circuit_settings(&shared.live.get());
-        let started = Instant::now();
-        let report = match tokio::time::timeout(probe.timeout, status(&dial)).await {
-            Ok(Ok(report)) => report,
-            Ok(Err(e)) => e.into_report(),
-            Err(_) => Report::Down(format!(
-                "no answer within {}",
-                humantime::format_duration(probe.timeout)
-            )),
-        };
-        let is_primary = matches!(
-            report,
-            Report::Up {
-                in_recovery: false,
-                ..
+        // A check that timed out is given as long again, plus a connect, to end after its
+        // cancel; then it is abandoned with its connection (which may be dead).
+        let due = check.as_ref().map(|c| {
+            if c.timed_out {
+                c.started + probe.timeout * 2 + config.database.connect_timeout
+            } else {
+                c.started + probe.timeout
             }
-        );
-        shared.topology.report(index, report, started.elapsed());
-        let circuit = shared.topology.circuit(index);
-
-        // The write check: finish the outstanding one, or start the next.
-        if let Some(c) = &mut check {
-            if c.task.is_finished() {
-                let (conn, result) = (&mut c.task)
-                    .await
-                    .unwrap_or((None, Err("write check panicked".into())));
+        });
+        let wake = tokio::select! {
+            _ = ticks.tick() => Wake::Tick,
+            _ = topology.wake[index].notified() => Wake::Lost,
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Wake::CheckDue,
+            done = async { (&mut check.as_mut().expect("guarded").task).await }, if check.is_some() => Wake::CheckDone(done),
+        };
+        let settings = circuit_settings(&shared.live.get());
+        match wake {
+            Wake::Tick | Wake::Lost => {}
+            Wake::CheckDone(done) => {
+                let c = check.take().expect("guarded");
+                let (conn, result) = done.unwrap_or((None, Err("write check panicked".into())));
                 write_conn = conn;
                 if !c.timed_out {
                     match result {
-                        Ok(()) => circuit.success(&settings, true),
-                        Err(e) => circuit.failure(&settings, &format!("write check failed: {e}")),
+                        Ok(()) => {
+                            topology.set_check(index, |h| {
+                                h.check_failing = None;
+                                h.check_since = None;
+                            });
+                            circuit.success(&settings, Success::Check { started: c.started });
+                        }
+                        Err(e) => {
+                            let why = format!("write check failed: {e}");
+                            topology.set_check(index, |h| {
+                                h.check_failing = Some(why.clone());
+                                h.check_since = None;
+                            });
+                            circuit.failure(&settings, &why);
+                        }
                     }
+                } else {
+                    topology.set_check(index, |h| h.check_since = None);
                 }
-                check = None;
-            } else if !c.timed_out && c.started.elapsed() >= probe.timeout {
+                continue;
+            }
+            Wake::CheckDue => {
+                let c = check.as_mut().expect("guarded");
+                if c.timed_out {
+                    // Its cancel did not end it either: the connection is likely dead.
+                    c.task.abort();
+                    check = None;
+                    write_conn = None;
+                    topology.set_check(index, |h| h.check_since = None);
+                    continue;
+                }
                 c.timed_out = true;
-                circuit.failure(&settings, "write check did not commit in time");
+                let why = format!(
+                    "write check did not commit within {}",
+                    humantime::format_duration(probe.timeout)
+                );
+                topology.set_check(index, |h| h.check_failing = Some(why.clone()));
+                circuit.failure(&settings, &why);
                 if let Some((token, addr)) = c.cancel.take() {
                     // In plaintext on its own connection, as sessions' cancels go.
                     let within = config.database.connect_timeout + probe.timeout;
@@ -442,15 +529,51 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
                             .map_err(std::io::Error::other)
                     }));
                 }
+                continue;
             }
         }
+        let lost = topology.lost[index].swap(false, Ordering::Relaxed);
+        let started = Instant::now();
+        let report = match tokio::time::timeout(probe.timeout, status(&dial)).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => e.into_report(),
+            Err(_) => Report::Silent(format!(
+                "no answer within {}",
+                humantime::format_duration(probe.timeout)
+            )),
+        };
+        let is_primary = matches!(
+            report,
+            Report::Up {
+                in_recovery: false,
+                ..
+            }
+        );
+        match &report {
+            Report::Up { .. } => silent = 0,
+            Report::Silent(_) => silent += 1,
+            _ => {}
+        }
+        // Twice in a row, so that one slow fork or one lost SYN does not end sessions.
+        circuit.set_unresponsive(silent >= 2);
+        if lost && let Report::Down(why) | Report::Silent(why) = &report {
+            circuit.failure(
+                &settings,
+                &format!("a server connection was lost and the probe found the host down: {why}"),
+            );
+        }
+        topology.report(index, report, started.elapsed());
+
+        // The next write check, unless one is still outstanding.
         if check.is_none() && is_primary {
             let conn = write_conn.take();
             let cancel = conn.as_ref().map(|c| (c.client.cancel_token(), c.addr));
             let dial = dial.clone();
             let task = tokio::spawn(async move { write_check(conn, &dial).await });
+            let started = Instant::now();
+            topology.set_check(index, |h| h.check_since = Some(started));
             check = Some(WriteCheck {
-                started: Instant::now(),
+                started,
                 task,
                 cancel,
                 timed_out: false,

@@ -20,11 +20,11 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, timeout};
 use tracing::{Instrument, Span, debug, info, warn};
 
-use crate::breaker::Decision;
+use crate::breaker::{Decision, Success};
 use crate::cancel::Target;
 use crate::classify::{Control, Kind, Memo, classify, transaction_control};
 use crate::config::{Config, ListenTls};
-use crate::errors::{Deadline, Lost, Refusal};
+use crate::errors::{Cause, Deadline, Lost, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
@@ -189,15 +189,18 @@ struct SlotWait {
 }
 
 /// Connects to the writable primary, waiting up to [circuit] hold_new_connections for one to be
-/// known and to accept, so a short failover is ridden through. Returns the stream, the address
-/// reached and the host's index. TLS that cannot be set up is reported at once: waiting would
-/// not fix a certificate.
+/// known and to accept, so a short failover is ridden through. The hold is counted from when
+/// the primary was lost, not from each connection's arrival: once no primary has been known for
+/// that long, no failover is in sight, and new connections are refused at once rather than each
+/// holding an application worker for the whole hold. Returns the stream, the address reached
+/// and the host's index. TLS that cannot be set up is reported at once: waiting would not fix a
+/// certificate.
 async fn connect_primary(
     shared: &Shared,
     config: &Config,
 ) -> Result<(Stream, SocketAddr, usize), Refusal> {
     let hold = config.circuit.hold_new_connections;
-    let deadline = Instant::now() + hold;
+    let mut deadline = Instant::now() + hold;
     let mut primary = shared.topology.watch_primary();
     let mut last_error = String::from("none is known");
     loop {
@@ -217,9 +220,23 @@ async fn connect_primary(
         } else if let Some(why) = shared.topology.tls_failure() {
             // Every host fails TLS as configured: no primary will appear by waiting.
             return Err(Refusal::ServerTls(why));
+        } else if let Some(since) = shared.topology.no_primary_since() {
+            deadline = deadline.min(since + hold);
         }
-        if Instant::now() >= deadline {
-            let mut why = format!("{last_error} (waited {})", humantime::format_duration(hold));
+        let now = Instant::now();
+        if now >= deadline {
+            let gone = shared
+                .topology
+                .no_primary_since()
+                .map(|since| now.saturating_duration_since(since));
+            let waited = match gone {
+                Some(gone) if gone >= hold => format!(
+                    "none for {}, longer than hold_new_connections",
+                    humantime::format_duration(Duration::from_millis(gone.as_millis() as u64))
+                ),
+                _ => format!("waited {}", humantime::format_duration(hold)),
+            };
+            let mut why = format!("{last_error} ({waited})");
             // Some host fails TLS as configured: that may be why no primary is known.
             if let Some(tls) = shared.topology.any_tls_failure() {
                 why.push_str(&format!("; TLS failed: {tls}"));
@@ -423,6 +440,9 @@ enum End {
     Refused(Refusal),
     /// bulkhead's cancel released a commit that was waiting for synchronous replication.
     CommitUnconfirmed(Deadline),
+    /// The probe found the server not answering while this session had a statement there, or
+    /// was about to send one.
+    Unresponsive,
 }
 
 /// bulkhead has sent a CancelRequest because a deadline passed, and waits for the answer.
@@ -543,6 +563,8 @@ enum Event {
     /// The phase watch changed (false: its sender is gone).
     Phase(bool),
     Primary,
+    /// The host's alarm: its write circuit opened, or it stopped answering.
+    Alarm,
     End(End),
 }
 
@@ -682,6 +704,8 @@ impl Relay {
         let mut primary = shared.topology.watch_primary();
         primary.borrow_and_update();
         let mut primary_gone = false;
+        let mut alarm = shared.topology.circuit(self.host).watch_alarm();
+        alarm.borrow_and_update();
         // The watches are polled only after they woke the session: polling a waiting watch
         // takes its lock, which every session shares, and the relay wakes the task for every
         // message. Likewise each socket is read only after it woke the session.
@@ -694,6 +718,7 @@ impl Relay {
             let event = {
                 let mut phase_changed = pin!(phase.changed());
                 let mut primary_changed = pin!(primary.changed());
+                let mut alarm_raised = pin!(alarm.changed());
                 poll_fn(|cx| {
                     woke.task.register(cx.waker());
                     let bits = woke.bits.swap(0, Ordering::AcqRel);
@@ -709,6 +734,9 @@ impl Relay {
                                 return Poll::Ready(Event::Primary);
                             }
                             primary_gone = true;
+                        }
+                        if let Poll::Ready(Ok(())) = alarm_raised.as_mut().poll(&mut watch_cx) {
+                            return Poll::Ready(Event::Alarm);
                         }
                     }
                     self.poll_relay(cx, &wakers, bits, shared).map(Event::End)
@@ -743,6 +771,12 @@ impl Relay {
                             return End::Demoted;
                         }
                         self.leave_when_quiet = Some(|| End::Demoted);
+                    }
+                }
+                Event::Alarm => {
+                    alarm.borrow_and_update();
+                    if let Some(end) = self.on_alarm(shared) {
+                        return end;
                     }
                 }
                 Event::End(end) => return end,
@@ -804,7 +838,7 @@ impl Relay {
                     progress |= wrote;
                     self.stalled_since = None;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(End::ServerLost(e.to_string())),
+                Poll::Ready(Err(e)) => return Poll::Ready(self.server_gone(e.to_string())),
                 // The server accepts nothing more for now: its stall clock runs from the last
                 // byte it did accept.
                 Poll::Pending if self.up.written() != before => {
@@ -824,14 +858,14 @@ impl Relay {
                             self.hello_deadline = None;
                         }
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(End::ServerLost(e.to_string())),
+                    Poll::Ready(Err(e)) => return Poll::Ready(self.server_gone(e.to_string())),
                     Poll::Pending => self.server_dry = true,
                 }
             }
             match self.frame_server(shared) {
                 Ok(None) => {}
                 Ok(Some(end)) => return Poll::Ready(end),
-                Err(why) => return Poll::Ready(End::ServerLost(why)),
+                Err(why) => return Poll::Ready(self.server_gone(why)),
             }
             match self.down.poll_write_to(client_cx, &mut self.client) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
@@ -843,7 +877,7 @@ impl Relay {
             }
 
             if self.down.is_eof() && !self.down.has_output() {
-                return Poll::Ready(End::ServerLost("the server closed the connection".into()));
+                return Poll::Ready(self.server_gone("the server closed the connection".into()));
             }
             if self.up.is_eof() && !self.up.has_output() {
                 return Poll::Ready(End::ClientLeft);
@@ -947,16 +981,57 @@ impl Relay {
                 }
                 continue;
             }
-            self.start_cancel(shared, now);
+            self.start_cancel(shared, now, false);
         }
     }
 
-    /// A deadline has passed: ask the server to cancel, and give it `cancel_grace` to answer.
-    fn start_cancel(&mut self, shared: &Shared, now: Instant) {
+    /// The host's alarm was raised. If the host no longer answers, a statement waiting there
+    /// will not be answered either: end the session now. If the write circuit opened, a commit
+    /// waiting there is cancelled and answered now rather than at its deadline, so the
+    /// connection it holds goes back to the application.
+    fn on_alarm(&mut self, shared: &Shared) -> Option<End> {
+        if !self.authenticated() {
+            return None;
+        }
+        let circuit = shared.topology.circuit(self.host);
+        if circuit.is_unresponsive() {
+            return (self.tracker.in_flight() > 0).then_some(End::Unresponsive);
+        }
+        if circuit.published() == crate::breaker::State::Open
+            && self.cancelling.is_none()
+            && self.head_commits()
+        {
+            self.start_cancel(shared, Instant::now(), true);
+        }
+        None
+    }
+
+    /// Whether the request the server is working on would commit writes: an autocommit write,
+    /// or the COMMIT of a transaction that wrote.
+    fn head_commits(&self) -> bool {
+        self.tracker.head() == Some(Class::Write)
+            && (self.tx == TxStatus::Idle || self.tracker.head_is_commit())
+    }
+
+    /// How the relay ends when the server side closes or fails: after the client's Terminate
+    /// that is the normal end of a session (the server closes its side as it should, and
+    /// whichever close bulkhead sees first), not a lost server.
+    fn server_gone(&self, why: String) -> End {
+        if self.client_terminated {
+            End::ClientLeft
+        } else {
+            End::ServerLost(why)
+        }
+    }
+
+    /// A deadline has passed (or, with `circuit_opened`, the write circuit opened while a
+    /// commit waited): ask the server to cancel, and give it `cancel_grace` to answer.
+    fn start_cancel(&mut self, shared: &Shared, now: Instant, circuit_opened: bool) {
         let t = &self.config.config().timeouts;
-        let stalled = self
-            .stalled_since
-            .is_some_and(|since| since + t.write <= now);
+        let stalled = !circuit_opened
+            && self
+                .stalled_since
+                .is_some_and(|since| since + t.write <= now);
         let class = if stalled {
             Class::Write
         } else {
@@ -967,10 +1042,17 @@ impl Relay {
         } else {
             t.read
         };
+        let cause = if circuit_opened {
+            Cause::CircuitOpened
+        } else if stalled {
+            Cause::Stalled
+        } else {
+            Cause::Elapsed
+        };
         let deadline = Deadline {
             class,
             limit,
-            stalled,
+            cause,
         };
         info!(parent: &self.span, %deadline, "deadline passed; cancelling the statement on the server");
         self.cancelling = Some(Cancelling {
@@ -1034,8 +1116,13 @@ impl Relay {
             }
             match h.tag {
                 frontend::QUERY_TAG => {
-                    if self.refusal_possible(shared) && self.tracker.in_flight() > 0 {
-                        return Ok(Hold::Wait);
+                    if self.refusal_possible(shared) {
+                        if self.tracker.in_flight() > 0 {
+                            return Ok(Hold::Wait);
+                        }
+                        if shared.topology.circuit(self.host).is_unresponsive() {
+                            return Err(End::Unresponsive);
+                        }
                     }
                     let text = frontend::query_text(self.up.body(&h));
                     if self.client_tx_failed {
@@ -1088,8 +1175,13 @@ impl Relay {
                     self.tracker.parse(name, kind, now);
                 }
                 frontend::EXECUTE_TAG => {
-                    if self.refusal_possible(shared) && self.tracker.before_open() > 0 {
-                        return Ok(Hold::Wait);
+                    if self.refusal_possible(shared) {
+                        if self.tracker.before_open() > 0 {
+                            return Ok(Hold::Wait);
+                        }
+                        if shared.topology.circuit(self.host).is_unresponsive() {
+                            return Err(End::Unresponsive);
+                        }
                     }
                     if self.client_tx_failed && self.failed_batch_starts(now, &h) {
                         continue;
@@ -1236,7 +1328,14 @@ impl Relay {
     /// as the trial if not plainly allowed.
     fn admit_write(&mut self, shared: &Shared) -> bool {
         let settings = circuit_settings(self.config.config());
-        match shared.topology.circuit(self.host).decide(&settings) {
+        // Decided only with nothing before it in flight (see `refusal_possible`), so the
+        // transaction status is the one this write runs in.
+        let commits = self.tx == TxStatus::Idle || self.tracker.last_is_commit();
+        match shared
+            .topology
+            .circuit(self.host)
+            .decide(&settings, commits)
+        {
             Decision::Allow => true,
             Decision::Trial => {
                 self.tracker.mark_last(Effect::Trial);
@@ -1353,7 +1452,7 @@ impl Relay {
                         _ => None,
                     }
                     .ok_or("invalid ReadyForQuery from server")?;
-                    self.tx = status;
+                    let before = std::mem::replace(&mut self.tx, status);
                     if self.startup_deadline.take().is_some() {
                         self.idle_since = Some(Instant::now());
                         // The startup timer is set a minute out; re-arm once, at login, so an
@@ -1362,7 +1461,7 @@ impl Relay {
                         self.down.forward(&h);
                         continue;
                     }
-                    if let Some(own) = self.request_finished(shared, status) {
+                    if let Some(own) = self.request_finished(shared, status, before) {
                         self.down.replace(&h, &own);
                         continue;
                     }
@@ -1442,10 +1541,16 @@ impl Relay {
         Ok(None)
     }
 
-    /// The head request's ReadyForQuery: record how it went, tell the write circuit, and start
-    /// the next one's clock. Returns what the client gets instead of the server's
-    /// ReadyForQuery, for a request bulkhead refused.
-    fn request_finished(&mut self, shared: &Shared, status: TxStatus) -> Option<BytesMut> {
+    /// The head request's ReadyForQuery (`status`; `before` is the status it started in):
+    /// record how it went, tell the write circuit, and start the next one's clock. Returns
+    /// what the client gets instead of the server's ReadyForQuery, for a request bulkhead
+    /// refused.
+    fn request_finished(
+        &mut self,
+        shared: &Shared,
+        status: TxStatus,
+        before: TxStatus,
+    ) -> Option<BytesMut> {
         let now = Instant::now();
         let done = self.tracker.ready(status, now)?;
         let outcome = match done.effect {
@@ -1471,15 +1576,26 @@ impl Relay {
         if self.tracker.in_flight() == 0 {
             self.idle_since = Some(now);
         }
+        // Only evidence about the commit path moves the write circuit: a commit confirmed
+        // (the request ended outside a transaction, without error) or one that missed its
+        // deadline. A write inside a transaction proves nothing about the COMMIT to come.
         if done.class == Class::Write && !matches!(done.effect, Effect::Refused(_)) {
             let settings = circuit_settings(self.config.config());
             let circuit = shared.topology.circuit(self.host);
-            if self.head_timed_out {
-                circuit.failure(&settings, "write deadline passed");
-            } else if self.head_read_only {
+            let commits = before == TxStatus::Idle || done.commit;
+            if self.head_read_only {
                 circuit.failure(&settings, "read-only transaction (25006) from a primary");
-            } else {
-                circuit.success(&settings, done.effect == Effect::Trial);
+            } else if self.head_timed_out {
+                if commits {
+                    circuit.failure(&settings, "a commit missed the write deadline");
+                }
+            } else if status == TxStatus::Idle && !self.head_failed {
+                let how = if done.effect == Effect::Trial {
+                    Success::Trial
+                } else {
+                    Success::Commit
+                };
+                circuit.success(&settings, how);
             }
         }
         self.head_failed = false;
@@ -1559,6 +1675,10 @@ impl Relay {
                 grace: self.config.config().timeouts.cancel_grace,
             }),
             End::CommitUnconfirmed(deadline) => Some(Refusal::CommitUnconfirmed(*deadline)),
+            End::Unresponsive => Some(Refusal::Unresponsive(
+                shared.topology.circuit(self.host).reason_unresponsive(),
+                self.lost(),
+            )),
             End::Refused(refusal) => Some(refusal.clone()),
         };
         match &end {
@@ -1574,16 +1694,17 @@ impl Relay {
                     .class(d.class)
                     .statement(Outcome::Timeout)
                     .increment(1);
-                if d.class == Class::Write {
+                if d.class == Class::Write && (d.cause == Cause::Stalled || self.head_commits()) {
                     circuit.failure(
                         &settings,
-                        "write deadline passed and the cancel went unanswered",
+                        "a commit missed the write deadline and the cancel went unanswered",
                     );
                 }
             }
-            End::ServerLost(_) if !self.server_said_fatal => {
-                circuit.failure(&settings, "server connection lost")
-            }
+            // A lost connection alone proves nothing about the host (one backend may have been
+            // terminated on a healthy server): the probe looks now, and counts a failure if
+            // the host is down.
+            End::ServerLost(_) => shared.topology.connection_lost(self.host),
             _ => {}
         }
         let server_running = self.tracker.in_flight() > 0 || self.up.mid_message();

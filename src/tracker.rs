@@ -49,6 +49,8 @@ pub enum Refused {
 struct Request {
     class: Class,
     effect: Effect,
+    /// A COMMIT (END, PREPARE TRANSACTION) of a transaction that wrote.
+    commit: bool,
 }
 
 /// Requests in flight beyond which the queue grows instead of reusing its space; pipelines
@@ -88,6 +90,8 @@ pub struct Finished {
     pub class: Class,
     pub took: Duration,
     pub effect: Effect,
+    /// It was a COMMIT of a transaction that wrote.
+    pub commit: bool,
 }
 
 impl Tracker {
@@ -110,8 +114,12 @@ impl Tracker {
     /// A simple Query went to the server.
     pub fn query(&mut self, kind: Kind, now: Instant) {
         self.open = false;
+        let commit = kind == Kind::Commit && self.tx_wrote;
         let class = self.resolve(kind);
         self.push(class, now);
+        if let Some(last) = self.queue.back_mut() {
+            last.commit = commit;
+        }
     }
 
     /// A FunctionCall went to the server. What a function does is unknown: a write.
@@ -194,7 +202,11 @@ impl Tracker {
     /// strong as the portal it runs. Returns true if this made a read request a write.
     pub fn execute(&mut self, kind: Kind, now: Instant) -> bool {
         self.extended(now);
+        let commit = kind == Kind::Commit && self.tx_wrote;
         let class = self.resolve(kind);
+        if commit && let Some(last) = self.queue.back_mut() {
+            last.commit = true;
+        }
         match self.queue.back_mut() {
             Some(last) if class == Class::Write && last.class == Class::Read => {
                 last.class = Class::Write;
@@ -247,7 +259,11 @@ impl Tracker {
 
     /// ReadyForQuery: the head request is answered.
     pub fn ready(&mut self, status: TxStatus, now: Instant) -> Option<Finished> {
-        let Request { class, effect } = self.queue.pop_front()?;
+        let Request {
+            class,
+            effect,
+            commit,
+        } = self.queue.pop_front()?;
         if matches!(effect, Effect::Refused(_)) {
             self.refused -= 1;
         }
@@ -264,12 +280,23 @@ impl Tracker {
             class,
             took,
             effect,
+            commit,
         })
     }
 
     /// The class of the request the server is working on, if any.
     pub fn head(&self) -> Option<Class> {
         self.queue.front().map(|r| r.class)
+    }
+
+    /// Whether the request the server is working on is a COMMIT of a transaction that wrote.
+    pub fn head_is_commit(&self) -> bool {
+        self.queue.front().is_some_and(|r| r.commit)
+    }
+
+    /// Whether the newest request is a COMMIT of a transaction that wrote.
+    pub fn last_is_commit(&self) -> bool {
+        self.queue.back().is_some_and(|r| r.commit)
     }
 
     /// The class of the newest request, if any.
@@ -345,6 +372,7 @@ impl Tracker {
         self.queue.push_back(Request {
             class,
             effect: Effect::Normal,
+            commit: false,
         });
     }
 }
@@ -373,7 +401,8 @@ mod tests {
             Finished {
                 class: Class::Read,
                 took: Duration::from_millis(7),
-                effect: Effect::Normal
+                effect: Effect::Normal,
+                commit: false,
             }
         );
         t.query(Kind::Write, at(t0, 10));
