@@ -1,0 +1,434 @@
+//! Issue 17: the write circuit moves only on evidence about the commit path, under the traffic
+//! applications send (writes inside BEGIN … COMMIT, a connection per request, backends
+//! terminated), and a stuck or frozen host gives its clients an answer within the probe's
+//! detection time rather than at their deadlines.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use bulkhead::Config;
+
+use crate::support::raw::{Raw, msg};
+use crate::support::{
+    Cluster, Proxy, config_for, connect, connect_watched, eventually, first_value, sqlstate,
+};
+
+const SECONDS_20: Duration = Duration::from_secs(20);
+
+/// Quick probing and short deadlines, so faults show within seconds.
+fn fast_config(pg: &Cluster) -> Config {
+    let mut config = config_for(pg);
+    config.database.connect_timeout = Duration::from_millis(1000);
+    config.probe.interval = Duration::from_millis(200);
+    config.probe.timeout = Duration::from_millis(400);
+    config.timeouts.write = Duration::from_millis(800);
+    config.timeouts.cancel_grace = Duration::from_millis(500);
+    config.circuit.failure_threshold = 3;
+    config.circuit.open_for = Duration::from_secs(1);
+    config.circuit.hold_new_connections = Duration::from_secs(1);
+    config
+}
+
+fn stall_commits(pg: &Cluster) {
+    pg.psql("ALTER SYSTEM SET synchronous_standby_names = 'missing'");
+    pg.psql("SELECT pg_reload_conf()");
+}
+
+fn heal_commits(pg: &Cluster) {
+    pg.psql("ALTER SYSTEM RESET synchronous_standby_names");
+    pg.psql("SELECT pg_reload_conf()");
+}
+
+fn circuit_state(proxy: &Proxy) -> f64 {
+    let text = proxy.bulkhead.metrics().render();
+    text.lines()
+        .find(|l| l.starts_with("bulkhead_circuit_state{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+fn openings(proxy: &Proxy) -> f64 {
+    proxy.metric(&format!(
+        "bulkhead_circuit_openings_total{{backend=\"{}\"}}",
+        proxy.bulkhead.topology().hosts()[0].address
+    ))
+}
+
+/// `writers` tasks run `BEGIN; INSERT; COMMIT` in a loop, as the workers of a pooled web
+/// application do: a connection that bulkhead closes (a FATAL) is replaced by a new one, as a
+/// pool replaces it. Counts the commits that succeeded.
+fn transactional_writers(
+    params: String,
+    writers: usize,
+    stop: Arc<AtomicBool>,
+) -> (Arc<AtomicU32>, Vec<tokio::task::JoinHandle<()>>) {
+    let committed = Arc::new(AtomicU32::new(0));
+    let tasks = (0..writers)
+        .map(|n| {
+            let (stop, committed, params) = (stop.clone(), committed.clone(), params.clone());
+            tokio::spawn(async move {
+                // Staggered, so that commits do not all stall and time out together.
+                tokio::time::sleep(Duration::from_millis(37 * n as u64)).await;
+                let mut i = 0;
+                let mut conn: Option<tokio_postgres::Client> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let c = match &mut conn {
+                        Some(c) if !c.is_closed() => c,
+                        _ => match tokio_postgres::connect(&params, tokio_postgres::NoTls).await
+                        {
+                            Ok((c, driver)) => {
+                                tokio::spawn(driver);
+                                conn.insert(c)
+                            }
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        },
+                    };
+                    let id = n as i32 * 100_000 + i;
+                    if let Ok(tx) = c.transaction().await
+                        && tx.execute("INSERT INTO tw VALUES ($1)", &[&id]).await.is_ok()
+                        && tx.commit().await.is_ok()
+                    {
+                        committed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+            })
+        })
+        .collect();
+    (committed, tasks)
+}
+
+/// The incident itself: an application that writes only inside transactions. Before, the
+/// INSERT inside each new transaction counted as a successful write and undid the COMMIT that
+/// had just failed, so the circuit never opened, or closed again while every COMMIT still hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_writers_with_commits_stalled_open_the_circuit_and_keep_it_open_until_the_stall_ends()
+ {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE tw (x int)");
+    let proxy = Proxy::start(fast_config(&pg)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (committed, writers) = transactional_writers(proxy.params("postgres"), 6, stop.clone());
+    eventually("healthy commits", SECONDS_20, || async {
+        (committed.load(Ordering::Relaxed) >= 20).then_some(())
+    })
+    .await;
+
+    stall_commits(&pg);
+    let stalled = Instant::now();
+    eventually("the write circuit to open", SECONDS_20, || async {
+        (circuit_state(&proxy) == 2.0).then_some(())
+    })
+    .await;
+    let opened_after = stalled.elapsed();
+    // Stays out of "closed" for as long as commits stall, though the writers keep starting
+    // transactions whose INSERTs would succeed (half-open is allowed: it refuses them too).
+    let watch_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < watch_until {
+        assert_ne!(
+            circuit_state(&proxy),
+            0.0,
+            "the circuit closed while commits still stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = committed.load(Ordering::Relaxed);
+
+    heal_commits(&pg);
+    let healed = Instant::now();
+    eventually("the circuit to close", SECONDS_20, || async {
+        (circuit_state(&proxy) == 0.0).then_some(())
+    })
+    .await;
+    let closed_after = healed.elapsed();
+    let c = proxy.connect().await;
+    c.batch_execute("BEGIN; INSERT INTO tw VALUES (-1); COMMIT")
+        .await
+        .expect("a transaction commits after the heal");
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    assert!(
+        opened_after < Duration::from_secs(5),
+        "opened {opened_after:?} into the stall"
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "closed {closed_after:?} after the heal"
+    );
+    // Nothing committed while the circuit was open can have been acknowledged: those
+    // transactions were refused at their INSERT.
+    let _ = during;
+    assert_eq!(pg.psql("SELECT count(*) FROM tw WHERE x = -1"), "1");
+}
+
+/// Applications that open a connection per request, and test suites that terminate backends,
+/// do this all day on a healthy database. Before, the server's close after the client's
+/// Terminate could be seen first and counted as a lost server, and a terminated backend
+/// counted too; with a threshold of one, either opened the circuit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_per_request_cycles_and_terminated_idle_backends_never_open_the_circuit() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE cw (x int)");
+    let mut config = fast_config(&pg);
+    config.circuit.failure_threshold = 1;
+    let proxy = Proxy::start(config).await;
+    let writer = proxy.connect().await;
+
+    let params = proxy.params("postgres");
+    let cycles: Vec<_> = (0..4)
+        .map(|_| {
+            let params = params.clone();
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let c = connect(&params).await;
+                    assert_eq!(first_value(&c, "SELECT 1").await, "1");
+                    drop(c); // tokio-postgres sends Terminate and closes
+                }
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    let mut i = 0;
+    while cycles.iter().any(|c| !c.is_finished()) {
+        i += 1;
+        if let Err(e) = writer
+            .simple_query(&format!("INSERT INTO cw VALUES ({i})"))
+            .await
+        {
+            refused += 1;
+            eprintln!("write refused: {e:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in cycles {
+        c.await.unwrap();
+    }
+
+    // A client that says Terminate and keeps its socket open hears nothing more: no FATAL
+    // about a lost server after its own goodbye.
+    for _ in 0..20 {
+        let mut raw = Raw::connect(proxy.addr).await;
+        raw.login("postgres").await;
+        raw.send(&msg(b'X', b"")).await;
+        let after = tokio::time::timeout(Duration::from_secs(5), raw.recv())
+            .await
+            .expect("bulkhead closes the connection after Terminate");
+        assert_eq!(after, None, "nothing may follow Terminate");
+    }
+
+    // Backends terminated on a healthy server, idle and busy.
+    let admin = pg.connect().await;
+    for _ in 0..5 {
+        let (victim, conn) = connect_watched(&params).await;
+        let pid: i32 = first_value(&victim, "SELECT pg_backend_pid()")
+            .await
+            .parse()
+            .unwrap();
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    }
+    // Give the probe the look the lost connections asked for, then write again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    writer
+        .simple_query("INSERT INTO cw VALUES (0)")
+        .await
+        .expect("writes still flow");
+
+    assert_eq!(refused, 0, "no write was refused");
+    assert_eq!(openings(&proxy), 0.0, "the circuit never opened");
+}
+
+/// A COMMIT that hangs on the commit path holds an application's pooled connection. When the
+/// circuit opens (here on the probe's write check, with the deadline far away) it is answered
+/// at once with the truth: 40003, it may or may not have committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_commit_is_answered_within_a_second_of_the_circuit_opening() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE sc (x int)");
+    let mut config = fast_config(&pg);
+    config.timeouts.write = Duration::from_secs(60);
+    config.circuit.failure_threshold = 1;
+    let proxy = Proxy::start(config).await;
+    let (c, conn) = connect_watched(&proxy.params("postgres")).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO sc VALUES (1)", &[]).await.unwrap();
+
+    stall_commits(&pg);
+    let commit = tokio::spawn(async move {
+        let r = c.batch_execute("COMMIT").await;
+        (r, Instant::now())
+    });
+    let opened = eventually("the write circuit to open", SECONDS_20, || async {
+        (circuit_state(&proxy) == 2.0).then(Instant::now)
+    })
+    .await;
+    let (result, answered) = tokio::time::timeout(Duration::from_secs(10), commit)
+        .await
+        .expect("the COMMIT is answered long before its 60 s deadline")
+        .unwrap();
+    let err = result.unwrap_err();
+    assert_eq!(sqlstate(&err), "40003", "{err:?}");
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.severity(), "FATAL");
+    assert!(db.message().contains("write circuit opened"), "{db:?}");
+    let late = answered.saturating_duration_since(opened);
+    assert!(late < Duration::from_secs(1), "answered {late:?} after the opening");
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    heal_commits(&pg);
+}
+
+/// Readiness follows the write check, so it tells the truth about commits with no client
+/// traffic at all, on the default probe timing, and comes back as soon as a check commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_within_two_seconds_of_commits_stalling_and_200_within_a_second_of_healing()
+ {
+    let pg = Cluster::start();
+    let proxy = Proxy::start(config_for(&pg)).await; // probe every 1 s, 1 s timeout
+    eventually("ready", SECONDS_20, || async {
+        (proxy.get("/readyz").await.status == 200).then_some(())
+    })
+    .await;
+
+    stall_commits(&pg);
+    let stalled = Instant::now();
+    let reason = eventually("/readyz to say 503", SECONDS_20, || async {
+        let r = proxy.get("/readyz").await;
+        (r.status == 503).then_some(r.body)
+    })
+    .await;
+    let not_ready_after = stalled.elapsed();
+    assert!(reason.contains("write check"), "{reason}");
+    let health = proxy.health_json().await;
+    assert_eq!(health["status"], "degraded", "{health}");
+
+    // Long enough for the circuit to open on the probe's checks alone.
+    eventually("the write circuit to open", SECONDS_20, || async {
+        (circuit_state(&proxy) == 2.0).then_some(())
+    })
+    .await;
+    heal_commits(&pg);
+    let healed = Instant::now();
+    eventually("/readyz to say 200", SECONDS_20, || async {
+        (proxy.get("/readyz").await.status == 200).then_some(())
+    })
+    .await;
+    let ready_after = healed.elapsed();
+    assert!(
+        not_ready_after < Duration::from_millis(2000 + 1000),
+        "503 after {not_ready_after:?}"
+    );
+    assert!(
+        ready_after < Duration::from_millis(1000 + 1000),
+        "200 after {ready_after:?}"
+    );
+    assert_eq!(circuit_state(&proxy), 0.0);
+}
+
+/// Stops (SIGSTOP) the postmaster and every backend, and resumes them when dropped.
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    fn freeze(pg: &Cluster) -> Frozen {
+        let master = pg.postmaster_pid();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        let mut pids: Vec<i32> = vec![master];
+        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        for &pid in &pids {
+            // SAFETY: kill has no memory-safety preconditions; these are the server's pids.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// A frozen primary (accepts TCP, answers nothing): before, the pooled connections sat in
+/// their statements until the read deadline plus grace, and every new connection was held
+/// for hold_new_connections. Now the probe's verdict answers what waits there, a statement
+/// sent later is answered at once without reaching the server, and once the hold (counted
+/// from the primary's loss) has passed, new connections are refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_answers_waiting_statements_within_the_probes_detection_time() {
+    let pg = Cluster::start();
+    let mut config = fast_config(&pg);
+    config.timeouts.read = Duration::from_secs(30);
+    let proxy = Proxy::start(config).await;
+    let (busy, busy_conn) = connect_watched(&proxy.params("postgres")).await;
+    let (idle, idle_conn) = connect_watched(&proxy.params("postgres")).await;
+    first_value(&busy, "SELECT 1").await;
+    first_value(&idle, "SELECT 1").await;
+
+    let frozen = Frozen::freeze(&pg);
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), busy.simple_query("SELECT 2"))
+        .await
+        .expect("answered long before the 30 s read deadline")
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(
+        err.as_db_error().unwrap().message().contains("not answering"),
+        "{err:?}"
+    );
+    // Two silent probes of 400 ms each, every 200 ms: well under 3 s.
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    let _ = tokio::time::timeout(Duration::from_secs(5), busy_conn).await;
+
+    // A session that was idle gets its answer at once, its statement never sent.
+    let started = Instant::now();
+    let err = idle.simple_query("SELECT 3").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let _ = tokio::time::timeout(Duration::from_secs(5), idle_conn).await;
+
+    // hold_new_connections (1 s) has passed since the primary was lost: no waiting.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = Instant::now();
+    let err = tokio_postgres::connect(&proxy.params("postgres"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    let health = proxy.health_json().await;
+    assert_eq!(health["status"], "down", "{health}");
+
+    drop(frozen);
+    let c = eventually("a new session after the thaw", SECONDS_20, || async {
+        tokio_postgres::connect(&proxy.params("postgres"), tokio_postgres::NoTls)
+            .await
+            .ok()
+            .map(|(c, conn)| {
+                tokio::spawn(conn);
+                c
+            })
+    })
+    .await;
+    assert_eq!(first_value(&c, "SELECT 4").await, "4");
+}
