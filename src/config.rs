@@ -188,7 +188,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             read: Duration::from_secs(30),
-            write: Duration::from_secs(5),
+            write: Duration::from_secs(2),
             cancel_grace: Duration::from_secs(1),
             startup: Duration::from_secs(60),
             drain: Duration::from_secs(30),
@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(c.listen.address.to_string(), "127.0.0.1:6432");
         assert_eq!(c.health.address.to_string(), "127.0.0.1:9930");
         assert_eq!(c.database.hosts, vec!["127.0.0.1:5432"]);
-        assert_eq!(c.timeouts.write, Duration::from_secs(5));
+        assert_eq!(c.timeouts.write, Duration::from_secs(2));
         assert_eq!(c.limits.queue_timeout, Duration::from_millis(100));
     }
 
