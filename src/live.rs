@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(live.reload(new), vec!["listen", "database"]);
         assert_eq!(
             snapshot.config().timeouts.write,
-            Duration::from_secs(5),
+            Config::default().timeouts.write,
             "not refreshed yet"
         );
         let c = snapshot.current(&live);
