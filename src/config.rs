@@ -266,6 +266,43 @@ impl Config {
                 return fail(section, key, "must be longer than zero".into());
             }
         }
+        // Every duration is added to the clock somewhere; an absurd one would overflow it and
+        // take a session, the probe or the health thread down with it.
+        let every = positive.into_iter().chain([
+            ("timeouts", "drain", self.timeouts.drain),
+            ("circuit", "hold_new_connections", self.circuit.hold_new_connections),
+            ("limits", "queue_timeout", self.limits.queue_timeout),
+        ]);
+        for (section, key, value) in every {
+            if value > MAX_DURATION {
+                return fail(
+                    section,
+                    key,
+                    format!(
+                        "{} is longer than the longest allowed, {}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(MAX_DURATION)
+                    ),
+                );
+            }
+        }
+        // A probe that cannot fork a backend and run a query in this time never finds a
+        // primary, and one that runs more often only loads the server.
+        for (key, value) in [
+            ("interval", self.probe.interval),
+            ("timeout", self.probe.timeout),
+        ] {
+            if value < MIN_PROBE {
+                return fail(
+                    "probe",
+                    key,
+                    format!(
+                        "must be at least {} (a probe needs a new connection and a query)",
+                        humantime::format_duration(MIN_PROBE)
+                    ),
+                );
+            }
+        }
         if self.database.hosts.is_empty() {
             return fail("database", "hosts", "needs at least one host:port".into());
         }
@@ -320,6 +357,13 @@ impl Config {
         Ok(())
     }
 }
+
+/// The longest duration any key takes: a deadline of more than a day is no deadline, and
+/// larger values would overflow the clock they are added to.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The shortest probe interval and timeout.
+const MIN_PROBE: Duration = Duration::from_millis(100);
 
 /// `host:port` with a numeric port; the host may be a name, an IPv4 address or `[v6]`.
 fn check_host_port(s: &str) -> Result<(), &'static str> {
@@ -391,6 +435,20 @@ mod tests {
 
     fn error(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn absurd_durations_and_too_quick_probes_are_refused_with_key_and_line() {
+        let e = error("[timeouts]\nread = \"1s\"\nwrite = \"18000000000000000000s\"\n");
+        assert!(e.contains("timeouts.write (line 3)"), "{e}");
+        assert!(e.contains("longer than the longest allowed"), "{e}");
+        let e = error("[circuit]\nhold_new_connections = \"400days\"\n");
+        assert!(e.contains("circuit.hold_new_connections (line 2)"), "{e}");
+        let e = error("[probe]\ninterval = \"1ns\"\n");
+        assert!(e.contains("probe.interval (line 2): must be at least 100ms"), "{e}");
+        let e = error("[probe]\ntimeout = \"1ns\"\n");
+        assert!(e.contains("probe.timeout (line 2)"), "{e}");
+        assert!(Config::parse("[timeouts]\nread = \"24h\"\n").is_ok());
     }
 
     #[test]
