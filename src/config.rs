@@ -270,7 +270,11 @@ impl Config {
         // take a session, the probe or the health thread down with it.
         let every = positive.into_iter().chain([
             ("timeouts", "drain", self.timeouts.drain),
-            ("circuit", "hold_new_connections", self.circuit.hold_new_connections),
+            (
+                "circuit",
+                "hold_new_connections",
+                self.circuit.hold_new_connections,
+            ),
             ("limits", "queue_timeout", self.limits.queue_timeout),
         ]);
         for (section, key, value) in every {
@@ -445,7 +449,10 @@ mod tests {
         let e = error("[circuit]\nhold_new_connections = \"400days\"\n");
         assert!(e.contains("circuit.hold_new_connections (line 2)"), "{e}");
         let e = error("[probe]\ninterval = \"1ns\"\n");
-        assert!(e.contains("probe.interval (line 2): must be at least 100ms"), "{e}");
+        assert!(
+            e.contains("probe.interval (line 2): must be at least 100ms"),
+            "{e}"
+        );
         let e = error("[probe]\ntimeout = \"1ns\"\n");
         assert!(e.contains("probe.timeout (line 2)"), "{e}");
         assert!(Config::parse("[timeouts]\nread = \"24h\"\n").is_ok());

@@ -285,9 +285,13 @@ fn report(shared: &Shared) -> Report {
             })
         })
         .collect();
+    let conflict = shared.topology.conflict();
     let not_ready = match &primary {
         _ if draining => Some("bulkhead is draining".to_string()),
-        None => Some("no writable primary is known".to_string()),
+        None => Some(match &conflict {
+            Some(why) => format!("no writable primary: {why}"),
+            None => "no writable primary is known".to_string(),
+        }),
         Some(p) => {
             let circuit = shared.topology.circuit(p.index).published();
             let age = hosts[p.index].last_probe.map(|t| t.elapsed());
@@ -316,7 +320,7 @@ fn report(shared: &Shared) -> Report {
     let status = match (&primary, &not_ready) {
         (None, _) => "down",
         (Some(_), Some(_)) => "degraded",
-        (Some(_), None) if some_unreachable => "degraded",
+        (Some(_), None) if some_unreachable || conflict.is_some() => "degraded",
         (Some(_), None) => "ok",
     };
     let json = json!({
@@ -325,6 +329,7 @@ fn report(shared: &Shared) -> Report {
         "reason": not_ready,
         "draining": draining,
         "primary": primary.as_ref().map(|p| p.address.clone()),
+        "conflict": conflict,
         "backends": backends,
         "clients": shared.admission.clients(),
         "inflight": shared.admission.all.held(),

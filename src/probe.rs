@@ -15,7 +15,7 @@
 //! when it changes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,6 +130,15 @@ pub struct Topology {
     lost: Vec<AtomicBool>,
     /// Since when no writable primary has been known (bulkhead's start, at first).
     no_primary_since: Mutex<Instant>,
+    /// The highest timeline any host has claimed as primary since bulkhead started: a primary
+    /// on a lower one is an old primary that came back, whatever else is reachable now.
+    highest_timeline: AtomicI64,
+    /// Two or more hosts claim primary on the highest timeline: why writes do not move.
+    conflict: Mutex<Option<String>>,
+    /// The host that was primary on the highest timeline, until it is seen as a standby.
+    /// Another host claiming primary on that same timeline is a split brain, not a failover
+    /// (a promotion always starts a new timeline), even while the holder is unreachable.
+    holder: Mutex<Option<usize>>,
     primary: watch::Sender<Option<Primary>>,
     failovers: Counter,
     up: Vec<[Gauge; 2]>,
@@ -175,6 +184,9 @@ impl Topology {
             wake: addresses.iter().map(|_| Notify::new()).collect(),
             lost: addresses.iter().map(|_| AtomicBool::new(false)).collect(),
             no_primary_since: Mutex::new(Instant::now()),
+            highest_timeline: AtomicI64::new(0),
+            conflict: Mutex::new(None),
+            holder: Mutex::new(None),
             primary: watch::channel(None).0,
             failovers: metrics.counter("bulkhead_failovers_total", &[]),
             up,
@@ -198,6 +210,14 @@ impl Topology {
     pub fn connection_lost(&self, index: usize) {
         self.lost[index].store(true, Ordering::Relaxed);
         self.wake[index].notify_one();
+    }
+
+    /// Two or more hosts claim primary on the same, highest timeline: what they are.
+    pub fn conflict(&self) -> Option<String> {
+        self.conflict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Since when no writable primary has been known, if none is.
@@ -298,31 +318,100 @@ impl Topology {
         self.choose_primary(&mut hosts);
     }
 
+    /// The fencing rule. A host that claims primary on a lower timeline than the highest any
+    /// host has claimed is an old primary and is superseded: no writes until it reports as a
+    /// standby, whatever the order of events (it may come back while the new primary misses a
+    /// probe). A promotion always starts a new timeline, so two hosts claiming primary on the
+    /// same, highest timeline are a split brain nobody can settle from here, even when one of
+    /// them is unreachable at the moment: the current primary keeps the writes if it is one of
+    /// them, and otherwise none gets them until one becomes a standby. Nothing is chosen before
+    /// every host has been probed once, so a start among two such claimants does not guess.
     fn choose_primary(&self, hosts: &mut [HostInfo]) {
         let current = self.primary.borrow().as_ref().map(|p| p.index);
-        let best = hosts
+        let claimed = hosts
+            .iter()
+            .filter(|h| h.role == Role::Primary)
+            .map(|h| h.timeline)
+            .max()
+            .unwrap_or(0);
+        let before = self.highest_timeline.fetch_max(claimed, Ordering::Relaxed);
+        let top = before.max(claimed);
+        let mut holder = self.holder.lock().unwrap_or_else(|e| e.into_inner());
+        if top > before {
+            *holder = None; // a new timeline: whoever claims it first holds it
+        }
+        if let Some(h) = *holder
+            && hosts[h].role == Role::Standby
+        {
+            *holder = None;
+        }
+        for h in hosts.iter_mut() {
+            if h.role == Role::Primary && h.timeline < top && !h.superseded {
+                warn!(
+                    backend = %h.address, timeline = h.timeline, highest = top,
+                    "an old primary: a primary on a lower timeline than one seen before; no writes until it is a standby"
+                );
+                h.superseded = true;
+            }
+        }
+        let mut claimants: Vec<usize> = hosts
             .iter()
             .enumerate()
             .filter(|(_, h)| h.role == Role::Primary && !h.superseded)
-            // Highest timeline; on a tie keep the current primary, else the first listed.
-            .max_by_key(|(i, h)| (h.timeline, Some(*i) == current, std::cmp::Reverse(*i)))
-            .map(|(i, h)| (i, h.timeline));
-        if let Some((best_index, best_timeline)) = best {
-            for (i, h) in hosts.iter_mut().enumerate() {
-                if i != best_index
-                    && h.role == Role::Primary
-                    && h.timeline < best_timeline
-                    && !h.superseded
-                {
-                    warn!(
-                        backend = %h.address, timeline = h.timeline, winner = %hosts_address(best_index, best_timeline),
-                        "two primaries: this one is on a lower timeline and gets no writes until it is a standby"
-                    );
-                    h.superseded = true;
+            .map(|(i, _)| i)
+            .collect();
+        // The holder, unreachable now, still claims its timeline.
+        if let Some(h) = *holder
+            && !claimants.contains(&h)
+            && !claimants.is_empty()
+        {
+            claimants.insert(0, h);
+        }
+        let all_probed = hosts.iter().all(|h| h.role != Role::Unknown);
+        let (best, conflict) = match claimants[..] {
+            [] => (None, None),
+            _ if !all_probed => (None, None),
+            [one] => (Some(one), None),
+            _ => {
+                let names: Vec<&str> = claimants
+                    .iter()
+                    .map(|&i| hosts[i].address.as_str())
+                    .collect();
+                let why = format!(
+                    "{} hosts claim primary on timeline {top}: {}",
+                    names.len(),
+                    names.join(", ")
+                );
+                match current.filter(|c| claimants.contains(c) && hosts[*c].role == Role::Primary) {
+                    Some(c) => (
+                        Some(c),
+                        Some(format!("{why}; writes stay on {}", hosts[c].address)),
+                    ),
+                    None => (
+                        None,
+                        Some(format!(
+                            "{why}; writes are refused until one of them is a standby"
+                        )),
+                    ),
                 }
             }
+        };
+        if holder.is_none()
+            && let Some(b) = best
+        {
+            *holder = Some(b);
         }
-        let next = best.map(|(i, _)| Primary {
+        drop(holder);
+        {
+            let mut known = self.conflict.lock().unwrap_or_else(|e| e.into_inner());
+            if *known != conflict {
+                if let Some(why) = &conflict {
+                    warn!(%why, "split brain");
+                }
+                *known = conflict;
+            }
+        }
+        let next = best.map(|i| Primary {
             index: i,
             address: hosts[i].address.clone(),
         });
@@ -348,10 +437,6 @@ impl Topology {
             self.primary.send_replace(next);
         }
     }
-}
-
-fn hosts_address(index: usize, timeline: i64) -> String {
-    format!("host #{index} on timeline {timeline}")
 }
 
 /// Starts one probe task per host; they run until aborted.
@@ -582,6 +667,14 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
     }
 }
 
+/// In recovery, and on which timeline. A primary's timeline is read from the WAL it writes
+/// now: `pg_control_checkpoint()` keeps the old timeline on a promoted server until its first
+/// checkpoint after promotion completes, which on a busy server takes minutes, and an old
+/// primary restarted meanwhile would tie with it. (A standby's timeline decides nothing.)
+const STATUS: &str = "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() \
+                      THEN (SELECT timeline_id::int8 FROM pg_control_checkpoint()) \
+                      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END";
+
 /// Reachable? In recovery? Which timeline? On a fresh connection every time: what matters is
 /// whether a new session can be had (a server whose postmaster is stopped still serves the
 /// backends it already has).
@@ -589,10 +682,7 @@ async fn status(dial: &Dial) -> Result<Report, ProbeError> {
     let (conn, tls) = dial.connect().await?;
     let row = conn
         .client
-        .query_one(
-            "SELECT pg_is_in_recovery(), (SELECT timeline_id::int8 FROM pg_control_checkpoint())",
-            &[],
-        )
+        .query_one(STATUS, &[])
         .await
         .map_err(|e| ProbeError::Down(describe(&e)))?;
     Ok(Report::Up {
@@ -758,10 +848,68 @@ mod tests {
         assert!(!t.hosts()[0].superseded);
     }
 
+    /// The sequence that wrote to the old primary: primary killed, standby promoted, old
+    /// primary restarted as it was, and the new primary misses one probe just then.
+    #[tokio::test]
+    async fn an_old_primary_back_while_the_new_one_misses_a_probe_gets_no_writes() {
+        let t = topology(2);
+        t.report(0, primary(1), MS);
+        t.report(1, standby(1), MS);
+        t.report(0, Report::Down("killed".into()), MS);
+        t.report(1, primary(2), MS);
+        assert_eq!(chosen(&t), Some(1));
+        t.report(1, Report::Silent("no answer".into()), MS);
+        t.report(0, primary(1), MS);
+        assert_eq!(chosen(&t), None, "never back to the old primary");
+        assert!(t.hosts()[0].superseded);
+        t.report(1, primary(2), MS);
+        assert_eq!(chosen(&t), Some(1));
+    }
+
+    #[tokio::test]
+    async fn two_primaries_on_one_timeline_keep_writes_where_they_are_or_get_none() {
+        // Already on host 0: a second claimant does not move writes.
+        let t = topology(2);
+        t.report(0, primary(3), MS);
+        t.report(1, standby(3), MS);
+        t.report(1, primary(3), MS);
+        assert_eq!(chosen(&t), Some(0));
+        assert!(t.conflict().unwrap().contains("writes stay on h0:5432"));
+        // Nor when host 0 misses a probe: that is no promotion (no new timeline).
+        t.report(0, Report::Silent("no answer".into()), MS);
+        assert_eq!(chosen(&t), None);
+        assert!(t.conflict().unwrap().contains("writes are refused"));
+        t.report(0, primary(3), MS);
+        assert_eq!(
+            chosen(&t),
+            None,
+            "back, but no longer the current primary: no guess"
+        );
+        // Settled once one of them is a standby.
+        t.report(1, standby(3), MS);
+        assert_eq!(t.conflict(), None);
+        assert_eq!(chosen(&t), Some(0));
+
+        // Starting while two claim primary on the same timeline: no guess.
+        let t = topology(2);
+        t.report(0, primary(3), MS);
+        assert_eq!(chosen(&t), None, "host 1 not probed yet");
+        t.report(1, primary(3), MS);
+        assert_eq!(chosen(&t), None);
+        assert!(
+            t.conflict()
+                .unwrap()
+                .contains("2 hosts claim primary on timeline 3")
+        );
+        t.report(0, standby(3), MS);
+        assert_eq!(chosen(&t), Some(1));
+    }
+
     #[tokio::test]
     async fn a_failover_is_counted_once() {
         let m = Metrics::new();
         let t = Topology::new(&["a:1".to_string(), "b:1".to_string()], &m);
+        t.report(1, standby(1), MS);
         t.report(0, primary(1), MS);
         t.report(0, primary(1), MS);
         t.report(1, primary(2), MS);

@@ -79,8 +79,7 @@ fn transactional_writers(
                     i += 1;
                     let c = match &mut conn {
                         Some(c) if !c.is_closed() => c,
-                        _ => match tokio_postgres::connect(&params, tokio_postgres::NoTls).await
-                        {
+                        _ => match tokio_postgres::connect(&params, tokio_postgres::NoTls).await {
                             Ok((c, driver)) => {
                                 tokio::spawn(driver);
                                 conn.insert(c)
@@ -93,7 +92,10 @@ fn transactional_writers(
                     };
                     let id = n as i32 * 100_000 + i;
                     if let Ok(tx) = c.transaction().await
-                        && tx.execute("INSERT INTO tw VALUES ($1)", &[&id]).await.is_ok()
+                        && tx
+                            .execute("INSERT INTO tw VALUES ($1)", &[&id])
+                            .await
+                            .is_ok()
                         && tx.commit().await.is_ok()
                     {
                         committed.fetch_add(1, Ordering::Relaxed);
@@ -285,7 +287,10 @@ async fn a_stuck_commit_is_answered_within_a_second_of_the_circuit_opening() {
     assert_eq!(db.severity(), "FATAL");
     assert!(db.message().contains("write circuit opened"), "{db:?}");
     let late = answered.saturating_duration_since(opened);
-    assert!(late < Duration::from_secs(1), "answered {late:?} after the opening");
+    assert!(
+        late < Duration::from_secs(1),
+        "answered {late:?} after the opening"
+    );
     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
     heal_commits(&pg);
 }
@@ -346,7 +351,11 @@ impl Frozen {
         let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
             .unwrap_or_default();
         let mut pids: Vec<i32> = vec![master];
-        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
         for &pid in &pids {
             // SAFETY: kill has no memory-safety preconditions; these are the server's pids.
             unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -389,7 +398,10 @@ async fn a_frozen_primary_answers_waiting_statements_within_the_probes_detection
     let took = started.elapsed();
     assert_eq!(sqlstate(&err), "08006", "{err:?}");
     assert!(
-        err.as_db_error().unwrap().message().contains("not answering"),
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("not answering"),
         "{err:?}"
     );
     // Two silent probes of 400 ms each, every 200 ms: well under 3 s.

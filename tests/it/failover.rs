@@ -532,3 +532,83 @@ async fn stopped_postmaster_is_marked_unreachable_and_new_sessions_fail_in_bound
     })
     .await;
 }
+
+/// Issue 18's split brain: the primary is killed, its standby promoted, the old primary
+/// restarted as it was (a primary on timeline 1 again) and, just then, the new primary misses
+/// probes. Before, bulkhead moved writes to the old primary and they were acknowledged there
+/// only. Now the old primary is fenced by the highest timeline ever seen, whatever the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_primary_restarted_while_the_new_one_misses_probes_gets_no_write() {
+    let old = Cluster::start();
+    old.psql("CREATE TABLE fence (x int)");
+    let new = Cluster::standby_of(&old);
+    let proxy = Proxy::start(fast_config(&[&old, &new])).await;
+    let c = proxy.connect().await;
+    c.simple_query("INSERT INTO fence VALUES (0)")
+        .await
+        .unwrap();
+    drop(c);
+
+    old.stop("immediate");
+    new.promote();
+    eventually("the promoted standby to be primary", SECONDS_20, || async {
+        let p = proxy.bulkhead.topology().watch_primary().borrow().clone();
+        (p.map(|p| p.index) == Some(1)).then_some(())
+    })
+    .await;
+    let tl = proxy.bulkhead.topology().hosts()[1].timeline;
+    assert_eq!(
+        tl, 2,
+        "the new primary's timeline is read from its WAL at once"
+    );
+
+    // The new primary stops answering, and the old one comes back as it was.
+    let postmaster = new.postmaster_pid();
+    // SAFETY: kill has no memory-safety preconditions; the pid is the test cluster's postmaster.
+    assert_eq!(unsafe { libc::kill(postmaster, libc::SIGSTOP) }, 0);
+    eventually("the new primary to miss its probe", SECONDS_20, || async {
+        (proxy.bulkhead.topology().hosts()[1].role == Role::Unreachable).then_some(())
+    })
+    .await;
+    old.start_again();
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut refused = 0;
+    let mut i = 1;
+    while Instant::now() < until {
+        if let Ok((c, conn)) = tokio_postgres::connect(&proxy.params("postgres"), NoTls).await {
+            tokio::spawn(conn);
+            if c.simple_query(&format!("INSERT INTO fence VALUES ({i})"))
+                .await
+                .is_err()
+            {
+                refused += 1;
+            }
+        } else {
+            refused += 1;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hosts = proxy.bulkhead.topology().hosts();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(postmaster, libc::SIGCONT) }, 0);
+    assert_eq!(
+        hosts[0].role,
+        Role::Primary,
+        "the old primary is up and claims primary"
+    );
+    assert!(hosts[0].superseded, "{hosts:?}");
+    assert_eq!(old.psql("SELECT count(*) FROM fence WHERE x > 0"), "0");
+    assert!(refused > 0);
+
+    eventually("writes to reach the new primary", SECONDS_20, || async {
+        let (c, conn) = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        c.simple_query("INSERT INTO fence VALUES (-1)").await.ok()
+    })
+    .await;
+    assert_eq!(new.psql("SELECT count(*) FROM fence WHERE x = -1"), "1");
+    assert_eq!(old.psql("SELECT count(*) FROM fence WHERE x = -1"), "0");
+}
