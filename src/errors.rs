@@ -208,7 +208,8 @@ impl Refusal {
                      the write may or may not have been committed",
                     humantime::format_duration(*grace)
                 ),
-                "Check whether the write took effect before retrying it. The connection was closed.",
+                "Check whether the write took effect before retrying it; if you check with pg_xact_status(), \
+                 'in progress' means not decided yet, not lost: check again later. The connection was closed.",
             ),
             Refusal::CommitUnconfirmed(deadline) => (
                 Severity::Fatal,

@@ -1707,6 +1707,15 @@ impl Relay {
             End::ServerLost(_) => shared.topology.connection_lost(self.host),
             _ => {}
         }
+        if matches!(
+            end,
+            End::Unanswered(_) | End::Unresponsive | End::ServerSilent(_)
+        ) {
+            // Giving up on a server that does not answer: whatever of the client's work is
+            // still in the kernel's send queue (a COMMIT, in a network blackhole) must not be
+            // delivered when the network heals.
+            self.server.close_abortively();
+        }
         let server_running = self.tracker.in_flight() > 0 || self.up.mid_message();
         let cancelled_already = matches!(end, End::Unanswered(_) | End::CommitUnconfirmed(_));
         if server_running && !cancelled_already && !matches!(end, End::ServerLost(_)) {

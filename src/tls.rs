@@ -58,6 +58,14 @@ impl Stream {
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.tcp().peer_addr()
     }
+
+    /// Makes the coming close abortive (SO_LINGER 0: a reset, and whatever bulkhead sent that
+    /// the peer has not acknowledged is dropped). For giving up on a server: a COMMIT still in
+    /// the kernel's send queue would otherwise be retransmitted after a network heals and
+    /// commit long after its client was told its fate is unknown.
+    pub fn close_abortively(&self) {
+        crate::upstream::set_linger_zero(self.tcp());
+    }
 }
 
 impl fmt::Debug for Stream {

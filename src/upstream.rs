@@ -74,6 +74,7 @@ async fn connect_tcp(address: &str) -> Result<(TcpStream, SocketAddr), ConnectEr
     let unreachable = |e: io::Error| ConnectError::Unreachable(format!("{address}: {e}"));
     let stream = TcpStream::connect(address).await.map_err(unreachable)?;
     stream.set_nodelay(true).ok();
+    detect_dead_peers(&stream);
     let addr = stream.peer_addr().map_err(unreachable)?;
     Ok((stream, addr))
 }
@@ -159,4 +160,54 @@ pub async fn send_cancel(
             "cancel request not answered",
         ))
     })
+}
+
+/// TCP keepalive after 5 s of silence, probed every 2 s, given up after 3 unanswered probes;
+/// and TCP_USER_TIMEOUT of 10 s, after which data the server has not acknowledged ends the
+/// connection. So a server connection whose other end silently died (a moved virtual IP, a
+/// conntrack reset, a host gone) fails within about 10 s, idle or busy, instead of at the
+/// read deadline plus grace, and the probe's own connections likewise. A long query is not
+/// affected: the server acknowledges what it was sent and answers keepalive probes while it
+/// works.
+fn detect_dead_peers(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: fd is an open socket owned by `stream`; the option value is a c_int that
+        // lives for the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000);
+}
+
+/// SO_LINGER with a zero timeout: closing the socket resets the connection and drops any
+/// unacknowledged data instead of retransmitting it.
+pub(crate) fn set_linger_zero(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the fd is an open socket owned by `stream`; `linger` lives for the call.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
