@@ -113,6 +113,9 @@ pub enum Report {
     Down(String),
     /// No answer at all within the probe's timeout: the host may be frozen or cut off.
     Silent(String),
+    /// The server is up but at max_connections (53300): it keeps the role it had, and
+    /// sessions get the server's own error. An overload must not look like an outage.
+    Full(String),
     /// Reachable, but TLS as configured could not be set up.
     TlsFailed(String),
 }
@@ -292,6 +295,12 @@ impl Topology {
                     host.superseded = false;
                 }
             }
+            Report::Full(why) => {
+                if host.error.as_deref() != Some(why.as_str()) {
+                    warn!(backend = %host.address, %why, "host is full; it keeps its role");
+                }
+                host.error = Some(why);
+            }
             Report::Down(why) | Report::Silent(why) | Report::TlsFailed(why) => {
                 // Said once, and again only when the reason changes.
                 if was != Role::Unreachable || host.error.as_deref() != Some(why.as_str()) {
@@ -450,10 +459,18 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
 /// A write check in progress.
 struct WriteCheck {
     started: Instant,
-    task: JoinHandle<(Option<Conn>, Result<(), String>)>,
+    task: JoinHandle<(Option<Conn>, Verdict)>,
     cancel: Option<(tokio_postgres::CancelToken, SocketAddr)>,
     /// Counted as failed already; its eventual result no longer matters.
     timed_out: bool,
+}
+
+/// What a write check found.
+enum Verdict {
+    Committed,
+    Failed(String),
+    /// No connection could be had because the server is full: nothing learned.
+    Unknown,
 }
 
 /// One of the probe's connections: the client and the address it reached.
@@ -466,6 +483,8 @@ struct Conn {
 enum ProbeError {
     Down(String),
     Tls(String),
+    /// The server answered, with 53300: it is up and at max_connections.
+    Full(String),
 }
 
 impl ProbeError {
@@ -473,12 +492,13 @@ impl ProbeError {
         match self {
             ProbeError::Down(why) => Report::Down(why),
             ProbeError::Tls(why) => Report::TlsFailed(why),
+            ProbeError::Full(why) => Report::Full(why),
         }
     }
 
     fn into_string(self) -> String {
         match self {
-            ProbeError::Down(why) | ProbeError::Tls(why) => why,
+            ProbeError::Down(why) | ProbeError::Tls(why) | ProbeError::Full(why) => why,
         }
     }
 }
@@ -502,11 +522,13 @@ impl Dial {
                 ConnectError::Tls(why) => ProbeError::Tls(why),
             })?;
         let tls = stream.is_tls();
-        let (client, connection) = self
-            .params
-            .connect_raw(stream, NoTls)
-            .await
-            .map_err(|e| ProbeError::Down(describe(&e)))?;
+        let (client, connection) = self.params.connect_raw(stream, NoTls).await.map_err(|e| {
+            if e.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS) {
+                ProbeError::Full(describe(&e))
+            } else {
+                ProbeError::Down(describe(&e))
+            }
+        })?;
         tokio::spawn(connection);
         Ok((Conn { client, addr }, tls))
     }
@@ -520,7 +542,7 @@ enum Wake {
     /// The write check in progress reached its timeout (or, timed out already, the point
     /// where it is abandoned).
     CheckDue,
-    CheckDone(Result<(Option<Conn>, Result<(), String>), tokio::task::JoinError>),
+    CheckDone(Result<(Option<Conn>, Verdict), tokio::task::JoinError>),
 }
 
 async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
@@ -561,18 +583,22 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
             Wake::Tick | Wake::Lost => {}
             Wake::CheckDone(done) => {
                 let c = check.take().expect("guarded");
-                let (conn, result) = done.unwrap_or((None, Err("write check panicked".into())));
+                let (conn, verdict) =
+                    done.unwrap_or((None, Verdict::Failed("write check panicked".into())));
                 write_conn = conn;
                 if !c.timed_out {
-                    match result {
-                        Ok(()) => {
+                    match verdict {
+                        Verdict::Unknown => {
+                            topology.set_check(index, |h| h.check_since = None);
+                        }
+                        Verdict::Committed => {
                             topology.set_check(index, |h| {
                                 h.check_failing = None;
                                 h.check_since = None;
                             });
                             circuit.success(&settings, Success::Check { started: c.started });
                         }
-                        Err(e) => {
+                        Verdict::Failed(e) => {
                             let why = format!("write check failed: {e}");
                             topology.set_check(index, |h| {
                                 h.check_failing = Some(why.clone());
@@ -702,12 +728,14 @@ const WRITE_CHECK: &str = "SELECT pg_logical_emit_message(true, 'bulkhead', 'pro
 /// A write that must reach WAL and commit: it waits for synchronous replication like any
 /// application commit, needs no table and no superuser, and fails on a standby and on a
 /// read-only primary.
-async fn write_check(conn: Option<Conn>, dial: &Dial) -> (Option<Conn>, Result<(), String>) {
+async fn write_check(conn: Option<Conn>, dial: &Dial) -> (Option<Conn>, Verdict) {
     let conn = match conn {
         Some(c) if !c.client.is_closed() => c,
         _ => match dial.connect().await {
             Ok((c, _)) => c,
-            Err(e) => return (None, Err(e.into_string())),
+            // A full server says nothing about its commit path.
+            Err(ProbeError::Full(_)) => return (None, Verdict::Unknown),
+            Err(e) => return (None, Verdict::Failed(e.into_string())),
         },
     };
     let result = match conn.client.simple_query(WRITE_CHECK).await {
@@ -716,12 +744,14 @@ async fn write_check(conn: Option<Conn>, dial: &Dial) -> (Option<Conn>, Result<(
                 .iter()
                 .any(|m| matches!(m, SimpleQueryMessage::Row(_))) =>
         {
-            Ok(())
+            Verdict::Committed
         }
-        Ok(_) => Err("the server takes no writes: transaction_read_only is on \
-                      (default_transaction_read_only, for the server or the probe's user)"
-            .to_string()),
-        Err(e) => Err(describe(&e)),
+        Ok(_) => Verdict::Failed(
+            "the server takes no writes: transaction_read_only is on \
+             (default_transaction_read_only, for the server or the probe's user)"
+                .to_string(),
+        ),
+        Err(e) => Verdict::Failed(describe(&e)),
     };
     (Some(conn), result)
 }

@@ -5,6 +5,7 @@ mod admission;
 mod commit_path;
 mod deadlines;
 mod failover;
+mod failure_edges;
 mod health;
 mod passthrough;
 mod scripted_server;
