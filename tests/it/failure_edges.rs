@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-use crate::support::{Binary, Cluster, Proxy, config_for, eventually, free_port, sqlstate};
+use crate::support::{
+    Binary, Blackhole, Cluster, Proxy, config_for, connect_watched, eventually, free_port, sqlstate,
+};
 
 const SECONDS_20: Duration = Duration::from_secs(20);
 
@@ -111,4 +113,118 @@ async fn absurd_durations_fail_check_with_key_and_line() {
             "{extra}: {stderr}"
         );
     }
+}
+
+/// Blackholed mid-COMMIT, healed after bulkhead gave up: before, the client got FATAL 40003 and
+/// the kernel kept retransmitting the COMMIT, which committed seconds after the heal, so a
+/// client that checked and retried wrote twice. Giving up now resets the connection (SO_LINGER
+/// 0), and nothing bulkhead had sent is delivered later. The network fault is made with
+/// iptables on loopback: a userspace relay would acknowledge the bytes itself, and the bug is
+/// in what the kernel does with unacknowledged ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_given_up_in_a_blackhole_is_not_delivered_after_the_heal() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE late (x int)");
+    let mut config = config_for(&pg);
+    config.timeouts.write = Duration::from_millis(800);
+    config.timeouts.cancel_grace = Duration::from_millis(400);
+    config.database.connect_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(config).await;
+    let (c, conn) = connect_watched(&proxy.params("postgres")).await;
+    c.batch_execute("BEGIN; INSERT INTO late VALUES (1)")
+        .await
+        .unwrap();
+
+    let mut hole = Blackhole::new(pg.port);
+    hole.start();
+    let err = tokio::time::timeout(SECONDS_20, c.batch_execute("COMMIT"))
+        .await
+        .expect("answered")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "40003", "{err:?}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .hint()
+            .unwrap_or_default()
+            .contains("in progress"),
+        "{err:?}"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    hole.heal();
+    // The kernel would have retransmitted within a few seconds of the heal.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(pg.psql_local("SELECT count(*) FROM late"), "0");
+}
+
+/// An idle session whose server side silently died (a blackhole: no reset, no FIN). Before,
+/// nothing noticed until the next statement waited out its deadline; with keepalive on the
+/// server socket bulkhead notices within seconds and tells the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_whose_server_silently_died_is_ended_within_seconds() {
+    let pg = Cluster::start();
+    let proxy = Proxy::start(config_for(&pg)).await;
+    let (c, conn) = connect_watched(&proxy.params("postgres")).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let mut hole = Blackhole::new(pg.port);
+    hole.start();
+    let started = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .expect("the dead connection is noticed while idle")
+        .unwrap();
+    let took = started.elapsed();
+    hole.heal();
+    assert_eq!(sqlstate(&end.unwrap_err()), "08006");
+    // Keepalive: 5 s idle, then 3 probes 2 s apart.
+    assert!(took < Duration::from_secs(5 + 6 + 4), "after {took:?}");
+}
+
+/// The probe's write-check connection stops answering (its backend is stopped: the cancel
+/// cannot free it either). Before, that check never ended, no other check could start, and
+/// /readyz stayed 503 on a healthy database. Now the check is abandoned with its connection
+/// and the next one, on a new connection, commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_check_stuck_on_a_dead_connection_is_abandoned_and_readiness_comes_back() {
+    let pg = Cluster::start();
+    let mut config = config_for(&pg);
+    config.probe.interval = Duration::from_millis(200);
+    config.probe.timeout = Duration::from_millis(400);
+    config.database.connect_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start(config).await;
+    let admin = pg.connect().await;
+    let pid: i32 = eventually("the probe's write-check backend", SECONDS_20, || async {
+        admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'bulkhead probe' \
+                 AND query LIKE '%pg_logical_emit_message%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    })
+    .await;
+    // SAFETY: kill has no memory-safety preconditions; pid is the probe's backend.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let _resume = Resume(pid);
+    eventually("/readyz to say 503 for the stuck check", SECONDS_20, || async {
+        (proxy.get("/readyz").await.status == 503).then_some(())
+    })
+    .await;
+    let stuck = std::time::Instant::now();
+    eventually("/readyz to come back", SECONDS_20, || async {
+        (proxy.get("/readyz").await.status == 200).then_some(())
+    })
+    .await;
+    // Abandoned at twice the timeout plus a connect, then a check on a new connection.
+    assert!(stuck.elapsed() < Duration::from_secs(4), "after {:?}", stuck.elapsed());
 }

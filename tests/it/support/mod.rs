@@ -359,6 +359,27 @@ impl Cluster {
         .await
     }
 
+    /// As [`Cluster::psql`], over the server's Unix socket: it works while TCP to the server
+    /// is blackholed.
+    pub fn psql_local(&self, sql: &str) -> String {
+        let mut c = Command::new("psql");
+        c.args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .arg("-h")
+        .arg(self.dir.path())
+        .args(["-p", &self.port.to_string(), "-c", sql]);
+        run(&mut c, "psql").trim().to_string()
+    }
+
     /// Runs SQL directly against the server with psql and returns its unaligned output.
     pub fn psql(&self, sql: &str) -> String {
         let mut c = Command::new("psql");
@@ -658,5 +679,55 @@ impl Proxy {
     /// The /health document.
     pub async fn health_json(&self) -> serde_json::Value {
         serde_json::from_str(&self.get("/health").await.body).expect("/health is JSON")
+    }
+}
+
+/// A network blackhole for one TCP port on loopback, made with iptables (the suite runs as
+/// root, as CI does): every packet to or from the port is dropped, so established connections
+/// go silent without a reset, as after a VIP move or a partition. Removed when dropped.
+pub struct Blackhole {
+    port: u16,
+    on: bool,
+}
+
+impl Blackhole {
+    pub fn new(port: u16) -> Blackhole {
+        Blackhole { port, on: false }
+    }
+
+    fn rules(&self, action: &str) {
+        for dir in ["--dport", "--sport"] {
+            let out = Command::new("iptables")
+                .args([action, "INPUT", "-p", "tcp", "-i", "lo", dir, &self.port.to_string(), "-j", "DROP"])
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("iptables: {e}; the network-fault tests need root and iptables (apt-get install iptables)")
+                });
+            assert!(
+                out.status.success(),
+                "iptables {action}: {}; the network-fault tests need root and iptables",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    pub fn start(&mut self) {
+        if !self.on {
+            self.rules("-I");
+            self.on = true;
+        }
+    }
+
+    pub fn heal(&mut self) {
+        if self.on {
+            self.rules("-D");
+            self.on = false;
+        }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.heal();
     }
 }
