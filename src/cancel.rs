@@ -8,7 +8,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Dropped cancel requests are logged at most once per this period, with their count.
+const UNKNOWN_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// The server backend behind one client session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +28,10 @@ pub struct Target {
 pub struct Registry {
     next_pid: AtomicI32,
     sessions: Mutex<HashMap<i32, ([u8; 4], Target)>>,
+    /// Cancel requests with unknown keys since the last log line about them.
+    unknown: AtomicU64,
+    /// When that line was last written.
+    unknown_logged: Mutex<Option<Instant>>,
 }
 
 impl Default for Registry {
@@ -33,6 +43,8 @@ impl Default for Registry {
         Registry {
             next_pid: AtomicI32::new(start),
             sessions: Mutex::default(),
+            unknown: AtomicU64::new(0),
+            unknown_logged: Mutex::new(None),
         }
     }
 }
@@ -50,6 +62,23 @@ impl Registry {
                 return (pid, secret);
             }
         }
+    }
+
+    /// Notes a cancel request with an unknown key. Returns how many were dropped since the last
+    /// time it returned a number, at most once per 10 s, so that a flood (a client guessing
+    /// keys, or one cancelling long-gone sessions) is seen in the log without flooding it.
+    pub fn unknown_key(&self) -> Option<u64> {
+        self.unknown.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self
+            .unknown_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if logged.is_some_and(|at| now < at + UNKNOWN_LOG_PERIOD) {
+            return None;
+        }
+        *logged = Some(now);
+        Some(self.unknown.swap(0, Ordering::Relaxed))
     }
 
     /// Forgets a session's key.

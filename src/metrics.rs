@@ -62,7 +62,7 @@ enum Kind {
 
 /// Every metric bulkhead exports through the recorder, with its help text (DESIGN.md §3.7);
 /// the statement latency histogram is rendered by [`Latency`].
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 13] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 14] = [
     (
         "bulkhead_client_connections",
         Kind::Gauge,
@@ -104,6 +104,12 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 13] = [
         Kind::Gauge,
         None,
         "Write circuit per backend: 0 closed, 1 half-open, 2 open.",
+    ),
+    (
+        "bulkhead_cancel_requests_total",
+        Kind::Counter,
+        None,
+        "CancelRequests from clients: forwarded to a server, or dropped for an unknown key.",
     ),
     (
         "bulkhead_circuit_openings_total",
@@ -170,6 +176,9 @@ pub struct Metrics {
     pub client_connections: Gauge,
     pub server_connections: Gauge,
     pub cancels_sent: Counter,
+    /// Client CancelRequests forwarded, and dropped for an unknown key.
+    pub cancels_forwarded: Counter,
+    pub cancels_unknown: Counter,
     pub read: ClassMetrics,
     pub write: ClassMetrics,
 }
@@ -214,6 +223,16 @@ impl Metrics {
             client_connections: gauge(&recorder, "bulkhead_client_connections", &[]),
             server_connections: gauge(&recorder, "bulkhead_server_connections", &[]),
             cancels_sent: counter(&recorder, "bulkhead_cancels_sent_total", &[]),
+            cancels_forwarded: counter(
+                &recorder,
+                "bulkhead_cancel_requests_total",
+                &[("result", "forwarded")],
+            ),
+            cancels_unknown: counter(
+                &recorder,
+                "bulkhead_cancel_requests_total",
+                &[("result", "unknown_key")],
+            ),
             read: class(Class::Read),
             write: class(Class::Write),
             handle,

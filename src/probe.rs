@@ -645,14 +645,17 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
         }
         let lost = topology.lost[index].swap(false, Ordering::Relaxed);
         let started = Instant::now();
-        let report = match tokio::time::timeout(probe.timeout, status(&dial)).await {
-            Ok(Ok(report)) => report,
-            Ok(Err(e)) => e.into_report(),
-            Err(_) => Report::Silent(format!(
-                "no answer within {}",
-                humantime::format_duration(probe.timeout)
-            )),
-        };
+        let mut report = status_within(&dial, probe.timeout).await;
+        // One failed check does not demote a host that was up (one lost SYN under packet
+        // loss would make the primary unknown for an interval): ask again at once, and
+        // believe two in a row.
+        let was_up = matches!(topology.hosts()[index].role, Role::Primary | Role::Standby);
+        if was_up && matches!(report, Report::Down(_) | Report::Silent(_)) {
+            if matches!(report, Report::Silent(_)) {
+                silent += 1;
+            }
+            report = status_within(&dial, probe.timeout).await;
+        }
         let is_primary = matches!(
             report,
             Report::Up {
@@ -690,6 +693,18 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
                 timed_out: false,
             });
         }
+    }
+}
+
+/// A status check within `timeout`; no answer at all is `Silent`.
+async fn status_within(dial: &Dial, timeout: Duration) -> Report {
+    match tokio::time::timeout(timeout, status(dial)).await {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => e.into_report(),
+        Err(_) => Report::Silent(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
     }
 }
 

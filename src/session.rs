@@ -373,6 +373,7 @@ async fn read_first_packet(
 async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: &[u8]) {
     match shared.cancels.lookup(pid, key) {
         Some(target) => {
+            shared.metrics.cancels_forwarded.increment(1);
             debug!(pid, server = %target.addr, "forwarding client cancel request");
             if let Err(e) = upstream::send_cancel(
                 target.addr,
@@ -385,7 +386,17 @@ async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: &[u8]) 
                 warn!(error = %e, "could not forward cancel request");
             }
         }
-        None => debug!(pid, "dropped cancel request with an unknown key"),
+        None => {
+            shared.metrics.cancels_unknown.increment(1);
+            match shared.cancels.unknown_key() {
+                Some(dropped) => warn!(
+                    pid,
+                    dropped,
+                    "dropped cancel requests with unknown keys (logged at most every 10 s)"
+                ),
+                None => debug!(pid, "dropped cancel request with an unknown key"),
+            }
+        }
     }
 }
 

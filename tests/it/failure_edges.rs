@@ -216,9 +216,11 @@ async fn a_write_check_stuck_on_a_dead_connection_is_abandoned_and_readiness_com
         }
     }
     let _resume = Resume(pid);
-    eventually("/readyz to say 503 for the stuck check", SECONDS_20, || async {
-        (proxy.get("/readyz").await.status == 503).then_some(())
-    })
+    eventually(
+        "/readyz to say 503 for the stuck check",
+        SECONDS_20,
+        || async { (proxy.get("/readyz").await.status == 503).then_some(()) },
+    )
     .await;
     let stuck = std::time::Instant::now();
     eventually("/readyz to come back", SECONDS_20, || async {
@@ -226,5 +228,45 @@ async fn a_write_check_stuck_on_a_dead_connection_is_abandoned_and_readiness_com
     })
     .await;
     // Abandoned at twice the timeout plus a connect, then a check on a new connection.
-    assert!(stuck.elapsed() < Duration::from_secs(4), "after {:?}", stuck.elapsed());
+    assert!(
+        stuck.elapsed() < Duration::from_secs(4),
+        "after {:?}",
+        stuck.elapsed()
+    );
+}
+
+/// One failed status check (one lost SYN under packet loss, a postmaster that stalls for a
+/// moment) does not make the primary unknown: the probe asks again at once and believes two
+/// failures in a row. Before, a single one left no writable primary for up to an interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failed_status_check_does_not_demote_the_primary() {
+    let pg = Cluster::start();
+    let mut config = config_for(&pg);
+    config.probe.interval = Duration::from_millis(200);
+    config.probe.timeout = Duration::from_millis(400);
+    let proxy = Proxy::start(config).await;
+    let topology = proxy.bulkhead.topology();
+    eventually("a primary", SECONDS_20, || async {
+        topology.watch_primary().borrow().is_some().then_some(())
+    })
+    .await;
+    let postmaster = pg.postmaster_pid();
+    // Longer than the probe's timeout, shorter than two: one check fails, its retry does not.
+    // SAFETY: kill has no memory-safety preconditions; the pid is the test cluster's postmaster.
+    assert_eq!(unsafe { libc::kill(postmaster, libc::SIGSTOP) }, 0);
+    let resumed = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(600));
+        // SAFETY: as above.
+        unsafe { libc::kill(postmaster, libc::SIGCONT) };
+    });
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        assert!(
+            topology.watch_primary().borrow().is_some(),
+            "the primary was dropped after one failed check: {:?}",
+            topology.hosts()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    resumed.join().unwrap();
 }

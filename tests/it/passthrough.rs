@@ -250,6 +250,20 @@ async fn cancel_with_a_wrong_key_is_dropped() {
         !out.iter().any(|(t, _)| *t == b'E'),
         "the statement was cancelled: {out:?}"
     );
+    // Counted, so a flood of guessed keys shows on /metrics (and in the log, at a rate).
+    for _ in 0..9 {
+        let mut cancel = Raw::connect(proxy.addr).await;
+        cancel.send(&first_packet(80_877_102, &wrong)).await;
+        assert!(cancel.recv().await.is_none());
+    }
+    assert_eq!(
+        proxy.metric("bulkhead_cancel_requests_total{result=\"unknown_key\"}"),
+        10.0
+    );
+    assert_eq!(
+        proxy.metric("bulkhead_cancel_requests_total{result=\"forwarded\"}"),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
