@@ -213,11 +213,14 @@ impl Limit {
 pub struct Admission {
     clients: AtomicU32,
     max_clients: AtomicU32,
+    /// Sessions the file descriptor limit allows (see `fds`); no limit unless set.
+    descriptor_capacity: AtomicU32,
     pub all: Arc<Limit>,
     pub writes: Arc<Limit>,
     shed_clients: Counter,
     shed_all: Counter,
     shed_writes: Counter,
+    shed_descriptors: Counter,
 }
 
 impl Admission {
@@ -225,6 +228,7 @@ impl Admission {
         Admission {
             clients: AtomicU32::new(0),
             max_clients: AtomicU32::new(limits.max_clients),
+            descriptor_capacity: AtomicU32::new(u32::MAX),
             all: Arc::new(Limit::new(limits.max_inflight, metrics.read.limit.clone())),
             writes: Arc::new(Limit::new(
                 limits.max_inflight_writes,
@@ -234,13 +238,27 @@ impl Admission {
             shed_all: metrics.counter("bulkhead_shed_total", &[("reason", "max_inflight")]),
             shed_writes: metrics
                 .counter("bulkhead_shed_total", &[("reason", "max_inflight_writes")]),
+            shed_descriptors: metrics
+                .counter("bulkhead_shed_total", &[("reason", "file_descriptors")]),
         }
+    }
+
+    /// Caps clients at what the file descriptor limit allows, below max_clients if need be.
+    pub fn limit_by_descriptors(&self, sessions: u32) {
+        self.descriptor_capacity.store(sessions, Ordering::Relaxed);
+    }
+
+    /// The client limit in force: max_clients, or fewer if descriptors allow fewer.
+    pub fn max_clients(&self) -> u32 {
+        self.max_clients
+            .load(Ordering::Relaxed)
+            .min(self.descriptor_capacity.load(Ordering::Relaxed))
     }
 
     /// A client connected. False if that makes more than max_clients: refuse it.
     pub fn client_arrived(&self) -> bool {
         let before = self.clients.fetch_add(1, Ordering::Relaxed);
-        let ok = before < self.max_clients.load(Ordering::Relaxed);
+        let ok = before < self.max_clients();
         if !ok {
             self.shed_clients.increment(1);
         }
@@ -253,6 +271,11 @@ impl Admission {
 
     pub fn clients(&self) -> u32 {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client refused because bulkhead had no file descriptor left for it.
+    pub fn shed_for_descriptors(&self) {
+        self.shed_descriptors.increment(1);
     }
 
     /// Counts a statement shed for want of a slot.

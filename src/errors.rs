@@ -95,6 +95,8 @@ pub enum Refusal {
     Shed { waited: Duration },
     /// More clients than [limits] max_clients. FATAL 53300.
     TooManyClients(u32),
+    /// bulkhead has no file descriptor left for another session. FATAL 53300.
+    OutOfDescriptors,
     /// No writable primary appeared within hold_new_connections. FATAL 57P03.
     NoPrimary(String),
     /// The session's primary was demoted or replaced. FATAL 57P01.
@@ -251,6 +253,12 @@ impl Refusal {
                 "53300",
                 format!("bulkhead: sorry, too many clients already (max_clients = {max})"),
                 "Use fewer connections (a pool), or raise [limits] max_clients.",
+            ),
+            Refusal::OutOfDescriptors => (
+                Severity::Fatal,
+                "53300",
+                "bulkhead: sorry, too many clients already: no file descriptor left for another session".into(),
+                "Use fewer connections, or raise bulkhead's file descriptor limit (ulimit -n, LimitNOFILE=).",
             ),
             Refusal::NoPrimary(why) => (
                 Severity::Fatal,

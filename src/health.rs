@@ -119,28 +119,58 @@ pub(crate) fn spawn(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let thread = std::thread::Builder::new().name("bulkhead-health".into()).spawn(move || {
-        runtime.block_on(async move {
-            let listener = match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => l,
-                Err(e) => return warn!(error = %e, "health port unusable"),
-            };
-            tokio::pin!(stopped);
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
+    let thread = std::thread::Builder::new()
+        .name("bulkhead-health".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return warn!(error = %e, "health port unusable"),
+                };
+                tokio::pin!(stopped);
+                // Its own reserve descriptor, so that the health port answers even when the data
+                // path has used up every one; and a cap on connections, so that idle ones to it
+                // cannot use them up.
+                let reserve = crate::fds::Reserve::new();
+                let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+                loop {
+                    let accepted = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => accepted,
+                    };
+                    let accepted = match accepted {
+                        Err(e) if crate::fds::exhausted(&e) && reserve.release() => {
+                            let again = listener.accept().await;
+                            if again.is_err() {
+                                reserve.restore();
+                            }
+                            again.map(|(stream, peer)| (stream, peer, Some(reserve.clone())))
+                        }
+                        other => other.map(|(stream, peer)| (stream, peer, None)),
+                    };
+                    match accepted {
+                        Ok((stream, _, on_reserve)) => {
+                            let Ok(permit) = open.clone().try_acquire_owned() else {
+                                // At the cap: closed at once, its descriptor freed.
+                                drop(stream);
+                                continue;
+                            };
                             let shared = shared.clone();
                             tokio::spawn(async move {
+                                let _permit = permit;
                                 let service = hyper::service::service_fn(move |req| {
                                     let answer = respond(&shared, &req);
                                     async move { Ok::<_, Infallible>(answer) }
                                 });
                                 let conn = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(TokioIo::new(stream), service);
-                                if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                                if let Ok(Err(e)) =
+                                    tokio::time::timeout(CONNECTION_TIMEOUT, conn).await
+                                {
                                     debug!(error = %e, "health connection");
+                                }
+                                if let Some(reserve) = on_reserve {
+                                    reserve.restore();
                                 }
                             });
                         }
@@ -148,17 +178,19 @@ pub(crate) fn spawn(
                             warn!(error = %e, "health accept failed");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
-                    },
+                    }
                 }
-            }
-        })
-    })?;
+            })
+        })?;
     Ok(HealthServer {
         addr,
         stop: Some(stop),
         thread: Some(thread),
     })
 }
+
+/// Health-port connections open at once; beyond this a new one is closed at once.
+const MAX_CONNECTIONS: usize = 64;
 
 fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {

@@ -21,6 +21,7 @@ pub mod cancel;
 pub mod classify;
 pub mod config;
 pub mod errors;
+pub mod fds;
 pub mod health;
 pub mod live;
 pub mod metrics;
@@ -139,6 +140,11 @@ impl Bulkhead {
         needs_restart
     }
 
+    /// Caps sessions at what the file descriptor limit allows (see [`fds::session_capacity`]).
+    pub fn limit_clients_by_descriptors(&self, sessions: u32) {
+        self.shared.admission.limit_by_descriptors(sessions);
+    }
+
     /// Accepts clients on `listener` until `shutdown` resolves, then drains: stops accepting,
     /// lets sessions finish their transaction for up to [timeouts] drain, then closes the rest
     /// with 57P01. Returns when every session has ended.
@@ -155,6 +161,7 @@ impl Bulkhead {
         let workers =
             workers::Workers::start(self.workers, |i| health::heartbeat(shared.clone(), i + 1))?;
         let mut next_id: u64 = 0;
+        let reserve = fds::Reserve::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -173,6 +180,21 @@ impl Bulkhead {
                             Err(e) => {
                                 warn!(error = %e, "cannot hand a client to a worker");
                                 self.shared.admission.client_left();
+                            }
+                        }
+                    }
+                    Err(e) if fds::exhausted(&e) && reserve.release() => {
+                        // Out of descriptors: the reserve one lets the client waiting be told
+                        // so (53300) rather than hang in the backlog.
+                        match listener.accept().await {
+                            Ok((socket, _)) => {
+                                self.shared.admission.shed_for_descriptors();
+                                tokio::spawn(session::refuse_out_of_descriptors(socket, reserve.clone()));
+                            }
+                            Err(e) => {
+                                reserve.restore();
+                                error!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
                             }
                         }
                     }

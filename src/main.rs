@@ -77,6 +77,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, path: PathBuf) -> ExitCode {
+    let descriptors = bulkhead::fds::raise_limit(config.limits.max_clients);
     let listener = match tokio::net::TcpListener::bind(config.listen.address).await {
         Ok(l) => l,
         Err(e) => {
@@ -99,6 +100,9 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if descriptors > 0 {
+        proxy.limit_clients_by_descriptors(bulkhead::fds::session_capacity(descriptors));
+    }
     let _health = match proxy.start_health(health_listener) {
         Ok(h) => h,
         Err(e) => {

@@ -483,7 +483,8 @@ struct Conn {
 enum ProbeError {
     Down(String),
     Tls(String),
-    /// The server answered, with 53300: it is up and at max_connections.
+    /// No room for a connection: the server answered 53300 (it is up and at
+    /// max_connections), or bulkhead is out of file descriptors. Nothing learned of the host.
     Full(String),
 }
 
@@ -520,6 +521,10 @@ impl Dial {
             .map_err(|e| match e {
                 ConnectError::Unreachable(why) => ProbeError::Down(why),
                 ConnectError::Tls(why) => ProbeError::Tls(why),
+                // bulkhead's own shortage says nothing about the host: keep its role.
+                ConnectError::NoDescriptors(why) => {
+                    ProbeError::Full(format!("bulkhead is out of file descriptors: {why}"))
+                }
             })?;
         let tls = stream.is_tls();
         let (client, connection) = self.params.connect_raw(stream, NoTls).await.map_err(|e| {

@@ -133,7 +133,7 @@ async fn start(
     };
     if !admitted {
         // Refused after the first packet, as PostgreSQL does, so every client can read it.
-        let max = config.config().limits.max_clients;
+        let max = shared.admission.max_clients();
         refuse(&mut client, Refusal::TooManyClients(max)).await;
         return None;
     }
@@ -215,6 +215,7 @@ async fn connect_primary(
             {
                 Ok((stream, addr)) => return Ok((stream, addr, p.index)),
                 Err(ConnectError::Tls(why)) => return Err(Refusal::ServerTls(why)),
+                Err(ConnectError::NoDescriptors(_)) => return Err(Refusal::OutOfDescriptors),
                 Err(ConnectError::Unreachable(why)) => last_error = why,
             }
         } else if let Some(why) = shared.topology.tls_failure() {
@@ -407,6 +408,18 @@ async fn linger(client: &mut (impl AsyncRead + Unpin)) -> io::Result<()> {
     let mut sink = [0u8; 512];
     while client.read(&mut sink).await? > 0 {}
     Ok(())
+}
+
+/// Answers a client accepted on the reserve descriptor when there were none left: FATAL 53300
+/// after its first packet (or at once, if none comes quickly), then closes and gives the
+/// descriptor back to the reserve.
+pub(crate) async fn refuse_out_of_descriptors(client: TcpStream, reserve: crate::fds::Reserve) {
+    let mut client = Stream::Plain(client);
+    let mut first = [0u8; 1024];
+    let _ = timeout(Duration::from_millis(200), client.read(&mut first)).await;
+    refuse(&mut client, Refusal::OutOfDescriptors).await;
+    drop(client);
+    reserve.restore();
 }
 
 /// Sends a refusal to a client that has no server yet, then closes.

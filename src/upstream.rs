@@ -24,12 +24,16 @@ pub enum ConnectError {
     Unreachable(String),
     /// Reachable, but TLS as configured could not be set up: trying again will not help.
     Tls(String),
+    /// bulkhead itself has no file descriptor left: says nothing about the server.
+    NoDescriptors(String),
 }
 
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ConnectError::Unreachable(why) | ConnectError::Tls(why) => f.write_str(why),
+            ConnectError::Unreachable(why)
+            | ConnectError::Tls(why)
+            | ConnectError::NoDescriptors(why) => f.write_str(why),
         }
     }
 }
@@ -71,7 +75,13 @@ pub async fn connect(
 }
 
 async fn connect_tcp(address: &str) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let unreachable = |e: io::Error| ConnectError::Unreachable(format!("{address}: {e}"));
+    let unreachable = |e: io::Error| {
+        if crate::fds::exhausted(&e) {
+            ConnectError::NoDescriptors(format!("{address}: {e}"))
+        } else {
+            ConnectError::Unreachable(format!("{address}: {e}"))
+        }
+    };
     let stream = TcpStream::connect(address).await.map_err(unreachable)?;
     stream.set_nodelay(true).ok();
     detect_dead_peers(&stream);

@@ -270,3 +270,115 @@ async fn one_failed_status_check_does_not_demote_the_primary() {
     }
     resumed.join().unwrap();
 }
+
+/// At a descriptor limit below what max_clients needs: bulkhead says so at start and caps
+/// sessions at what the limit allows, so clients beyond it get 53300 at once (before, they got
+/// no answer at all), and the health port keeps answering (before, /livez timed out, and a
+/// liveness restart would have dropped every session) with the primary still known (before,
+/// the probe's "Too many open files" made it unknown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_clients_get_53300_and_the_health_port_still_answers() {
+    let pg = Cluster::start();
+    let health = free_port();
+    let bin = Binary::start_with_nofile(
+        &pg,
+        &format!("[health]\naddress = \"127.0.0.1:{health}\"\n"),
+        Some(128),
+    )
+    .await;
+    assert!(
+        bin.log().contains("file descriptor limit is below"),
+        "{}",
+        bin.log()
+    );
+    let mut sessions = Vec::new();
+    let mut refused = None;
+    for _ in 0..120 {
+        let started = std::time::Instant::now();
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_postgres::connect(&bin.params(), NoTls),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "every client gets an answer; after {} sessions:\n{}",
+                sessions.len(),
+                bin.log()
+            )
+        });
+        match attempt {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                sessions.push(c);
+            }
+            Err(e) => {
+                refused = Some((e, started.elapsed()));
+                break;
+            }
+        }
+    }
+    let (err, took) = refused.expect("the limit was reached");
+    assert_eq!(sqlstate(&err), "53300", "{err:?}");
+    assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    // (128 - 64 headroom) / 2.
+    assert_eq!(sessions.len(), 32);
+    let health = std::net::SocketAddr::from(([127, 0, 0, 1], health));
+    for path in ["/livez", "/readyz"] {
+        let r = tokio::task::spawn_blocking(move || crate::support::http(health, "GET", path))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    // A session that ends frees room for the next.
+    sessions.truncate(sessions.len() - 2);
+    eventually(
+        "a session once descriptors are free",
+        SECONDS_20,
+        || async {
+            let (c, conn) = tokio_postgres::connect(&bin.params(), NoTls).await.ok()?;
+            tokio::spawn(conn);
+            c.simple_query("SELECT 1").await.ok()
+        },
+    )
+    .await;
+}
+
+/// Idle connections to the health port (1,100 of them, bound to 0.0.0.0 in the sidecar
+/// example, starved the data path of descriptors before) are capped at 64: beyond that a new
+/// one is closed at once, and the port still answers once they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_health_port_connections_are_capped() {
+    let pg = Cluster::start();
+    let proxy = Proxy::start(config_for(&pg)).await;
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(
+            tokio::net::TcpStream::connect(proxy.health.addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut buf = [0u8; 16];
+        if let Ok(Ok(0)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            tokio::io::AsyncReadExt::read(s, &mut buf),
+        )
+        .await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed,
+        100 - 64,
+        "connections beyond the cap are closed at once"
+    );
+    drop(idle);
+    eventually("/livez to answer", SECONDS_20, || async {
+        (proxy.get("/livez").await.status == 200).then_some(())
+    })
+    .await;
+}

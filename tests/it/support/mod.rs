@@ -575,16 +575,40 @@ impl Binary {
     /// Starts the binary with `[listen]` on a free port plus `extra` TOML, and waits until it
     /// accepts a session.
     pub async fn start(cluster: &Cluster, extra: &str) -> Binary {
+        Binary::start_with_nofile(cluster, extra, None).await
+    }
+
+    /// As [`Binary::start`], with RLIMIT_NOFILE (soft and hard) set to `nofile` if given, and
+    /// its log kept (see [`Binary::log`]).
+    pub async fn start_with_nofile(cluster: &Cluster, extra: &str, nofile: Option<u64>) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config_path = dir.path().join("bulkhead.toml");
         std::fs::write(&config_path, Binary::config_text(port, cluster, extra)).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+        command
             .arg("--config")
             .arg(&config_path)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command.spawn().unwrap();
         let b = Binary {
             child,
             port,
@@ -613,6 +637,11 @@ impl Binary {
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             self.port
         )
+    }
+
+    /// What the binary has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("stderr.log")).unwrap_or_default()
     }
 
     pub fn signal(&self, signal: i32) {
