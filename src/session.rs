@@ -296,12 +296,18 @@ async fn read_first_packet(
 ) -> Result<First, Refusal> {
     let mut buf = BytesMut::with_capacity(512);
     loop {
-        let parsed = startup::parse(&buf).map_err(|e| match e {
-            startup::StartupError::UnsupportedProtocol { .. } => {
-                Refusal::UnsupportedProtocol(e.to_string())
+        let parsed = match startup::parse(&buf) {
+            Ok(parsed) => parsed,
+            Err(e) if e.closes_silently() => {
+                // As PostgreSQL: logged, and the connection closed without an answer.
+                info!(error = %e, "closing a connection whose first packet cannot be trusted");
+                return Ok(First::Done);
             }
-            _ => Refusal::ClientProtocol(e.to_string()),
-        })?;
+            Err(e @ startup::StartupError::UnsupportedProtocol { .. }) => {
+                return Err(Refusal::UnsupportedProtocol(e.to_string()));
+            }
+            Err(e) => return Err(Refusal::ClientProtocol(e.to_string())),
+        };
         let Some((packet, len)) = parsed else {
             match client.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return Ok(First::Done),

@@ -40,6 +40,20 @@ pub enum StartupError {
     UnsupportedProtocol { major: u16, minor: u16 },
 }
 
+impl StartupError {
+    /// Whether PostgreSQL closes the connection without a word for this (it reports the
+    /// class of error to its log only, COMMERROR): a length it cannot trust, including a
+    /// cancel request of the wrong size. A client that sends Terminate as its very first bytes
+    /// (node-postgres does, to disconnect before startup) lands here.
+    pub fn closes_silently(&self) -> bool {
+        matches!(
+            self,
+            StartupError::BadLength(_)
+                | StartupError::Malformed("cancel request of the wrong length")
+        )
+    }
+}
+
 impl std::fmt::Display for StartupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
