@@ -1,6 +1,9 @@
 //! The map from the cancel keys bulkhead gives its clients to the server backends that serve
-//! them. A client never learns a server's key, so it can cancel only its own session, and a
-//! key dies with its session: a late cancel cannot hit whoever uses that backend next.
+//! them. A client's key is its backend's real process id (so `pg_backend_pid()`,
+//! `pg_terminate_backend()` and the pid of a NOTIFY match what the driver was told) with a
+//! secret of bulkhead's own. A client never learns a server's secret, so it can cancel only its
+//! own session, and a key dies with its session: a late cancel cannot hit whoever uses that
+//! backend next. Two hosts may use the same pid, so the pid and secret together are the key.
 //!
 //! One mutex guards the map, taken when a session starts or ends and for each CancelRequest;
 //! never on the relay path.
@@ -8,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -26,8 +29,7 @@ pub struct Target {
 
 #[derive(Debug)]
 pub struct Registry {
-    next_pid: AtomicI32,
-    sessions: Mutex<HashMap<i32, ([u8; 4], Target)>>,
+    sessions: Mutex<HashMap<(i32, [u8; 4]), Target>>,
     /// Cancel requests with unknown keys since the last log line about them.
     unknown: AtomicU64,
     /// When that line was last written.
@@ -36,12 +38,7 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        // Start the process ids somewhere unpredictable so keys differ across restarts.
-        let mut seed = [0u8; 4];
-        getrandom::fill(&mut seed).expect("operating system random source");
-        let start = (u32::from_be_bytes(seed) & 0x3fff_ffff) as i32 + 1;
         Registry {
-            next_pid: AtomicI32::new(start),
             sessions: Mutex::default(),
             unknown: AtomicU64::new(0),
             unknown_logged: Mutex::new(None),
@@ -50,15 +47,16 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// Gives a new session its own process id and secret and records which backend they stand for.
+    /// Gives a new session its key: its backend's process id and a secret of bulkhead's own,
+    /// and records which backend they stand for.
     pub fn register(&self, target: Target) -> (i32, [u8; 4]) {
-        let mut secret = [0u8; 4];
-        getrandom::fill(&mut secret).expect("operating system random source");
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = target.pid;
         loop {
-            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
-            if pid != 0 && !sessions.contains_key(&pid) {
-                sessions.insert(pid, (secret, target));
+            let mut secret = [0u8; 4];
+            getrandom::fill(&mut secret).expect("operating system random source");
+            if let std::collections::hash_map::Entry::Vacant(v) = sessions.entry((pid, secret)) {
+                v.insert(target);
                 return (pid, secret);
             }
         }
@@ -82,23 +80,19 @@ impl Registry {
     }
 
     /// Forgets a session's key.
-    pub fn remove(&self, pid: i32) {
+    pub fn remove(&self, pid: i32, secret: [u8; 4]) {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid);
+            .remove(&(pid, secret));
     }
 
-    /// The backend a client's CancelRequest stands for, if the key is a live session's.
+    /// The backend a client's CancelRequest stands for, if the key is a live session's. (The
+    /// map hashes with a random key, so lookup time tells nothing useful about a secret.)
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<Target> {
+        let secret: [u8; 4] = secret.try_into().ok()?;
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let (expected, target) = sessions.get(&pid)?;
-        // Compare without an early exit, so timing tells nothing about the secret.
-        let diff = expected
-            .iter()
-            .zip(secret)
-            .fold((secret.len() != 4) as u8, |acc, (a, b)| acc | (a ^ b));
-        (diff == 0).then(|| target.clone())
+        sessions.get(&(pid, secret)).cloned()
     }
 }
 
@@ -118,11 +112,25 @@ mod tests {
     fn key_finds_its_backend_until_removed() {
         let r = Registry::default();
         let (pid, secret) = r.register(target(100));
+        assert_eq!(pid, 100, "the client is told its backend's real pid");
         let (pid2, _) = r.register(target(200));
         assert_ne!(pid, pid2);
         assert_eq!(r.lookup(pid, &secret), Some(target(100)));
-        r.remove(pid);
+        r.remove(pid, secret);
         assert_eq!(r.lookup(pid, &secret), None);
+    }
+
+    #[test]
+    fn the_same_pid_on_two_hosts_keeps_two_keys() {
+        let r = Registry::default();
+        let mut other = target(100);
+        other.addr = ([127, 0, 0, 2], 5432).into();
+        let (pid, a) = r.register(target(100));
+        let (pid_b, b) = r.register(other.clone());
+        assert_eq!((pid, pid_b), (100, 100));
+        assert_ne!(a, b);
+        assert_eq!(r.lookup(100, &a), Some(target(100)));
+        assert_eq!(r.lookup(100, &b), Some(other));
     }
 
     #[test]

@@ -65,8 +65,8 @@ pub(crate) async fn serve(
     let end = relay.run(&shared).await;
     Box::pin(
         async {
-            if let Some(pid) = relay.client_pid {
-                shared.cancels.remove(pid);
+            if let Some((pid, secret)) = relay.client_key {
+                shared.cancels.remove(pid, secret);
             }
             // The session takes no more statements: its slots go to others before the farewell.
             relay.release_slots(&shared);
@@ -519,8 +519,8 @@ struct Relay {
     host: usize,
     /// The server's own cancel key, once it has sent BackendKeyData.
     server_key: Option<(i32, Vec<u8>)>,
-    /// The process id bulkhead gave the client, to unregister at the end.
-    client_pid: Option<i32>,
+    /// The key bulkhead gave the client (its backend's pid, bulkhead's secret), to unregister at the end.
+    client_key: Option<(i32, [u8; 4])>,
     /// Until the first ReadyForQuery, authentication is in progress and this is its deadline.
     startup_deadline: Option<Instant>,
     /// Until the server's first byte, how long it may stay silent after the startup packet.
@@ -687,7 +687,7 @@ impl Relay {
             server_addr,
             host,
             server_key: None,
-            client_pid: None,
+            client_key: None,
             startup_deadline: Some(startup_deadline),
             hello_deadline: Some(hello_deadline),
             tx: TxStatus::Idle,
@@ -1558,7 +1558,7 @@ impl Relay {
                     };
                     self.server_key = Some((pid, key.to_vec()));
                     let (client_pid, secret) = shared.cancels.register(target);
-                    self.client_pid = Some(client_pid);
+                    self.client_key = Some((client_pid, secret));
                     let mut own = BytesMut::with_capacity(13);
                     backend::write_backend_key_data(&mut own, client_pid, &secret);
                     self.down.replace(&h, &own);

@@ -10,8 +10,8 @@ use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 
 use crate::support::raw::{Raw, field, first_packet, msg, startup_packet};
 use crate::support::{
-    Binary, Cluster, Proxy, assert_answers, config_for, connect_watched, eventually, free_port,
-    sqlstate,
+    Binary, Cluster, Proxy, assert_answers, config_for, connect_watched, eventually, first_value,
+    free_port, sqlstate,
 };
 
 const SECONDS_10: Duration = Duration::from_secs(10);
@@ -923,4 +923,75 @@ async fn wait_until_active(admin: &tokio_postgres::Client, marker: &str) {
         || async { (active_count(admin, marker).await > 0).then_some(()) },
     )
     .await;
+}
+
+/// Issue 19's second cause: drivers use the pid from BackendKeyData the way applications do:
+/// `pg_terminate_backend(pid)`, matching a NOTIFY's pid against their own, finding themselves
+/// in pg_stat_activity. In session passthrough the client is on one backend for its life, so
+/// it is told that backend's real pid; the cancel secret stays bulkhead's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pid_a_client_is_told_is_its_backends_and_its_cancel_still_works() {
+    let (pg, proxy) = setup().await;
+    let mut r = Raw::connect(proxy.addr).await;
+    let login = r.login("postgres").await;
+    let key = &login
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData")
+        .1;
+    let told = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+    r.send(&msg(
+        b'Q',
+        b"LISTEN chan; NOTIFY chan; SELECT pg_backend_pid()\0",
+    ))
+    .await;
+    let out = r.recv_until(b'Z').await;
+    let notify = out
+        .iter()
+        .find(|(t, _)| *t == b'A')
+        .expect("the notification");
+    let notifier = i32::from_be_bytes([notify.1[0], notify.1[1], notify.1[2], notify.1[3]]);
+    assert_eq!(notifier, told, "a NOTIFY's pid matches the client's own");
+    let row = out.iter().find(|(t, _)| *t == b'D').expect("a row");
+    let text = String::from_utf8_lossy(&row.1[6..]).to_string();
+    assert_eq!(text.parse::<i32>().unwrap(), told);
+
+    // Its own cancel, by that key, reaches its statement.
+    r.send(&msg(b'Q', b"SELECT pg_sleep(30)\0")).await;
+    let admin = pg.connect().await;
+    eventually("the sleep to run", Duration::from_secs(10), || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(30)%'",
+                &[&told],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    let mut cancel = Raw::connect(proxy.addr).await;
+    cancel.send(&first_packet(80_877_102, key)).await;
+    assert!(cancel.recv().await.is_none());
+    let out = r.recv_until(b'Z').await;
+    let error = out.iter().find(|(t, _)| *t == b'E').expect("the cancel's error");
+    assert_eq!(field(&error.1, b'C').as_deref(), Some("57014"), "{out:?}");
+
+    // And pg_terminate_backend(pid) from another session ends it, as it would directly.
+    let (victim, conn) = connect_watched(&proxy.params("postgres")).await;
+    let pid: i32 = first_value(&victim, "SELECT pg_backend_pid()")
+        .await
+        .parse()
+        .unwrap();
+    let c = proxy.connect().await;
+    assert_eq!(
+        first_value(&c, &format!("SELECT pg_terminate_backend({pid})")).await,
+        "t"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sqlstate(&end.unwrap_err()), "57P01");
 }
