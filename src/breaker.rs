@@ -332,7 +332,9 @@ impl Circuit {
     fn with<T>(&self, f: impl FnOnce(&mut Breaker, Instant) -> T, s: &Settings) -> T {
         let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let before = b.state(now, s);
+        // What was last published, not `b.state(now)`: that would already have moved an open
+        // circuit whose time is up to half-open, and the change would go unlogged and unshown.
+        let before = self.published();
         let out = f(&mut b, now);
         let after = b.state(now, s);
         self.dirty.store(b.failures() > 0, Ordering::Relaxed);
@@ -481,6 +483,22 @@ mod tests {
         tokio::time::advance(S.open_for).await;
         b.success(Instant::now(), &S, Success::Check { started: before });
         assert_eq!(b.state(Instant::now(), &S), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shared_circuit_publishes_half_open_when_open_for_is_over() {
+        let m = crate::metrics::Metrics::new();
+        let c = Circuit::new("db:5432".into(), &m);
+        for _ in 0..3 {
+            c.failure(&S, "stalled");
+        }
+        tokio::time::advance(S.open_for).await;
+        assert_eq!(c.state(&S), State::HalfOpen);
+        assert_eq!(c.published(), State::HalfOpen);
+        assert!(
+            m.render()
+                .contains("bulkhead_circuit_state{backend=\"db:5432\"} 1")
+        );
     }
 
     #[tokio::test(start_paused = true)]

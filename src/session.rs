@@ -1725,10 +1725,16 @@ impl Relay {
                     .statement(Outcome::Timeout)
                     .increment(1);
                 if d.class == Class::Write && (d.cause == Cause::Stalled || self.head_commits()) {
-                    circuit.failure(
-                        &settings,
-                        "a commit missed the write deadline and the cancel went unanswered",
-                    );
+                    let why = match end {
+                        End::CommitUnconfirmed(_) => {
+                            "a commit missed the write deadline waiting for synchronous replication"
+                        }
+                        _ if d.cause == Cause::Stalled => {
+                            "the server accepted no data for the write deadline"
+                        }
+                        _ => "a commit missed the write deadline and the cancel went unanswered",
+                    };
+                    circuit.failure(&settings, why);
                 }
             }
             // A lost connection alone proves nothing about the host (one backend may have been
