@@ -975,7 +975,10 @@ async fn the_pid_a_client_is_told_is_its_backends_and_its_cancel_still_works() {
     cancel.send(&first_packet(80_877_102, key)).await;
     assert!(cancel.recv().await.is_none());
     let out = r.recv_until(b'Z').await;
-    let error = out.iter().find(|(t, _)| *t == b'E').expect("the cancel's error");
+    let error = out
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .expect("the cancel's error");
     assert_eq!(field(&error.1, b'C').as_deref(), Some("57014"), "{out:?}");
 
     // And pg_terminate_backend(pid) from another session ends it, as it would directly.
