@@ -349,7 +349,7 @@ impl Circuit {
                     self.raise_alarm();
                 }
                 State::HalfOpen => {
-                    warn!(backend = %self.name, "write circuit half-open: the next good write or write check closes it")
+                    warn!(backend = %self.name, "write circuit half-open: the next confirmed commit or write check closes it")
                 }
                 State::Closed => {
                     warn!(backend = %self.name, "write circuit closed: writes flow again")

@@ -618,7 +618,7 @@ def run_churn(system, args, pg, procs, outdir):
         sysu.stop()
         if system == "bulkhead":
             text = open(os.path.join(outdir, "bulkhead.log"), errors="replace").read()
-            res["circuit_openings_log"] = len(re.findall(r"write circuit opened", text))
+            res["circuit_openings_log"] = len(re.findall(r"write circuit opened: writes are refused", text))
             res["circuit_open_samples"] = sum(1 for _, v in circuit_samples if v > 0)
             res["circuit_samples"] = len(circuit_samples)
         with open(os.path.join(outdir, "churn.json"), "w") as f:

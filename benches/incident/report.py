@@ -159,7 +159,7 @@ def circuit_summary(d):
     opened = half = closed = 0
     with open(path, errors="replace") as f:
         for line in f:
-            opened += "write circuit opened" in line
+            opened += "write circuit opened: writes are refused" in line
             half += "write circuit half-open" in line
             closed += "write circuit closed" in line
     return opened, half, closed
