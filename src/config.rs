@@ -211,7 +211,7 @@ impl Default for Limits {
         Limits {
             max_clients: 1000,
             max_inflight: 64,
-            max_inflight_writes: 16,
+            max_inflight_writes: 4,
             queue_timeout: Duration::from_millis(100),
             adaptive: false,
         }
