@@ -43,7 +43,7 @@ pub fn raise_limit(max_clients: u32) -> u64 {
             limit.rlim_cur = before;
         }
     }
-    let soft = limit.rlim_cur as u64;
+    let soft: u64 = limit.rlim_cur;
     let need = 2 * u64::from(max_clients) + HEADROOM;
     if soft < need {
         warn!(
@@ -54,12 +54,8 @@ pub fn raise_limit(max_clients: u32) -> u64 {
             "the file descriptor limit is below what max_clients needs (two per session); \
              clients beyond the sessions it allows get 53300. Raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_clients"
         );
-    } else if soft != before as u64 {
-        info!(
-            from = before as u64,
-            to = soft,
-            "raised the file descriptor limit"
-        );
+    } else if soft != before {
+        info!(from = before, to = soft, "raised the file descriptor limit");
     }
     soft
 }

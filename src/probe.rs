@@ -547,7 +547,7 @@ enum Wake {
     /// The write check in progress reached its timeout (or, timed out already, the point
     /// where it is abandoned).
     CheckDue,
-    CheckDone(Result<(Option<Conn>, Verdict), tokio::task::JoinError>),
+    CheckDone(Box<Result<(Option<Conn>, Verdict), tokio::task::JoinError>>),
 }
 
 async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
@@ -581,7 +581,7 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
             _ = ticks.tick() => Wake::Tick,
             _ = topology.wake[index].notified() => Wake::Lost,
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Wake::CheckDue,
-            done = async { (&mut check.as_mut().expect("guarded").task).await }, if check.is_some() => Wake::CheckDone(done),
+            done = async { (&mut check.as_mut().expect("guarded").task).await }, if check.is_some() => Wake::CheckDone(Box::new(done)),
         };
         let settings = circuit_settings(&shared.live.get());
         match wake {
@@ -589,7 +589,7 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
             Wake::CheckDone(done) => {
                 let c = check.take().expect("guarded");
                 let (conn, verdict) =
-                    done.unwrap_or((None, Verdict::Failed("write check panicked".into())));
+                    (*done).unwrap_or((None, Verdict::Failed("write check panicked".into())));
                 write_conn = conn;
                 if !c.timed_out {
                     match verdict {
