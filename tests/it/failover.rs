@@ -612,3 +612,37 @@ async fn an_old_primary_restarted_while_the_new_one_misses_probes_gets_no_write(
     assert_eq!(new.psql("SELECT count(*) FROM fence WHERE x = -1"), "1");
     assert_eq!(old.psql("SELECT count(*) FROM fence WHERE x = -1"), "0");
 }
+
+/// Two hosts that both claim primary on the same timeline (two clusters never related, or a
+/// split brain bulkhead cannot settle): a bulkhead starting among them refuses writes rather
+/// than guess, and says why on /health and /readyz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_among_two_primaries_on_one_timeline_chooses_none_and_says_so() {
+    let a = Cluster::start();
+    let b = Cluster::start();
+    let proxy = Proxy::start(fast_config(&[&a, &b])).await;
+    let reason = eventually("/readyz to name the conflict", SECONDS_20, || async {
+        let r = proxy.get("/readyz").await;
+        (r.status == 503 && r.body.contains("claim primary")).then_some(r.body)
+    })
+    .await;
+    assert!(reason.contains("writes are refused"), "{reason}");
+    let health = proxy.health_json().await;
+    assert_eq!(health["primary"], serde_json::Value::Null, "{health}");
+    assert!(
+        health["conflict"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2 hosts claim primary on timeline 1"),
+        "{health}"
+    );
+    // New sessions are not sent to either.
+    let mut config = fast_config(&[&a, &b]);
+    config.circuit.hold_new_connections = Duration::from_millis(300);
+    let quick = Proxy::start(config).await;
+    let err = tokio_postgres::connect(&quick.params("postgres"), NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+}
