@@ -548,6 +548,10 @@ struct Relay {
     server_said_fatal: bool,
     /// The client sent Terminate.
     client_terminated: bool,
+    /// The client closed its side (EOF) with requests still in flight: until then their
+    /// answers are still relayed, as PostgreSQL answers a client that half-closed after its
+    /// Query; after it the client is taken to have vanished and its statement is cancelled.
+    client_eof_until: Option<Instant>,
     /// End the session at its next quiet point, with this ending.
     leave_when_quiet: Option<fn() -> End>,
     /// One timer for the session, set to the earliest thing that can expire. It is moved
@@ -701,6 +705,7 @@ impl Relay {
             stalled_since: None,
             server_said_fatal: false,
             client_terminated: false,
+            client_eof_until: None,
             leave_when_quiet: None,
             timer: Box::pin(tokio::time::sleep_until(
                 hello_deadline.min(startup_deadline),
@@ -910,7 +915,15 @@ impl Relay {
                 return Poll::Ready(self.server_gone("the server closed the connection".into()));
             }
             if self.up.is_eof() && !self.up.has_output() {
-                return Poll::Ready(End::ClientLeft);
+                // Half-closed after its last request, or gone: answer what is in flight for a
+                // moment (a half-closed client reads it), then treat it as gone.
+                if self.tracker.in_flight() == 0 || !self.authenticated() {
+                    return Poll::Ready(End::ClientLeft);
+                }
+                if self.client_eof_until.is_none() {
+                    self.client_eof_until =
+                        Some(Instant::now() + self.config.config().timeouts.cancel_grace);
+                }
             }
             if let Some(leave) = self.leave_when_quiet
                 && self.is_quiet()
@@ -937,6 +950,9 @@ impl Relay {
         }
         if let Some(c) = self.cancelling {
             return Some(c.give_up_at);
+        }
+        if let Some(at) = self.client_eof_until {
+            return Some(at);
         }
         let t = &self.config.config().timeouts;
         let head = self.tracker.deadline(t.read, t.write);
@@ -1001,6 +1017,9 @@ impl Relay {
             }
             if let Some(c) = self.cancelling {
                 return Some(End::Unanswered(c.deadline));
+            }
+            if self.client_eof_until.is_some_and(|at| at <= now) {
+                return Some(End::ClientLeft);
             }
             if self.tracker.in_flight() == 0 && self.stalled_since.is_none() {
                 // Quiet for IDLE_RELEASE: give the buffers back.

@@ -382,3 +382,27 @@ async fn idle_health_port_connections_are_capped() {
     })
     .await;
 }
+
+/// A client that half-closes after its Query (shutdown of its write side, as `nc -N` or a
+/// script piping one statement does) is answered, as PostgreSQL answers it. Before, bulkhead
+/// took the EOF for a vanished client and dropped the answer. A client that stays silent
+/// beyond cancel_grace is still taken to have vanished, and its statement is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_query_gets_the_answer() {
+    let pg = Cluster::start();
+    let proxy = Proxy::start(config_for(&pg)).await;
+    let mut r = crate::support::raw::Raw::connect(proxy.addr).await;
+    r.login("postgres").await;
+    r.send(&crate::support::raw::msg(
+        b'Q',
+        b"SELECT 41 + 1 AS answer, pg_sleep(0.2)\0",
+    ))
+    .await;
+    tokio::io::AsyncWriteExt::shutdown(&mut r.stream)
+        .await
+        .unwrap();
+    let out = r.recv_until(b'Z').await;
+    let row = out.iter().find(|(t, _)| *t == b'D').expect("the row");
+    assert!(String::from_utf8_lossy(&row.1).contains("42"), "{out:?}");
+    assert_eq!(r.recv().await, None, "then the connection closes");
+}
