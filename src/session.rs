@@ -1059,6 +1059,7 @@ impl Relay {
     /// or the COMMIT of a transaction that wrote.
     fn head_commits(&self) -> bool {
         self.tracker.head() == Some(Class::Write)
+            && !self.tracker.head_refused()
             && (self.tx == TxStatus::Idle || self.tracker.head_is_commit())
     }
 

@@ -294,6 +294,14 @@ impl Tracker {
         self.queue.front().is_some_and(|r| r.commit)
     }
 
+    /// Whether the request the server is working on is one bulkhead refused (the server got a
+    /// Sync in its place).
+    pub fn head_refused(&self) -> bool {
+        self.queue
+            .front()
+            .is_some_and(|r| matches!(r.effect, Effect::Refused(_)))
+    }
+
     /// Whether the newest request is a COMMIT of a transaction that wrote.
     pub fn last_is_commit(&self) -> bool {
         self.queue.back().is_some_and(|r| r.commit)
@@ -475,15 +483,26 @@ mod tests {
         t.ready(TxStatus::InBlock, t0);
         t.query(Kind::Write, t0);
         t.ready(TxStatus::InBlock, t0);
+        assert!(
+            !t.head_is_commit(),
+            "an INSERT inside the block commits nothing"
+        );
+        t.ready(TxStatus::InBlock, t0);
         t.query(Kind::Commit, t0);
         assert_eq!(t.head(), Some(Class::Write));
-        t.ready(TxStatus::Idle, t0);
+        assert!(t.head_is_commit() && t.last_is_commit());
+        let done = t.ready(TxStatus::Idle, t0).unwrap();
+        assert!(
+            done.commit,
+            "the write circuit counts it as commit-path evidence"
+        );
         t.query(Kind::Commit, t0);
         assert_eq!(
             t.head(),
             Some(Class::Read),
             "the next transaction starts clean"
         );
+        assert!(!t.head_is_commit());
     }
 
     #[test]
