@@ -482,7 +482,6 @@ mod tests {
         t.query(Kind::Read, t0); // BEGIN
         t.ready(TxStatus::InBlock, t0);
         t.query(Kind::Write, t0);
-        t.ready(TxStatus::InBlock, t0);
         assert!(
             !t.head_is_commit(),
             "an INSERT inside the block commits nothing"
