@@ -923,6 +923,8 @@ impl Relay {
                 if self.client_eof_until.is_none() {
                     self.client_eof_until =
                         Some(Instant::now() + self.config.config().timeouts.cancel_grace);
+                    // Nothing more can come from this client: its slots go to others now.
+                    self.release_slots(shared);
                 }
             }
             if let Some(leave) = self.leave_when_quiet
