@@ -741,6 +741,7 @@ impl Relay {
         let mut primary_gone = false;
         let mut alarm = shared.topology.circuit(self.host).watch_alarm();
         alarm.borrow_and_update();
+        let mut alarm_gone = false;
         // The watches are polled only after they woke the session: polling a waiting watch
         // takes its lock, which every session shares, and the relay wakes the task for every
         // message. Likewise each socket is read only after it woke the session.
@@ -770,8 +771,13 @@ impl Relay {
                             }
                             primary_gone = true;
                         }
-                        if let Poll::Ready(Ok(())) = alarm_raised.as_mut().poll(&mut watch_cx) {
-                            return Poll::Ready(Event::Alarm);
+                        if !alarm_gone
+                            && let Poll::Ready(r) = alarm_raised.as_mut().poll(&mut watch_cx)
+                        {
+                            if r.is_ok() {
+                                return Poll::Ready(Event::Alarm);
+                            }
+                            alarm_gone = true;
                         }
                     }
                     self.poll_relay(cx, &wakers, bits, shared).map(Event::End)
