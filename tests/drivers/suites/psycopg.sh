@@ -8,7 +8,9 @@
 #   else $CACHE/src/psycopg, cloned once (git clone) when missing.
 # Nothing is built from it: tests/, tools/pproxy_fix.py (the fixture that cuts connections) and
 # psycopg_pool/ (pure Python, put on PYTHONPATH) only.
-# Left out: mypy-marked tests (they type-check examples: no server involved, minutes of CPU).
+# Left out: mypy-marked tests (they type-check examples: no server involved, minutes of CPU), and
+# tests/test_free_threading.py (meant for free-threaded Python; with psycopg-binary on the usual
+# build it can crash the interpreter, which loses the whole run's report).
 # Each test may take PSYCOPG_TEST_TIMEOUT seconds (pytest-timeout; default 120).
 # PSYCOPG_MARKERS is the -m expression; default "not mypy and not refcount" (refcount: tests that
 # count Python objects over hundreds of gc.collect() calls; no server involved, minutes of CPU).
@@ -55,7 +57,7 @@ suite_run() {
         PYTHONPATH="$WORK/psycopg/psycopg_pool" \
         timeout -k 10 "$PSYCOPG_TIMEOUT" "$CACHE/psycopg-venv/bin/python" -bb -m pytest -q -rfE \
         -p no:randomly -m "$PSYCOPG_MARKERS" -o cache_dir="$dir/.pytest_cache" --timeout "$PSYCOPG_TEST_TIMEOUT" \
-        --junitxml="$dir/junit.xml" --test-dsn "$dsn" "${sel[@]}" "${extra[@]}"
+        --ignore=tests/test_free_threading.py --junitxml="$dir/junit.xml" --test-dsn "$dsn" "${sel[@]}" "${extra[@]}"
     echo "pytest exit $?"
     python3 "$HERE/junit2tsv.py" "$dir/junit.xml" >"$dir/results.tsv"
 }
