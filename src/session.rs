@@ -114,7 +114,15 @@ async fn start(
         .await;
         match step {
             Ok(Ok(First::Start(first))) => break first,
-            Ok(Ok(First::Done)) => return None,
+            Ok(Ok(First::Done)) => {
+                // A cancel request that came over TLS (libpq 17's cancel API encrypts it):
+                // end the TLS session properly, as PostgreSQL does. OpenSSL 3 reports a close
+                // without close_notify as an error, and the client's cancel call fails.
+                if client.is_tls() {
+                    let _ = timeout(FAREWELL_TIMEOUT, client.shutdown()).await;
+                }
+                return None;
+            }
             Ok(Ok(First::Upgrade)) => {
                 match Box::pin(accept_tls(shared, client, startup_deadline)).await {
                     Some(tls) => client = tls,

@@ -622,3 +622,52 @@ async fn a_reload_picks_up_certificates_rotated_in_place_and_keeps_them_if_broke
     proxy.bulkhead.reload(cfg);
     assert!(trusting(&new).await.is_ok());
 }
+
+/// libpq 17's cancel API (PQcancelBlocking, used by psycopg 3.3's cancel) sends its
+/// CancelRequest over TLS and reads to the end; OpenSSL 3 reports a close without TLS
+/// close_notify as "unexpected eof", and the cancel call fails. psycopg's own suite failed
+/// five cancel tests through bulkhead for this. The TLS session is now ended properly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_over_tls_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new(&["localhost"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Prefer)).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(&raw::first_packet(80_877_103, b""))
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(pki.ca()).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let client_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    // A key no session holds: bulkhead drops it, and closes.
+    tls.write_all(&raw::first_packet(80_877_102, &[0, 0, 0, 1, 9, 9, 9, 9]))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(SECONDS_20, tls.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    assert!(
+        read.is_ok(),
+        "the TLS session ends with close_notify: {read:?}"
+    );
+    assert!(rest.is_empty());
+}
