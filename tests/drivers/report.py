@@ -5,6 +5,7 @@ Reads RESULTS_DIR/<suite>/<mode>[.<n>]/results.tsv (name, pass|fail|skip, second
 prints, per suite, one row per test with its status in every run (direct, bulkhead, ...), then
 a summary. Suites with more than 150 tests show only the rows whose status is not the same in
 every run (--all shows every row); the full table is always written to <suite>/table.tsv.
+Exits 1 when a test failed in a bulkhead run and passed in every direct run.
 """
 import os
 import sys
@@ -89,7 +90,8 @@ def main():
     for s in summary:
         print(f"{s[0]:<10} {s[1]:<12} {s[2]:>7} {s[3]:>7} {s[4]:>8} {s[5]:>15} {s[6]:>8}")
     print("('fail only here': failed in this run but passed in every direct run)")
+    return 1 if any(s[5] not in ("", "0") for s in summary) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
