@@ -37,6 +37,9 @@ use crate::config::{Config, ListenTls, ServerTls};
 /// The ALPN protocol name PostgreSQL 17 registers; harmless to older servers.
 const ALPN: &[u8] = b"postgresql";
 
+/// The most data bulkhead puts in one TLS record toward a client: PostgreSQL's own limit.
+const MAX_RECORD_DATA: usize = 8192;
+
 /// One side of a session: a plain socket or a TLS session over one.
 pub enum Stream {
     Plain(TcpStream),
@@ -155,6 +158,12 @@ impl Tls {
                     format!("listen.tls_cert_file and listen.tls_key_file do not match: {e}")
                 })?;
             server.alpn_protocols = vec![ALPN.to_vec()];
+            // Records of at most 8 KiB of data, as PostgreSQL writes (its send buffer):
+            // libpq reads into 8 KiB of free buffer, so a 16 KiB record leaves decrypted
+            // bytes inside OpenSSL where a client that waits on the socket (psycopg, any
+            // libpq async-API user) never looks, and its query hangs. rustls counts the
+            // 5-byte record header in this size.
+            server.max_fragment_size = Some(MAX_RECORD_DATA + 5);
             Some(TlsAcceptor::from(Arc::new(server)))
         };
         let db = &config.database;

@@ -671,3 +671,66 @@ async fn a_cancel_request_over_tls_ends_with_close_notify() {
     );
     assert!(rest.is_empty());
 }
+
+/// libpq reads into 8 KiB of free buffer; a TLS record carrying more leaves decrypted bytes
+/// inside OpenSSL where a client waiting on the socket never looks (psycopg's
+/// `test_adapt::test_random` hung through bulkhead about once in a few hundred large
+/// results). PostgreSQL's records carry at most 8 KiB; bulkhead's toward clients must too.
+/// A tap between client and bulkhead reads the TLS record headers bulkhead writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_records_toward_clients_carry_at_most_8_kib_as_postgresql_writes_them() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Require)).await;
+    let tap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tap_addr = tap.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let record = seen.clone();
+    let bulkhead = proxy.addr;
+    tokio::spawn(async move {
+        let (client, _) = tap.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(bulkhead).await.unwrap();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = server_read.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || client_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            record.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut params: tokio_postgres::Config =
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", tap_addr.port())
+            .parse()
+            .unwrap();
+    params
+        .ssl_mode(SslMode::Require)
+        .channel_binding(ChannelBinding::Disable);
+    let (c, conn) = params.connect(pki.connector()).await.unwrap();
+    tokio::spawn(conn);
+    let rows = c
+        .query("SELECT repeat(md5(g::text), 100) FROM generate_series(1, 400) g", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 400);
+    let bytes = seen.lock().unwrap().clone();
+    assert_eq!(bytes.first(), Some(&b'S'), "the answer to SSLRequest");
+    let (mut at, mut records, mut largest) = (1, 0, 0);
+    while at + 5 <= bytes.len() {
+        let length = u16::from_be_bytes([bytes[at + 3], bytes[at + 4]]) as usize;
+        largest = largest.max(length);
+        records += 1;
+        at += 5 + length;
+    }
+    assert!(records > 20, "{records} records carried 1.3 MB");
+    // 8 KiB of data plus the record's own overhead (content type and AEAD tag).
+    assert!(
+        largest <= 8192 + 64,
+        "the largest record bulkhead wrote carried {largest} bytes"
+    );
+}
