@@ -257,6 +257,8 @@ impl Circuit {
                 self.raise_alarm();
             } else {
                 warn!(backend = %self.name, "host answers again");
+                // Sessions cut loose from it follow it again.
+                self.raise_alarm();
             }
         }
     }

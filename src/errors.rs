@@ -87,6 +87,13 @@ pub enum Refusal {
     /// a statement waiting there or was about to send one. FATAL 40003 when a write is in
     /// doubt, else 08006.
     Unresponsive(String, Lost),
+    /// The server stopped answering while this statement was in flight. The session stays
+    /// open; the server's late answer is dropped and its transaction rolled back. ERROR 40003
+    /// when the statement may commit when the server wakes (a commit), else 57P03.
+    Abandoned { why: String, in_doubt: bool },
+    /// The server is not answering, so the statement was not sent. ERROR 57P03; the session
+    /// stays open.
+    NotSent(String),
     /// The write circuit is open; retry in `retry_in`. ERROR 57P03.
     CircuitOpen { retry_in: Duration },
     /// A statement in a block that failed because bulkhead refused a write. ERROR 25P02.
@@ -222,6 +229,31 @@ impl Refusal {
                 ),
                 "The durability you asked for was not confirmed. Check the transaction with \
                  pg_xact_status() before retrying. The connection was closed.",
+            ),
+            Refusal::Abandoned { why, in_doubt: true } => (
+                Severity::Error,
+                "40003",
+                format!(
+                    "bulkhead: the database server stopped answering while this commit was in flight: {why}; \
+                     it may or may not commit when the server answers again"
+                ),
+                "Check whether the write took effect (pg_xact_status(); 'in progress' means not decided yet) \
+                 before retrying it. The connection stays open; statements are refused at once until the server answers.",
+            ),
+            Refusal::Abandoned { why, in_doubt: false } => (
+                Severity::Error,
+                "57P03",
+                format!(
+                    "bulkhead: the database server stopped answering while this statement was in flight: {why}; \
+                     it was abandoned and will not take effect"
+                ),
+                "The connection stays open; retry in a few seconds. Until the server answers, statements are refused at once.",
+            ),
+            Refusal::NotSent(why) => (
+                Severity::Error,
+                "57P03",
+                format!("bulkhead: the database server is not answering: {why}; the statement was not sent"),
+                "The connection stays open; retry in a few seconds. Until the server answers, statements are refused at once.",
             ),
             Refusal::CircuitOpen { retry_in } => (
                 Severity::Error,

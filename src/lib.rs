@@ -20,6 +20,7 @@ pub mod breaker;
 pub mod cancel;
 pub mod classify;
 pub mod config;
+pub mod detach;
 pub mod errors;
 pub mod fds;
 pub mod health;

@@ -151,6 +151,12 @@ impl Pipe {
         self.eof
     }
 
+    /// Whether a message is part-way through: its start went out and the rest has not, so
+    /// nothing of bulkhead's own can be put in now.
+    pub fn is_streaming(&self) -> bool {
+        self.streaming > 0
+    }
+
     /// Whether part of a message has been read but not all of it.
     pub fn mid_message(&self) -> bool {
         self.streaming > 0 || self.discard > 0 || self.buf.len() > self.ready

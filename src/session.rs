@@ -22,6 +22,7 @@ use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::breaker::{Decision, Success};
 use crate::cancel::Target;
+use crate::detach::{Detached, Next};
 use crate::classify::{Control, Kind, Memo, classify, transaction_control};
 use crate::config::{Config, ListenTls};
 use crate::errors::{Cause, Deadline, Lost, Refusal};
@@ -596,6 +597,9 @@ struct Relay {
     /// The server offered SASL over TLS; the client's next password message picks the
     /// mechanism.
     sasl_offered: bool,
+    /// The server stopped answering and bulkhead answers the client itself (see
+    /// `crate::detach`).
+    detached: Option<Detached>,
     /// The session's span: the relay's log lines name it as their parent.
     span: Span,
 }
@@ -730,6 +734,7 @@ impl Relay {
             idle_since: None,
             swallow_parse_complete: 0,
             sasl_offered: false,
+            detached: None,
             span,
         }
     }
@@ -970,6 +975,10 @@ impl Relay {
         if let Some(at) = self.client_eof_until {
             return Some(at);
         }
+        if self.detached.as_ref().is_some_and(|d| d.frozen) {
+            // The abandoned request's clock starts again when the host answers.
+            return None;
+        }
         let t = &self.config.config().timeouts;
         let head = self.tracker.deadline(t.read, t.write);
         let stall = self.stalled_since.map(|since| since + t.write);
@@ -1032,7 +1041,12 @@ impl Relay {
                 return Some(End::StartupTimeout);
             }
             if let Some(c) = self.cancelling {
-                return Some(End::Unanswered(c.deadline));
+                // A detached session's client has had its answer: the server is just gone.
+                return Some(if self.detached.is_some() {
+                    End::Unresponsive
+                } else {
+                    End::Unanswered(c.deadline)
+                });
             }
             if self.client_eof_until.is_some_and(|at| at <= now) {
                 return Some(End::ClientLeft);
@@ -1059,8 +1073,16 @@ impl Relay {
             return None;
         }
         let circuit = shared.topology.circuit(self.host);
+        if self.detached.is_some() {
+            self.follow_host(shared);
+            return None;
+        }
         if circuit.is_unresponsive() {
-            return (self.tracker.in_flight() > 0).then_some(End::Unresponsive);
+            return if self.tracker.in_flight() > 0 {
+                self.detach(shared)
+            } else {
+                None
+            };
         }
         if circuit.published() == crate::breaker::State::Open
             && self.cancelling.is_none()
@@ -1069,6 +1091,104 @@ impl Relay {
             self.start_cancel(shared, Instant::now(), true);
         }
         None
+    }
+
+    /// The host stopped answering with requests in flight: answer each of them now with an
+    /// error and keep the session, dropping the server's late answers (see `crate::detach`).
+    /// Returns the ending instead when answers cannot be cut in cleanly: part of a message is
+    /// already out either way, or the session is in COPY, or its client has gone.
+    fn detach(&mut self, shared: &Shared) -> Option<End> {
+        if self.down.is_streaming()
+            || self.up.is_streaming()
+            || self.tracker.in_copy()
+            || self.client_eof_until.is_some()
+        {
+            return Some(End::Unresponsive);
+        }
+        let now = Instant::now();
+        let why = shared.topology.circuit(self.host).reason_unresponsive();
+        let mut detached = Detached::new(why, self.tx, 0);
+        // A batch the client has not finished: the server gets a Sync to close what it has of
+        // it (that answer is dropped too), and the client its error when it sends the rest.
+        let open = self.tracker.is_open();
+        if open {
+            self.up.inject().extend_from_slice(SYNC);
+            self.tracker.sync(now);
+        }
+        let answered = self.tracker.in_flight() - usize::from(open);
+        let idle = self.tx == TxStatus::Idle;
+        let out = self.down.inject();
+        for (class, commit) in self.tracker.requests().take(answered) {
+            let in_doubt = class == Class::Write && (commit || idle);
+            detached.abandon(in_doubt, commit, out);
+            shared.metrics.class(class).statement(Outcome::Error).increment(1);
+        }
+        if open {
+            detached.refuse_open_batch();
+        }
+        detached.owed = self.tracker.in_flight();
+        warn!(parent: &self.span, requests = detached.owed, "server not answering: the statements waiting there are answered now; the session stays open");
+        self.detached = Some(detached);
+        self.release_slots(shared);
+        self.slot_wait = None;
+        self.shed_next = None;
+        self.cancelling = None;
+        self.head_failed = false;
+        self.head_read_only = false;
+        self.head_timed_out = false;
+        self.client_tx_failed = false;
+        self.skip_to_sync = false;
+        self.stalled_since = None;
+        self.swallow_parse_complete = 0;
+        None
+    }
+
+    /// A detached session looks at its host again: once it answers, the abandoned head
+    /// request's clock starts over (its deadline did not run while the host was frozen).
+    fn follow_host(&mut self, shared: &Shared) {
+        let frozen = shared.topology.circuit(self.host).is_unresponsive();
+        let Some(d) = &mut self.detached else {
+            return;
+        };
+        if d.frozen != frozen {
+            d.frozen = frozen;
+            if !frozen {
+                let owed = d.owed;
+                self.tracker.restart_clock(Instant::now());
+                info!(parent: &self.span, owed, "server answers again; catching up");
+            }
+        }
+    }
+
+    /// For a detached session about to frame a client message: whether the message must wait
+    /// (true) because the server, answering again, still owes answers to drop or a ROLLBACK of
+    /// bulkhead's own. Once the server has caught up and the client is outside a transaction,
+    /// rolls back a block the server still has open, then follows the server again.
+    fn reattach(&mut self, shared: &Shared) -> bool {
+        self.follow_host(shared);
+        let Some(d) = &mut self.detached else {
+            return false;
+        };
+        if d.frozen {
+            return false; // Answered here.
+        }
+        if d.owed > 0 {
+            return true;
+        }
+        if !d.client_idle() {
+            return false; // The client ends its block first, answered here.
+        }
+        if self.tx != TxStatus::Idle {
+            // The client was told its transaction ended; the server's is still open.
+            self.up.inject().extend_from_slice(ROLLBACK_QUERY);
+            self.tracker.query(Kind::Read, Instant::now());
+            d.owed = 1;
+            return true;
+        }
+        info!(parent: &self.span, "caught up with the server; relaying again");
+        self.detached = None;
+        self.idle_since = Some(Instant::now());
+        false
     }
 
     /// Whether the request the server is working on would commit writes: an autocommit write,
@@ -1133,6 +1253,7 @@ impl Relay {
     /// what must not run.
     fn frame_client(&mut self, shared: &Shared) -> Result<Hold, End> {
         let sasl = self.sasl_offered;
+        let detached = self.detached.is_some();
         let inspect = |tag| {
             matches!(
                 tag,
@@ -1142,6 +1263,7 @@ impl Relay {
                     | frontend::EXECUTE_TAG
                     | frontend::CLOSE_TAG
             ) || (sasl && tag == frontend::PASSWORD_TAG)
+                || (detached && tag == frontend::DESCRIBE_TAG)
         };
         // One clock reading for everything framed in this pass: it all arrived together.
         let mut clock = None;
@@ -1149,6 +1271,9 @@ impl Relay {
             // Nothing after a refused request may run before its answer is known: it decides
             // whether the client's transaction block has failed.
             if self.authenticated() && self.tracker.refusal_in_flight() && !self.skip_to_sync {
+                return Ok(Hold::Wait);
+            }
+            if self.detached.is_some() && self.reattach(shared) {
                 return Ok(Hold::Wait);
             }
             let Some(h) = self
@@ -1170,6 +1295,30 @@ impl Relay {
             }
             let now = *clock.get_or_insert_with(Instant::now);
             self.idle_since = None;
+            if let Some(d) = &mut self.detached {
+                let tracker = &self.tracker;
+                let answer = d.answer(
+                    h.tag,
+                    self.up.body(&h),
+                    |statement| tracker.control_of(statement),
+                    self.down.inject(),
+                );
+                self.up.skip(&h);
+                if answer == Next::Terminate {
+                    self.client_terminated = true;
+                    return Err(End::ClientLeft);
+                }
+                continue;
+            }
+            // A statement for a host that stopped answering is answered here, not sent.
+            if !self.tracker.is_open()
+                && self.tracker.in_flight() == 0
+                && shared.topology.circuit(self.host).is_unresponsive()
+            {
+                let why = shared.topology.circuit(self.host).reason_unresponsive();
+                self.detached = Some(Detached::new(why, self.tx, 0));
+                continue;
+            }
             if self.skip_to_sync {
                 if h.tag == frontend::SYNC_TAG {
                     self.skip_to_sync = false;
@@ -1182,13 +1331,8 @@ impl Relay {
             }
             match h.tag {
                 frontend::QUERY_TAG => {
-                    if self.refusal_possible(shared) {
-                        if self.tracker.in_flight() > 0 {
-                            return Ok(Hold::Wait);
-                        }
-                        if shared.topology.circuit(self.host).is_unresponsive() {
-                            return Err(End::Unresponsive);
-                        }
+                    if self.refusal_possible(shared) && self.tracker.in_flight() > 0 {
+                        return Ok(Hold::Wait);
                     }
                     let text = frontend::query_text(self.up.body(&h));
                     if self.client_tx_failed {
@@ -1246,7 +1390,12 @@ impl Relay {
                             return Ok(Hold::Wait);
                         }
                         if shared.topology.circuit(self.host).is_unresponsive() {
-                            return Err(End::Unresponsive);
+                            // The batch's first messages went to the server: close it there
+                            // and answer the client here.
+                            if let Some(end) = self.detach(shared) {
+                                return Err(end);
+                            }
+                            continue;
                         }
                     }
                     if self.client_tx_failed && self.failed_batch_starts(now, &h) {
@@ -1511,13 +1660,34 @@ impl Relay {
             .next(inspect)
             .map_err(|e| format!("invalid message from server: {e}"))?
         {
+            if let Some(d) = &mut self.detached
+                && d.owed > 0
+            {
+                // A late answer to a request the client was already answered for: dropped,
+                // but for notifications, which belong to no request.
+                match h.tag {
+                    backend::NOTIFICATION_RESPONSE_TAG => {
+                        self.down.forward(&h);
+                        continue;
+                    }
+                    backend::READY_FOR_QUERY_TAG => {
+                        let status = ready_status(self.down.body(&h))?;
+                        self.tx = status;
+                        self.tracker.ready(status, Instant::now());
+                        d.owed -= 1;
+                        self.cancelling = None;
+                        self.head_failed = false;
+                        self.head_read_only = false;
+                        self.head_timed_out = false;
+                    }
+                    _ => {}
+                }
+                self.down.skip(&h);
+                continue;
+            }
             match h.tag {
                 backend::READY_FOR_QUERY_TAG => {
-                    let status = match self.down.body(&h) {
-                        [b] => TxStatus::from_byte(*b),
-                        _ => None,
-                    }
-                    .ok_or("invalid ReadyForQuery from server")?;
+                    let status = ready_status(self.down.body(&h))?;
                     let before = std::mem::replace(&mut self.tx, status);
                     if self.startup_deadline.take().is_some() {
                         self.idle_since = Some(Instant::now());
@@ -1701,11 +1871,12 @@ impl Relay {
 
     /// Nothing in flight and no transaction open: closing now loses nothing.
     fn is_quiet(&self) -> bool {
-        self.authenticated()
-            && self.tracker.in_flight() == 0
-            && self.tx == TxStatus::Idle
-            && !self.up.mid_message()
-            && !self.up.has_output()
+        let settled = match &self.detached {
+            // What the abandoned server still does is lost anyway.
+            Some(d) => d.client_idle(),
+            None => self.tracker.in_flight() == 0 && self.tx == TxStatus::Idle,
+        };
+        self.authenticated() && settled && !self.up.mid_message() && !self.up.has_output()
     }
 
     /// What losing the server now means for the client's work. Inside a transaction any
@@ -1713,6 +1884,14 @@ impl Relay {
     /// called from a SELECT), so only a transaction with nothing in flight is sure not to
     /// have committed.
     fn lost(&self) -> Lost {
+        if let Some(d) = &self.detached {
+            // The client has been answered for everything it sent; only its block is lost.
+            return if d.client_tx == TxStatus::Idle {
+                Lost::Nothing
+            } else {
+                Lost::OpenTransaction
+            };
+        }
         let in_transaction = self.authenticated() && self.tx != TxStatus::Idle;
         let in_flight = self.tracker.in_flight() > 0;
         if self.tracker.write_in_flight() || (in_transaction && in_flight) {
@@ -1844,6 +2023,15 @@ impl Relay {
 /// it cannot. A client that picked SCRAM-SHA-256-PLUS anyway, or that says it could bind but
 /// thinks the server cannot (gs2 flag 'y', which a TLS client sends when the offer lacks -PLUS),
 /// would be refused by the server as a downgrade attack; say why here instead.
+/// The transaction status a ReadyForQuery from the server carries.
+fn ready_status(body: &[u8]) -> Result<TxStatus, &'static str> {
+    match body {
+        [b] => TxStatus::from_byte(*b),
+        _ => None,
+    }
+    .ok_or("invalid ReadyForQuery from server")
+}
+
 fn channel_binding_problem(body: &[u8]) -> Option<&'static str> {
     let (mechanism, data) = frontend::sasl_initial_response(body)?;
     if mechanism == backend::SCRAM_PLUS {

@@ -357,6 +357,22 @@ impl Tracker {
         Some(self.head_started + if class == Class::Write { write } else { read })
     }
 
+    /// Each request in flight, oldest first: its class, and whether it is a COMMIT of a
+    /// transaction that wrote.
+    pub fn requests(&self) -> impl Iterator<Item = (Class, bool)> + '_ {
+        self.queue.iter().map(|r| (r.class, r.commit))
+    }
+
+    /// Starts the head request's clock again: its server was frozen and answers again.
+    pub fn restart_clock(&mut self, now: Instant) {
+        self.head_started = now;
+    }
+
+    /// The server waits for the client's COPY data.
+    pub fn in_copy(&self) -> bool {
+        self.copy_in
+    }
+
     /// Requests sent and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.queue.len()

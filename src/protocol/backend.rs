@@ -133,6 +133,28 @@ pub fn write_ready_for_query(out: &mut BytesMut, status: TxStatus) {
     out.put_u8(status.byte());
 }
 
+/// Appends CommandComplete with `tag` (e.g. "ROLLBACK").
+pub fn write_command_complete(out: &mut BytesMut, tag: &str) {
+    let start = begin(out, COMMAND_COMPLETE_TAG);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+    finish(out, start);
+}
+
+/// Appends a message with no body: ParseComplete ('1'), BindComplete ('2'), CloseComplete
+/// ('3'), NoData ('n').
+pub fn write_empty(out: &mut BytesMut, tag: u8) {
+    out.put_u8(tag);
+    out.put_u32(4);
+}
+
+/// Appends a ParameterDescription of no parameters.
+pub fn write_no_parameters(out: &mut BytesMut) {
+    out.put_u8(b't');
+    out.put_u32(6);
+    out.put_u16(0);
+}
+
 /// Appends BackendKeyData to `out`.
 pub fn write_backend_key_data(out: &mut BytesMut, pid: i32, key: &[u8]) {
     let start = begin(out, BACKEND_KEY_DATA_TAG);

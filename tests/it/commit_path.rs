@@ -269,6 +269,12 @@ async fn a_stuck_commit_is_answered_within_a_second_of_the_circuit_opening() {
     c.execute("INSERT INTO sc VALUES (1)", &[]).await.unwrap();
 
     stall_commits(&pg);
+    // pg_reload_conf() only signals: wait until this backend has the setting, or its COMMIT
+    // may run before the stall (as it did once on a loaded machine).
+    eventually("the backend to see the stall", SECONDS_20, || async {
+        (first_value(&c, "SHOW synchronous_standby_names").await == "missing").then_some(())
+    })
+    .await;
     let commit = tokio::spawn(async move {
         let r = c.batch_execute("COMMIT").await;
         (r, Instant::now())
@@ -373,52 +379,76 @@ impl Drop for Frozen {
     }
 }
 
+/// The error a statement got, and how long it took to get it.
+async fn refused_in(c: &tokio_postgres::Client, sql: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), c.simple_query(sql))
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: no answer within 10 s"))
+        .expect_err(sql);
+    (sqlstate(&err), started.elapsed())
+}
+
 /// A frozen primary (accepts TCP, answers nothing): before, the pooled connections sat in
 /// their statements until the read deadline plus grace, and every new connection was held
-/// for hold_new_connections. Now the probe's verdict answers what waits there, a statement
-/// sent later is answered at once without reaching the server, and once the hold (counted
-/// from the primary's loss) has passed, new connections are refused at once.
+/// for hold_new_connections; then they were closed, and a pool reconnecting into a frozen
+/// host waited out its own timeouts. Now the probe's verdict answers what waits there with an
+/// ERROR and keeps every session: a read (or a write inside a block) is abandoned with 57P03,
+/// a commit with 40003 (it may commit when the server wakes, and here it does); a statement
+/// sent later is answered at once, never sent; a ROLLBACK succeeds. After the thaw the same
+/// connections work again, and the server holds no transaction the clients were told ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_primary_answers_waiting_statements_within_the_probes_detection_time() {
+async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_survive_the_thaw() {
     let pg = Cluster::start();
+    pg.psql("CREATE TABLE frozen_t (x int)");
     let mut config = fast_config(&pg);
     config.timeouts.read = Duration::from_secs(30);
+    config.timeouts.write = Duration::from_secs(30);
     let proxy = Proxy::start(config).await;
-    let (busy, busy_conn) = connect_watched(&proxy.params("postgres")).await;
-    let (idle, idle_conn) = connect_watched(&proxy.params("postgres")).await;
-    first_value(&busy, "SELECT 1").await;
+    let params = proxy.params("postgres");
+    let (reader, reader_conn) = connect_watched(&params).await;
+    let (writer, writer_conn) = connect_watched(&params).await;
+    let (block, block_conn) = connect_watched(&params).await;
+    let (idle, idle_conn) = connect_watched(&params).await;
+    reader.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    block
+        .batch_execute("BEGIN; INSERT INTO frozen_t VALUES (3)")
+        .await
+        .unwrap();
     first_value(&idle, "SELECT 1").await;
+    first_value(&writer, "SELECT 1").await;
 
     let frozen = Frozen::freeze(&pg);
-    let started = Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(10), busy.simple_query("SELECT 2"))
-        .await
-        .expect("answered long before the 30 s read deadline")
-        .unwrap_err();
-    let took = started.elapsed();
-    assert_eq!(sqlstate(&err), "08006", "{err:?}");
-    assert!(
-        err.as_db_error()
-            .unwrap()
-            .message()
-            .contains("not answering"),
-        "{err:?}"
+    // Two silent probes of 400 ms each, every 200 ms: well under 3 s, against 30 s deadlines.
+    let ((read, read_took), (write, write_took), (in_block, block_took)) = tokio::join!(
+        refused_in(&reader, "SELECT 2"),
+        refused_in(&writer, "INSERT INTO frozen_t VALUES (1)"),
+        refused_in(&block, "INSERT INTO frozen_t VALUES (4)"),
     );
-    // Two silent probes of 400 ms each, every 200 ms: well under 3 s.
-    assert!(took < Duration::from_secs(3), "answered after {took:?}");
-    let _ = tokio::time::timeout(Duration::from_secs(5), busy_conn).await;
-
-    // A session that was idle gets its answer at once, its statement never sent.
-    let started = Instant::now();
-    let err = idle.simple_query("SELECT 3").await.unwrap_err();
-    assert_eq!(sqlstate(&err), "08006", "{err:?}");
-    assert!(started.elapsed() < Duration::from_millis(500));
-    let _ = tokio::time::timeout(Duration::from_secs(5), idle_conn).await;
+    assert_eq!(read, "57P03");
+    assert_eq!(write, "40003", "an autocommit write in flight may commit");
+    assert_eq!(in_block, "57P03", "a write inside a block cannot commit");
+    for took in [read_took, write_took, block_took] {
+        assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    }
+    // Sent now: answered at once, not sent. Inside the failed block, as PostgreSQL does.
+    let (code, took) = refused_in(&idle, "SELECT 3").await;
+    assert_eq!(code, "57P03");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    let (code, took) = refused_in(&reader, "SELECT 3").await;
+    assert_eq!(code, "57P03");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // The pool's ROLLBACK on return succeeds at once: the connection goes back to the pool.
+    for c in [&reader, &block] {
+        let started = Instant::now();
+        c.batch_execute("ROLLBACK").await.expect("ROLLBACK answered");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
 
     // hold_new_connections (1 s) has passed since the primary was lost: no waiting.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let started = Instant::now();
-    let err = tokio_postgres::connect(&proxy.params("postgres"), tokio_postgres::NoTls)
+    let err = tokio_postgres::connect(&params, tokio_postgres::NoTls)
         .await
         .err()
         .expect("refused");
@@ -432,15 +462,74 @@ async fn a_frozen_primary_answers_waiting_statements_within_the_probes_detection
     assert_eq!(health["status"], "down", "{health}");
 
     drop(frozen);
-    let c = eventually("a new session after the thaw", SECONDS_20, || async {
-        tokio_postgres::connect(&proxy.params("postgres"), tokio_postgres::NoTls)
-            .await
-            .ok()
-            .map(|(c, conn)| {
-                tokio::spawn(conn);
-                c
-            })
+    // The same four connections work again.
+    for c in [&reader, &writer, &block, &idle] {
+        eventually("the session to follow the thawed server", SECONDS_20, || async {
+            (c.simple_query("SELECT 4").await.is_ok()).then_some(())
+        })
+        .await;
+    }
+    for conn in [reader_conn, writer_conn, block_conn, idle_conn] {
+        assert!(!conn.is_finished(), "every session stayed open");
+    }
+    // The commit in doubt committed when the server woke; the block the client rolled back
+    // left nothing, and no backend is left inside a transaction.
+    assert_eq!(pg.psql("SELECT string_agg(x::text, ',' ORDER BY x) FROM frozen_t"), "1");
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND state LIKE 'idle in transaction%'"
+        ),
+        "0"
+    );
+    // A transaction on a detached-then-reattached session runs normally.
+    block
+        .batch_execute("BEGIN; INSERT INTO frozen_t VALUES (5); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(pg.psql("SELECT count(*) FROM frozen_t WHERE x = 5"), "1");
+}
+
+/// The same through the extended protocol, as drivers that cache prepared statements use it:
+/// a query in flight when the host froze, and queries sent while it is frozen, get 57P03;
+/// the statement prepared before the freeze still works on the same connection after it (the
+/// server kept it: bulkhead answered the client itself and never touched the server's state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_survive_a_freeze_and_extended_queries_during_it_get_57p03() {
+    let pg = Cluster::start();
+    let mut config = fast_config(&pg);
+    config.timeouts.read = Duration::from_secs(30);
+    let proxy = Proxy::start(config).await;
+    let (c, conn) = connect_watched(&proxy.params("postgres")).await;
+    let statement = c.prepare("SELECT $1::int + 1").await.unwrap();
+    let row = c.query_one(&statement, &[&1i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+
+    let frozen = Frozen::freeze(&pg);
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), c.query_one(&statement, &[&2i32]))
+        .await
+        .expect("answered long before the read deadline")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    // While frozen: a new statement (Parse) and the cached one (Bind), at once.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let err = c.query("SELECT $1::text", &[&"x"]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+        let err = c.query_one(&statement, &[&3i32]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    drop(frozen);
+    let row = eventually("the cached statement to work again", SECONDS_20, || async {
+        c.query_one(&statement, &[&4i32]).await.ok()
     })
     .await;
-    assert_eq!(first_value(&c, "SELECT 4").await, "4");
+    assert_eq!(row.get::<_, i32>(0), 5);
+    let row = c.query_one("SELECT $1::text", &[&"y"]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "y");
+    assert!(!conn.is_finished());
 }

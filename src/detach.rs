@@ -1,0 +1,366 @@
+//! A session whose server stopped answering, kept open for its client.
+//!
+//! When the probe finds a host frozen (it accepts bytes and answers nothing), a session with
+//! statements waiting there answers them at once with an error and stays open: its client
+//! (usually a pooled connection) goes back to the application instead of waiting out a read
+//! deadline, and the pool keeps its connections. Until the server answers again, bulkhead
+//! answers every message itself (an error; a ROLLBACK succeeds). The server connection is
+//! kept: the server's late answers to the abandoned statements are dropped, and if they leave
+//! a transaction open that the client believes ended, bulkhead rolls it back before anything
+//! of the client's runs there again. This module is the client-facing half: what the client
+//! is told, message by message. Pure: no I/O, no clock.
+
+use bytes::BytesMut;
+
+use crate::classify::{Control, transaction_control};
+use crate::errors::Refusal;
+use crate::protocol::backend::{self, TxStatus};
+use crate::protocol::frontend;
+
+/// A session cut loose from its unresponsive server.
+#[derive(Debug)]
+pub struct Detached {
+    /// Requests at the head of the session's queue whose answers are dropped when they come.
+    pub owed: usize,
+    /// The transaction status bulkhead last gave the client.
+    pub client_tx: TxStatus,
+    /// The host was not answering at the last look: the head request's deadline waits.
+    pub frozen: bool,
+    /// What the probe said, for the errors.
+    why: String,
+    /// The extended-protocol batch being answered, up to its Sync.
+    batch: Option<Batch>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// Refused: the error goes out with its first message, then nothing until the Sync.
+    Refused { told: bool },
+    /// A ROLLBACK (or COMMIT of a failed block): each message answered as done.
+    RollingBack,
+}
+
+/// What the relay does once a client message has been answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Go,
+    /// The client sent Terminate: the session ends.
+    Terminate,
+}
+
+impl Detached {
+    /// `client_tx`: the status the client was last given; `owed`: requests in flight, whose
+    /// answers are to be dropped.
+    pub fn new(why: String, client_tx: TxStatus, owed: usize) -> Self {
+        Detached {
+            owed,
+            client_tx,
+            frozen: true,
+            why,
+            batch: None,
+        }
+    }
+
+    /// The client is between requests, outside a transaction: the session can follow the
+    /// server again once the server's state matches.
+    pub fn client_idle(&self) -> bool {
+        self.batch.is_none() && self.client_tx == TxStatus::Idle
+    }
+
+    /// The answer to a statement that was in flight when the server stopped answering: an
+    /// error, then ReadyForQuery. `commit`: it may commit when the server wakes (a COMMIT
+    /// of writes, an autocommit write), so its fate is unknown.
+    pub fn abandon(&mut self, commit: bool, ends_block: bool, out: &mut BytesMut) {
+        Refusal::Abandoned {
+            why: self.why.clone(),
+            in_doubt: commit,
+        }
+        .write(out);
+        self.after_error(ends_block);
+        backend::write_ready_for_query(out, self.client_tx);
+    }
+
+    /// The client's extended-protocol batch was cut off mid-way: it gets its error with the
+    /// next message it sends, and ReadyForQuery at its Sync.
+    pub fn refuse_open_batch(&mut self) {
+        self.batch = Some(Batch::Refused { told: false });
+    }
+
+    /// Answers one message from the client. `control_of` says which prepared statements
+    /// are ROLLBACK or COMMIT.
+    pub fn answer(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        control_of: impl Fn(&[u8]) -> Option<Control>,
+        out: &mut BytesMut,
+    ) -> Next {
+        if tag == frontend::TERMINATE_TAG {
+            return Next::Terminate;
+        }
+        if self.batch == Some(Batch::Refused { told: false }) {
+            self.refuse(false, out);
+            self.batch = Some(Batch::Refused { told: true });
+        }
+        match tag {
+            frontend::QUERY_TAG => {
+                self.batch = None;
+                let control = transaction_control(frontend::query_text(body));
+                match self.ends_block(control) {
+                    Some(done) => {
+                        backend::write_command_complete(out, done);
+                        self.client_tx = TxStatus::Idle;
+                    }
+                    None => self.refuse(control == Some(Control::Commit), out),
+                }
+                backend::write_ready_for_query(out, self.client_tx);
+            }
+            frontend::FUNCTION_CALL_TAG => {
+                self.batch = None;
+                self.refuse(false, out);
+                backend::write_ready_for_query(out, self.client_tx);
+            }
+            frontend::SYNC_TAG => {
+                if self.batch.take() == Some(Batch::RollingBack) {
+                    self.client_tx = TxStatus::Idle;
+                }
+                backend::write_ready_for_query(out, self.client_tx);
+            }
+            frontend::PARSE_TAG
+            | frontend::BIND_TAG
+            | frontend::DESCRIBE_TAG
+            | frontend::EXECUTE_TAG
+            | frontend::CLOSE_TAG
+            | frontend::FLUSH_TAG => {
+                let batch = match self.batch {
+                    Some(b) => b,
+                    None => {
+                        let control = match tag {
+                            // A named statement answered here would not exist on the server.
+                            frontend::PARSE_TAG => frontend::parse_message(body)
+                                .filter(|(name, _)| name.is_empty())
+                                .and_then(|(_, text)| transaction_control(text)),
+                            frontend::BIND_TAG => frontend::bind_names(body)
+                                .and_then(|(_, statement)| control_of(statement)),
+                            _ => None,
+                        };
+                        let b = match self.ends_block(control) {
+                            Some(_) => Batch::RollingBack,
+                            None => {
+                                self.refuse(control == Some(Control::Commit), out);
+                                Batch::Refused { told: true }
+                            }
+                        };
+                        self.batch = Some(b);
+                        b
+                    }
+                };
+                if batch == Batch::RollingBack {
+                    match tag {
+                        frontend::PARSE_TAG => backend::write_empty(out, b'1'),
+                        frontend::BIND_TAG => backend::write_empty(out, b'2'),
+                        frontend::CLOSE_TAG => backend::write_empty(out, b'3'),
+                        frontend::DESCRIBE_TAG => {
+                            if body.first() == Some(&b'S') {
+                                backend::write_no_parameters(out);
+                            }
+                            backend::write_empty(out, b'n');
+                        }
+                        frontend::EXECUTE_TAG => backend::write_command_complete(out, "ROLLBACK"),
+                        _ => {}
+                    }
+                }
+            }
+            // COPY data for a COPY that never started, and anything else: dropped.
+            _ => {}
+        }
+        Next::Go
+    }
+
+    /// What PostgreSQL answers a statement that ends the transaction block without running
+    /// anything, if `control` is one: ROLLBACK always; COMMIT of a failed block becomes
+    /// ROLLBACK; COMMIT outside a block commits nothing.
+    fn ends_block(&self, control: Option<Control>) -> Option<&'static str> {
+        match (control?, self.client_tx) {
+            (Control::Rollback, _) => Some("ROLLBACK"),
+            (Control::Commit, TxStatus::Failed) => Some("ROLLBACK"),
+            (Control::Commit, TxStatus::Idle) => Some("COMMIT"),
+            _ => None,
+        }
+    }
+
+    /// The statement was not sent: the error, and the block (if any) has failed — or ended,
+    /// for a COMMIT, which then did not commit.
+    fn refuse(&mut self, commit: bool, out: &mut BytesMut) {
+        Refusal::NotSent(self.why.clone()).write(out);
+        self.after_error(commit);
+    }
+
+    fn after_error(&mut self, ends_block: bool) {
+        self.client_tx = match self.client_tx {
+            _ if ends_block => TxStatus::Idle,
+            TxStatus::Idle => TxStatus::Idle,
+            _ => TxStatus::Failed,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::framing::parse_header;
+
+    /// The (tag, sqlstate or tx byte) of each message in `out`.
+    fn messages(out: &[u8]) -> Vec<(char, String)> {
+        let mut at = 0;
+        let mut seen = Vec::new();
+        while let Ok(Some(h)) = parse_header(&out[at..]) {
+            let body = &out[at + 5..at + h.total()];
+            let detail = match h.tag {
+                b'E' => backend::error_info(body).code.escape_ascii().to_string(),
+                b'Z' => (body[0] as char).to_string(),
+                b'C' => String::from_utf8_lossy(&body[..body.len() - 1]).into(),
+                _ => String::new(),
+            };
+            seen.push((h.tag as char, detail));
+            at += h.total();
+        }
+        seen
+    }
+
+    fn query(d: &mut Detached, sql: &str) -> Vec<(char, String)> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            d.answer(frontend::QUERY_TAG, &body, |_| None, &mut out),
+            Next::Go
+        );
+        messages(&out)
+    }
+
+    fn m(tag: char, detail: &str) -> (char, String) {
+        (tag, detail.to_string())
+    }
+
+    #[test]
+    fn a_read_in_a_block_fails_the_block_and_the_pools_rollback_ends_it() {
+        let mut d = Detached::new("frozen".into(), TxStatus::InBlock, 1);
+        let mut out = BytesMut::new();
+        d.abandon(false, false, &mut out);
+        assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "E")]);
+        assert_eq!(query(&mut d, "SELECT 1"), vec![m('E', "57P03"), m('Z', "E")]);
+        assert!(!d.client_idle());
+        assert_eq!(query(&mut d, "ROLLBACK"), vec![m('C', "ROLLBACK"), m('Z', "I")]);
+        assert!(d.client_idle());
+    }
+
+    #[test]
+    fn a_commit_in_flight_is_in_doubt_and_ends_the_block() {
+        let mut d = Detached::new("frozen".into(), TxStatus::InBlock, 1);
+        let mut out = BytesMut::new();
+        d.abandon(true, true, &mut out);
+        assert_eq!(messages(&out), vec![m('E', "40003"), m('Z', "I")]);
+        assert!(d.client_idle());
+    }
+
+    #[test]
+    fn outside_a_block_statements_are_refused_and_the_client_stays_idle() {
+        let mut d = Detached::new("frozen".into(), TxStatus::Idle, 0);
+        assert_eq!(query(&mut d, "BEGIN"), vec![m('E', "57P03"), m('Z', "I")]);
+        assert_eq!(query(&mut d, "INSERT INTO t VALUES (1)"), vec![m('E', "57P03"), m('Z', "I")]);
+        assert_eq!(query(&mut d, "COMMIT"), vec![m('C', "COMMIT"), m('Z', "I")]);
+        assert!(d.client_idle());
+    }
+
+    #[test]
+    fn a_commit_not_sent_in_an_open_block_ends_it_uncommitted() {
+        let mut d = Detached::new("frozen".into(), TxStatus::InBlock, 0);
+        assert_eq!(query(&mut d, "COMMIT"), vec![m('E', "57P03"), m('Z', "I")]);
+        let mut d = Detached::new("frozen".into(), TxStatus::Failed, 0);
+        assert_eq!(query(&mut d, "COMMIT"), vec![m('C', "ROLLBACK"), m('Z', "I")]);
+    }
+
+    #[test]
+    fn an_extended_rollback_is_answered_message_by_message() {
+        let mut d = Detached::new("frozen".into(), TxStatus::Failed, 0);
+        let mut out = BytesMut::new();
+        let mut parse = BytesMut::new();
+        frontend::write_parse(&mut parse, b"", b"ROLLBACK");
+        let mut bind = BytesMut::new();
+        frontend::write_bind(&mut bind, b"", b"");
+        for (tag, body) in [
+            (b'P', &parse[5..]),
+            (b'B', &bind[5..]),
+            (b'D', &b"P\0"[..]),
+            (b'E', &b"\0\0\0\0\0"[..]),
+            (b'S', &b""[..]),
+        ] {
+            d.answer(tag, body, |_| None, &mut out);
+        }
+        assert_eq!(
+            messages(&out),
+            vec![
+                m('1', ""),
+                m('2', ""),
+                m('n', ""),
+                m('C', "ROLLBACK"),
+                m('Z', "I")
+            ]
+        );
+        assert!(d.client_idle());
+    }
+
+    #[test]
+    fn an_extended_batch_gets_one_error_and_a_prepared_rollback_still_ends_the_block() {
+        let mut d = Detached::new("frozen".into(), TxStatus::InBlock, 0);
+        let mut out = BytesMut::new();
+        let mut parse = BytesMut::new();
+        frontend::write_parse(&mut parse, b"s1", b"SELECT 1");
+        d.answer(b'P', &parse[5..], |_| None, &mut out);
+        d.answer(b'E', b"\0\0\0\0\0", |_| None, &mut out);
+        d.answer(b'S', b"", |_| None, &mut out);
+        assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "E")]);
+        let mut out = BytesMut::new();
+        let mut bind = BytesMut::new();
+        frontend::write_bind(&mut bind, b"", b"rb");
+        let control = |s: &[u8]| (s == b"rb").then_some(Control::Rollback);
+        d.answer(b'B', &bind[5..], control, &mut out);
+        d.answer(b'E', b"\0\0\0\0\0", control, &mut out);
+        d.answer(b'S', b"", control, &mut out);
+        assert_eq!(messages(&out), vec![m('2', ""), m('C', "ROLLBACK"), m('Z', "I")]);
+    }
+
+    #[test]
+    fn a_named_rollback_parse_is_refused_since_the_server_would_not_have_it() {
+        let mut d = Detached::new("frozen".into(), TxStatus::Failed, 0);
+        let mut out = BytesMut::new();
+        let mut parse = BytesMut::new();
+        frontend::write_parse(&mut parse, b"rb", b"ROLLBACK");
+        d.answer(b'P', &parse[5..], |_| None, &mut out);
+        d.answer(b'S', b"", |_| None, &mut out);
+        assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "E")]);
+    }
+
+    #[test]
+    fn a_batch_cut_off_mid_way_gets_its_error_with_the_next_message() {
+        let mut d = Detached::new("frozen".into(), TxStatus::Idle, 1);
+        d.refuse_open_batch();
+        let mut out = BytesMut::new();
+        d.answer(b'E', b"\0\0\0\0\0", |_| None, &mut out);
+        d.answer(b'S', b"", |_| None, &mut out);
+        assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "I")]);
+        assert!(d.client_idle());
+    }
+
+    #[test]
+    fn terminate_ends_the_session() {
+        let mut d = Detached::new("frozen".into(), TxStatus::Idle, 0);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            d.answer(frontend::TERMINATE_TAG, b"", |_| None, &mut out),
+            Next::Terminate
+        );
+        assert!(out.is_empty());
+    }
+}
