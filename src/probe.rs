@@ -650,17 +650,15 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
         }
         let lost = topology.lost[index].swap(false, Ordering::Relaxed);
         let started = Instant::now();
-        let mut report = status_within(&dial, probe.timeout).await;
         // One failed check does not demote a host that was up (one lost SYN under packet
-        // loss would make the primary unknown for an interval): ask again at once, and
-        // believe two in a row.
+        // loss would make the primary unknown for an interval): ask twice, and believe two
+        // in a row.
         let was_up = matches!(topology.hosts()[index].role, Role::Primary | Role::Standby);
-        if was_up && matches!(report, Report::Down(_) | Report::Silent(_)) {
-            if matches!(report, Report::Silent(_)) {
-                silent += 1;
-            }
-            report = status_within(&dial, probe.timeout).await;
-        }
+        let report = if was_up {
+            status_twice(&dial, probe.timeout, &mut silent).await
+        } else {
+            status_within(&dial, probe.timeout).await
+        };
         let is_primary = matches!(
             report,
             Report::Up {
@@ -711,6 +709,34 @@ async fn status_within(dial: &Dial, timeout: Duration) -> Report {
             humantime::format_duration(timeout)
         )),
     }
+}
+
+/// A status check of a host that was up, confirmed by a second one when it fails. The second
+/// does not wait for the first to time out: if the first has no answer after a quarter of the
+/// timeout (a healthy server answers in milliseconds), the second starts beside it, so a
+/// frozen host is known after about 1.25 timeouts rather than two. Counts each silent check
+/// that did not end in an answer into `silent`; the report is the first good one, else the
+/// second's.
+async fn status_twice(dial: &Dial, timeout: Duration, silent: &mut u32) -> Report {
+    let first = status_within(dial, timeout);
+    tokio::pin!(first);
+    let early = tokio::select! {
+        report = &mut first => Some(report),
+        _ = tokio::time::sleep(timeout / 4) => None,
+    };
+    let failed = |r: &Report| matches!(r, Report::Down(_) | Report::Silent(_));
+    let (first, second) = match early {
+        Some(report) if !failed(&report) => return report,
+        Some(report) => (report, status_within(dial, timeout).await),
+        None => tokio::join!(first, status_within(dial, timeout)),
+    };
+    if !failed(&first) {
+        return first;
+    }
+    if matches!(first, Report::Silent(_)) {
+        *silent += 1;
+    }
+    second
 }
 
 /// In recovery, and on which timeline. A primary's timeline is read from the WAL it writes
