@@ -67,16 +67,12 @@ impl Detached {
         self.batch.is_none() && self.client_tx == TxStatus::Idle
     }
 
-    /// The answer to a statement that was in flight when the server stopped answering: an
-    /// error, then ReadyForQuery. `commit`: it may commit when the server wakes (a COMMIT
-    /// of writes, an autocommit write), so its fate is unknown.
-    pub fn abandon(&mut self, commit: bool, ends_block: bool, out: &mut BytesMut) {
-        Refusal::Abandoned {
-            why: self.why.clone(),
-            in_doubt: commit,
-        }
-        .write(out);
-        self.after_error(ends_block);
+    /// The answer to a statement that was in flight when the server stopped answering (one
+    /// that cannot commit: a read, or a statement inside a block, which bulkhead rolls back
+    /// once the server answers): an error, then ReadyForQuery; a block has failed.
+    pub fn abandon(&mut self, out: &mut BytesMut) {
+        Refusal::Abandoned(self.why.clone()).write(out);
+        self.after_error(false);
         backend::write_ready_for_query(out, self.client_tx);
     }
 
@@ -247,20 +243,11 @@ mod tests {
     fn a_read_in_a_block_fails_the_block_and_the_pools_rollback_ends_it() {
         let mut d = Detached::new("frozen".into(), TxStatus::InBlock, 1);
         let mut out = BytesMut::new();
-        d.abandon(false, false, &mut out);
+        d.abandon(&mut out);
         assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "E")]);
         assert_eq!(query(&mut d, "SELECT 1"), vec![m('E', "57P03"), m('Z', "E")]);
         assert!(!d.client_idle());
         assert_eq!(query(&mut d, "ROLLBACK"), vec![m('C', "ROLLBACK"), m('Z', "I")]);
-        assert!(d.client_idle());
-    }
-
-    #[test]
-    fn a_commit_in_flight_is_in_doubt_and_ends_the_block() {
-        let mut d = Detached::new("frozen".into(), TxStatus::InBlock, 1);
-        let mut out = BytesMut::new();
-        d.abandon(true, true, &mut out);
-        assert_eq!(messages(&out), vec![m('E', "40003"), m('Z', "I")]);
         assert!(d.client_idle());
     }
 

@@ -87,10 +87,10 @@ pub enum Refusal {
     /// a statement waiting there or was about to send one. FATAL 40003 when a write is in
     /// doubt, else 08006.
     Unresponsive(String, Lost),
-    /// The server stopped answering while this statement was in flight. The session stays
-    /// open; the server's late answer is dropped and its transaction rolled back. ERROR 40003
-    /// when the statement may commit when the server wakes (a commit), else 57P03.
-    Abandoned { why: String, in_doubt: bool },
+    /// The server stopped answering while this statement (one that cannot commit) was in
+    /// flight. The session stays open; the server's late answer is dropped and its
+    /// transaction rolled back. ERROR 57P03.
+    Abandoned(String),
     /// The server is not answering, so the statement was not sent. ERROR 57P03; the session
     /// stays open.
     NotSent(String),
@@ -230,17 +230,7 @@ impl Refusal {
                 "The durability you asked for was not confirmed. Check the transaction with \
                  pg_xact_status() before retrying. The connection was closed.",
             ),
-            Refusal::Abandoned { why, in_doubt: true } => (
-                Severity::Error,
-                "40003",
-                format!(
-                    "bulkhead: the database server stopped answering while this commit was in flight: {why}; \
-                     it may or may not commit when the server answers again"
-                ),
-                "Check whether the write took effect (pg_xact_status(); 'in progress' means not decided yet) \
-                 before retrying it. The connection stays open; statements are refused at once until the server answers.",
-            ),
-            Refusal::Abandoned { why, in_doubt: false } => (
+            Refusal::Abandoned(why) => (
                 Severity::Error,
                 "57P03",
                 format!(

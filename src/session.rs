@@ -1105,22 +1105,36 @@ impl Relay {
         {
             return Some(End::Unresponsive);
         }
+        // A commit in flight (an autocommit write, a COMMIT of writes; or a write in a batch
+        // still open, which the Sync that closes it would commit) may still take effect: for
+        // that the session ends as before, FATAL 40003, and its connection is reset, so that
+        // nothing of it still in the kernel's send queue (a blackhole) is delivered later.
+        let idle = self.tx == TxStatus::Idle;
+        let open = self.tracker.is_open();
+        let last = self.tracker.in_flight() - 1;
+        let commits = self
+            .tracker
+            .requests()
+            .enumerate()
+            .any(|(i, (class, commit))| {
+                class == Class::Write && (commit || idle || (open && i == last))
+            });
+        if commits {
+            return Some(End::Unresponsive);
+        }
         let now = Instant::now();
         let why = shared.topology.circuit(self.host).reason_unresponsive();
         let mut detached = Detached::new(why, self.tx, 0);
         // A batch the client has not finished: the server gets a Sync to close what it has of
         // it (that answer is dropped too), and the client its error when it sends the rest.
-        let open = self.tracker.is_open();
         if open {
             self.up.inject().extend_from_slice(SYNC);
             self.tracker.sync(now);
         }
         let answered = self.tracker.in_flight() - usize::from(open);
-        let idle = self.tx == TxStatus::Idle;
         let out = self.down.inject();
-        for (class, commit) in self.tracker.requests().take(answered) {
-            let in_doubt = class == Class::Write && (commit || idle);
-            detached.abandon(in_doubt, commit, out);
+        for (class, _) in self.tracker.requests().take(answered) {
+            detached.abandon(out);
             shared.metrics.class(class).statement(Outcome::Error).increment(1);
         }
         if open {
