@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -213,6 +213,8 @@ pub struct Circuit {
     /// The probe found the host not answering (twice in a row): statements sent there would
     /// hang, so sessions end instead of sending them.
     unresponsive: AtomicBool,
+    /// The probe's heartbeat has gone unanswered for its timeout: the first, fast sign.
+    beat_silent: AtomicBool,
 }
 
 impl Circuit {
@@ -234,33 +236,61 @@ impl Circuit {
             unresponsive_gauge,
             alarm: watch::channel(0).0,
             unresponsive: AtomicBool::new(false),
+            beat_silent: AtomicBool::new(false),
         }
     }
 
     /// Why statements to the host are not sent, while it is unresponsive.
     pub fn reason_unresponsive(&self) -> String {
-        format!("{} did not answer the probe twice in a row", self.name)
+        if self.is_confirmed_unresponsive() {
+            format!("{} did not answer the probe twice in a row", self.name)
+        } else {
+            format!("{} stopped answering the probe's heartbeat", self.name)
+        }
     }
 
-    /// Whether the probe last found the host not answering.
+    /// Whether the host is not answering, by either sign: statements there are answered
+    /// by bulkhead, not sent.
     pub fn is_unresponsive(&self) -> bool {
+        self.beat_silent.load(Ordering::Relaxed) || self.is_confirmed_unresponsive()
+    }
+
+    /// Whether the probe's status checks confirmed it (two in a row got no answer): then
+    /// even a session with a commit in flight is ended rather than left waiting.
+    pub fn is_confirmed_unresponsive(&self) -> bool {
         self.unresponsive.load(Ordering::Relaxed)
     }
 
-    /// Records whether the host answers; a host that stops raises the alarm.
+    /// Records what the status checks found: a host that stops answering, or answers again,
+    /// raises the alarm.
     pub fn set_unresponsive(&self, unresponsive: bool) {
         if self.unresponsive.swap(unresponsive, Ordering::Relaxed) != unresponsive {
-            self.unresponsive_gauge
-                .set(if unresponsive { 1.0 } else { 0.0 });
             if unresponsive {
-                warn!(backend = %self.name, "host not answering: statements stuck there are answered now");
-                self.raise_alarm();
+                warn!(backend = %self.name, "host not answering the probe's status checks: statements stuck there are answered now");
             } else {
-                warn!(backend = %self.name, "host answers again");
-                // Sessions cut loose from it follow it again.
-                self.raise_alarm();
+                warn!(backend = %self.name, "host answers the probe's status checks again");
             }
+            self.changed_answering();
         }
+    }
+
+    /// Records what the heartbeat found, likewise.
+    pub fn set_beat_silent(&self, silent: bool) {
+        if self.beat_silent.swap(silent, Ordering::Relaxed) != silent {
+            if silent {
+                warn!(backend = %self.name, "host stopped answering the probe's heartbeat: statements waiting there are answered now");
+            } else {
+                info!(backend = %self.name, "host answers the probe's heartbeat again");
+            }
+            self.changed_answering();
+        }
+    }
+
+    fn changed_answering(&self) {
+        self.unresponsive_gauge
+            .set(if self.is_unresponsive() { 1.0 } else { 0.0 });
+        // Sessions there look at what they have in flight, or follow the host again.
+        self.raise_alarm();
     }
 
     /// Follows the host's alarm (see [`Circuit::raise_alarm`]).

@@ -96,6 +96,13 @@ pub struct Probe {
     pub interval: Duration,
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// How often the heartbeat (an empty query on a connection kept open to each host that is
+    /// up) is sent; "0s" turns it off.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat: Duration,
+    /// A heartbeat unanswered this long marks the host not answering, at once.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -180,6 +187,8 @@ impl Default for Probe {
             password_env: "BULKHEAD_PROBE_PASSWORD".into(),
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
+            heartbeat: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -255,6 +264,7 @@ impl Config {
             ("database", "connect_timeout", self.database.connect_timeout),
             ("probe", "interval", self.probe.interval),
             ("probe", "timeout", self.probe.timeout),
+            ("probe", "heartbeat_timeout", self.probe.heartbeat_timeout),
             ("timeouts", "read", self.timeouts.read),
             ("timeouts", "write", self.timeouts.write),
             ("timeouts", "cancel_grace", self.timeouts.cancel_grace),
@@ -276,6 +286,7 @@ impl Config {
                 self.circuit.hold_new_connections,
             ),
             ("limits", "queue_timeout", self.limits.queue_timeout),
+            ("probe", "heartbeat", self.probe.heartbeat),
         ]);
         for (section, key, value) in every {
             if value > MAX_DURATION {
@@ -295,6 +306,7 @@ impl Config {
         for (key, value) in [
             ("interval", self.probe.interval),
             ("timeout", self.probe.timeout),
+            ("heartbeat_timeout", self.probe.heartbeat_timeout),
         ] {
             if value < MIN_PROBE {
                 return fail(
@@ -306,6 +318,16 @@ impl Config {
                     ),
                 );
             }
+        }
+        if !self.probe.heartbeat.is_zero() && self.probe.heartbeat < MIN_HEARTBEAT {
+            return fail(
+                "probe",
+                "heartbeat",
+                format!(
+                    "must be \"0s\" (off) or at least {}",
+                    humantime::format_duration(MIN_HEARTBEAT)
+                ),
+            );
         }
         if self.database.hosts.is_empty() {
             return fail("database", "hosts", "needs at least one host:port".into());
@@ -368,6 +390,9 @@ const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The shortest probe interval and timeout.
 const MIN_PROBE: Duration = Duration::from_millis(100);
+
+/// The shortest heartbeat period other than off.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 
 /// `host:port` with a numeric port; the host may be a name, an IPv4 address or `[v6]`.
 fn check_host_port(s: &str) -> Result<(), &'static str> {
@@ -456,6 +481,15 @@ mod tests {
         let e = error("[probe]\ntimeout = \"1ns\"\n");
         assert!(e.contains("probe.timeout (line 2)"), "{e}");
         assert!(Config::parse("[timeouts]\nread = \"24h\"\n").is_ok());
+        let e = error("[probe]\nheartbeat = \"1ms\"\n");
+        assert!(
+            e.contains("probe.heartbeat (line 2): must be \"0s\" (off) or at least 10ms"),
+            "{e}"
+        );
+        let e = error("[probe]\nheartbeat_timeout = \"20ms\"\n");
+        assert!(e.contains("probe.heartbeat_timeout (line 2)"), "{e}");
+        let off = Config::parse("[probe]\nheartbeat = \"0s\"\n").unwrap();
+        assert!(off.probe.heartbeat.is_zero());
     }
 
     #[test]

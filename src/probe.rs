@@ -482,6 +482,8 @@ struct Conn {
 /// Why a probe connection could not be had.
 enum ProbeError {
     Down(String),
+    /// No answer at all while connecting.
+    Silent(String),
     Tls(String),
     /// No room for a connection: the server answered 53300 (it is up and at
     /// max_connections), or bulkhead is out of file descriptors. Nothing learned of the host.
@@ -492,6 +494,7 @@ impl ProbeError {
     fn into_report(self) -> Report {
         match self {
             ProbeError::Down(why) => Report::Down(why),
+            ProbeError::Silent(why) => Report::Silent(why),
             ProbeError::Tls(why) => Report::TlsFailed(why),
             ProbeError::Full(why) => Report::Full(why),
         }
@@ -499,7 +502,10 @@ impl ProbeError {
 
     fn into_string(self) -> String {
         match self {
-            ProbeError::Down(why) | ProbeError::Tls(why) | ProbeError::Full(why) => why,
+            ProbeError::Down(why)
+            | ProbeError::Silent(why)
+            | ProbeError::Tls(why)
+            | ProbeError::Full(why) => why,
         }
     }
 }
@@ -520,6 +526,7 @@ impl Dial {
             .await
             .map_err(|e| match e {
                 ConnectError::Unreachable(why) => ProbeError::Down(why),
+                ConnectError::NoAnswer(why) => ProbeError::Silent(why),
                 ConnectError::Tls(why) => ProbeError::Tls(why),
                 // bulkhead's own shortage says nothing about the host: keep its role.
                 ConnectError::NoDescriptors(why) => {
@@ -558,6 +565,74 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
         address,
         within: config.database.connect_timeout,
     };
+    tokio::join!(
+        check_host(&shared, &config, &dial, index),
+        heartbeat(&shared, &config, &dial, index)
+    );
+}
+
+/// Every [probe] heartbeat, an empty query on a connection kept open to the host while it is
+/// up. One unanswered for [probe] heartbeat_timeout marks the host not answering at once
+/// (a frozen server, a blackholed network), well before two status checks on new
+/// connections can; its answer, whenever it comes, clears the mark. A server that is up
+/// answers an empty query on an idle backend in well under a millisecond: it forks nothing,
+/// takes no lock and writes nothing, so commits stuck on the commit path do not delay it.
+async fn heartbeat(shared: &Shared, config: &Config, dial: &Dial, index: usize) {
+    let every = config.probe.heartbeat;
+    if every.is_zero() {
+        return;
+    }
+    let within = config.probe.heartbeat_timeout;
+    let circuit = shared.topology.circuit(index);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn: Option<Conn> = None;
+    loop {
+        ticks.tick().await;
+        // Only a host that is up has a heartbeat; the status checks speak for the others.
+        let up = matches!(
+            shared.topology.hosts()[index].role,
+            Role::Primary | Role::Standby
+        );
+        if !up {
+            conn = None;
+            circuit.set_beat_silent(false);
+            continue;
+        }
+        let c = match conn.take().filter(|c| !c.client.is_closed()) {
+            Some(c) => c,
+            None => match dial.connect().await {
+                Ok((c, _)) => c,
+                Err(_) => {
+                    // Connecting is the status checks' business; try again at their pace.
+                    tokio::time::sleep(config.probe.interval).await;
+                    continue;
+                }
+            },
+        };
+        let answered = {
+            let beat = c.client.simple_query("");
+            tokio::pin!(beat);
+            match tokio::time::timeout(within, &mut beat).await {
+                Ok(result) => result.is_ok(),
+                Err(_) => {
+                    circuit.set_beat_silent(true);
+                    // The answer that ends the silence, or the connection's end (keepalive
+                    // and TCP_USER_TIMEOUT close a dead one).
+                    beat.await.is_ok()
+                }
+            }
+        };
+        circuit.set_beat_silent(false);
+        if answered {
+            conn = Some(c);
+        }
+    }
+}
+
+/// The status check every [probe] interval (role, timeline, whether the host answers at
+/// all) and the write check.
+async fn check_host(shared: &Arc<Shared>, config: &Config, dial: &Dial, index: usize) {
     let probe = &config.probe;
     let topology = &shared.topology;
     let circuit = topology.circuit(index);
@@ -655,9 +730,9 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
         // in a row.
         let was_up = matches!(topology.hosts()[index].role, Role::Primary | Role::Standby);
         let report = if was_up {
-            status_twice(&dial, probe.timeout, &mut silent).await
+            status_twice(dial, probe.timeout, &mut silent).await
         } else {
-            status_within(&dial, probe.timeout).await
+            status_within(dial, probe.timeout).await
         };
         let is_primary = matches!(
             report,

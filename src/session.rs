@@ -225,7 +225,7 @@ async fn connect_primary(
                 Ok((stream, addr)) => return Ok((stream, addr, p.index)),
                 Err(ConnectError::Tls(why)) => return Err(Refusal::ServerTls(why)),
                 Err(ConnectError::NoDescriptors(_)) => return Err(Refusal::OutOfDescriptors),
-                Err(ConnectError::Unreachable(why)) => last_error = why,
+                Err(ConnectError::Unreachable(why) | ConnectError::NoAnswer(why)) => last_error = why,
             }
         } else if let Some(why) = shared.topology.tls_failure() {
             // Every host fails TLS as configured: no primary will appear by waiting.
@@ -1107,8 +1107,9 @@ impl Relay {
         }
         // A commit in flight (an autocommit write, a COMMIT of writes; or a write in a batch
         // still open, which the Sync that closes it would commit) may still take effect: for
-        // that the session ends as before, FATAL 40003, and its connection is reset, so that
-        // nothing of it still in the kernel's send queue (a blackhole) is delivered later.
+        // that the session is not detached; once the status checks confirm the host silent
+        // it ends as before, FATAL 40003, and its connection is reset, so that nothing of it
+        // still in the kernel's send queue (a blackhole) is delivered later.
         let idle = self.tx == TxStatus::Idle;
         let open = self.tracker.is_open();
         let last = self.tracker.in_flight() - 1;
@@ -1120,7 +1121,13 @@ impl Relay {
                 class == Class::Write && (commit || idle || (open && i == last))
             });
         if commits {
-            return Some(End::Unresponsive);
+            // On the heartbeat's word alone it waits for its deadline (or the status checks'
+            // verdict): a server that is only slow may still answer it.
+            let confirmed = shared
+                .topology
+                .circuit(self.host)
+                .is_confirmed_unresponsive();
+            return confirmed.then_some(End::Unresponsive);
         }
         let now = Instant::now();
         let why = shared.topology.circuit(self.host).reason_unresponsive();
@@ -1409,7 +1416,9 @@ impl Relay {
                             if let Some(end) = self.detach(shared) {
                                 return Err(end);
                             }
-                            continue;
+                            if self.detached.is_some() {
+                                continue;
+                            }
                         }
                     }
                     if self.client_tx_failed && self.failed_batch_starts(now, &h) {

@@ -20,8 +20,10 @@ use crate::tls::{self, Stream, Tls};
 /// Why no connection could be had.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectError {
-    /// Not reachable, or no answer in time: worth trying again, or another host.
+    /// Not reachable: worth trying again, or another host.
     Unreachable(String),
+    /// No answer in time at all (a frozen server, a blackholed network): likewise.
+    NoAnswer(String),
     /// Reachable, but TLS as configured could not be set up: trying again will not help.
     Tls(String),
     /// bulkhead itself has no file descriptor left: says nothing about the server.
@@ -32,6 +34,7 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ConnectError::Unreachable(why)
+            | ConnectError::NoAnswer(why)
             | ConnectError::Tls(why)
             | ConnectError::NoDescriptors(why) => f.write_str(why),
         }
@@ -48,7 +51,7 @@ pub async fn connect(
 ) -> Result<(Stream, SocketAddr), ConnectError> {
     let deadline = tokio::time::Instant::now() + within;
     let timed_out = || {
-        ConnectError::Unreachable(format!(
+        ConnectError::NoAnswer(format!(
             "{address}: no answer within {}",
             humantime::format_duration(within)
         ))

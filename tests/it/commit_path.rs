@@ -535,3 +535,62 @@ async fn prepared_statements_survive_a_freeze_and_extended_queries_during_it_get
     assert_eq!(row.get::<_, String>(0), "y");
     assert!(!conn.is_finished());
 }
+
+/// The heartbeat (an empty query every 100 ms on a connection kept open) notices a frozen
+/// host within its 500 ms timeout, long before status checks on new connections can (here
+/// every 5 s with a 2 s timeout, so at least 2.5 s): a read waiting there is answered within
+/// about a second. A commit in flight is not given up on the heartbeat's word alone: it waits
+/// for the status checks' verdict (then FATAL 40003), since a server only slow may answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_answers_reads_on_a_frozen_host_before_the_status_checks_could() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE beat_t (x int)");
+    let mut config = fast_config(&pg);
+    config.probe.interval = Duration::from_secs(5);
+    config.probe.timeout = Duration::from_secs(2);
+    config.timeouts.read = Duration::from_secs(30);
+    config.timeouts.write = Duration::from_secs(30);
+    let proxy = Proxy::start(config).await;
+    let params = proxy.params("postgres");
+    let (reader, reader_conn) = connect_watched(&params).await;
+    let (writer, _writer_conn) = connect_watched(&params).await;
+    first_value(&reader, "SELECT 1").await;
+    writer
+        .batch_execute("BEGIN; INSERT INTO beat_t VALUES (1)")
+        .await
+        .unwrap();
+    eventually("the heartbeat connection", SECONDS_20, || async {
+        let beats = pg.psql(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'bulkhead probe' AND query = ''",
+        );
+        (beats != "0").then_some(())
+    })
+    .await;
+
+    let frozen = Frozen::freeze(&pg);
+    let commit = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = writer.batch_execute("COMMIT").await;
+        (r, started.elapsed())
+    });
+    let (code, took) = refused_in(&reader, "SELECT 2").await;
+    assert_eq!(code, "57P03");
+    assert!(took < Duration::from_millis(2000), "answered after {took:?}");
+    assert!(!commit.is_finished(), "the commit waits for the status checks");
+    let (result, took) = tokio::time::timeout(Duration::from_secs(15), commit)
+        .await
+        .expect("the commit is answered once the status checks confirm")
+        .unwrap();
+    let err = result.unwrap_err();
+    assert_eq!(sqlstate(&err), "40003", "{err:?}");
+    assert_eq!(err.as_db_error().unwrap().severity(), "FATAL");
+    assert!(took < Duration::from_secs(12), "{took:?}");
+
+    drop(frozen);
+    eventually("the reader to follow the thawed server", SECONDS_20, || async {
+        reader.simple_query("SELECT 3").await.is_ok().then_some(())
+    })
+    .await;
+    assert!(!reader_conn.is_finished());
+}
