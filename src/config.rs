@@ -188,7 +188,7 @@ impl Default for Probe {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             heartbeat: Duration::from_millis(100),
-            heartbeat_timeout: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_millis(400),
         }
     }
 }

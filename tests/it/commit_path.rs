@@ -537,7 +537,7 @@ async fn prepared_statements_survive_a_freeze_and_extended_queries_during_it_get
 }
 
 /// The heartbeat (an empty query every 100 ms on a connection kept open) notices a frozen
-/// host within its 500 ms timeout, long before status checks on new connections can (here
+/// host within its 400 ms timeout, long before status checks on new connections can (here
 /// every 5 s with a 2 s timeout, so at least 2.5 s): a read waiting there is answered within
 /// about a second. A commit in flight is not given up on the heartbeat's word alone: it waits
 /// for the status checks' verdict (then FATAL 40003), since a server only slow may answer it.
