@@ -314,6 +314,7 @@ fn report(shared: &Shared) -> Report {
                 "tls": h.tls.label(),
                 "error": h.error,
                 "write_check": write_check_problem(h, config.probe.timeout),
+                "answering": !circuit.is_unresponsive(),
             })
         })
         .collect();
@@ -333,6 +334,8 @@ fn report(shared: &Shared) -> Report {
                     p.address,
                     circuit.label()
                 ))
+            } else if shared.topology.circuit(p.index).is_unresponsive() {
+                Some(shared.topology.circuit(p.index).reason_unresponsive())
             } else if let Some(why) = write_check_problem(&hosts[p.index], config.probe.timeout) {
                 // Commits are stalling even if no client has waited out its deadline yet.
                 Some(format!("{}: {why}", p.address))

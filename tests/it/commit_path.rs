@@ -578,6 +578,11 @@ async fn the_heartbeat_answers_reads_on_a_frozen_host_before_the_status_checks_c
     assert_eq!(code, "57P03");
     assert!(took < Duration::from_millis(2000), "answered after {took:?}");
     assert!(!commit.is_finished(), "the commit waits for the status checks");
+    // Readiness says so already: the primary does not answer.
+    let ready = proxy.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.contains("heartbeat"), "{}", ready.body);
+    assert_eq!(proxy.health_json().await["backends"][0]["answering"], false);
     let (result, took) = tokio::time::timeout(Duration::from_secs(15), commit)
         .await
         .expect("the commit is answered once the status checks confirm")
