@@ -310,7 +310,7 @@ impl Refusal {
                 Severity::Fatal,
                 "08P01",
                 format!("bulkhead: SCRAM channel binding cannot pass through bulkhead: {why}"),
-                "bulkhead ends the client's TLS session and starts its own to the server, so no channel binding can match both. Connect with channel_binding=disable (SCRAM-SHA-256 without binding works), or to bulkhead without TLS.",
+                "bulkhead ends the client's TLS session and starts its own to the server, and their certificates differ, so no channel binding can match both. Connect with channel_binding=disable (SCRAM-SHA-256 without binding works), or to bulkhead without TLS; or give bulkhead's listener the server's own certificate and key, and binding passes through.",
             ),
         };
         write_error(

@@ -1764,10 +1764,18 @@ impl Relay {
                 }
                 backend::AUTHENTICATION_TAG if tls_login && self.down.is_whole(&h) => {
                     let body = self.down.body(&h);
-                    if backend::is_sasl_offer(body) {
+                    // With TLS on both sides and the server's own certificate on the
+                    // listener, the client's channel binding (a hash of the certificate it
+                    // saw) is the server's: SCRAM-SHA-256-PLUS passes through as offered.
+                    let binds = self.client.is_tls()
+                        && self
+                            .server
+                            .server_certificate()
+                            .is_some_and(|c| shared.tls.get().presents(c));
+                    if !binds && backend::is_sasl_offer(body) {
                         self.sasl_offered = true;
-                        // SCRAM-SHA-256-PLUS would bind the login to bulkhead's TLS session
-                        // with the server, which the client cannot see: never offer it.
+                        // Otherwise SCRAM-SHA-256-PLUS would bind the login to bulkhead's TLS
+                        // session with the server, which the client cannot see: never offer it.
                         let mut own = BytesMut::new();
                         if backend::write_sasl_offer_without_plus(&mut own, body) {
                             self.down.replace(&h, &own);

@@ -58,6 +58,19 @@ impl Stream {
         }
     }
 
+    /// The certificate the peer presented, on a TLS connection bulkhead made (toward a server).
+    pub fn server_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Tls(s) => match s.as_ref() {
+                tokio_rustls::TlsStream::Client(c) => {
+                    c.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref())
+                }
+                tokio_rustls::TlsStream::Server(_) => None,
+            },
+            Stream::Plain(_) => None,
+        }
+    }
+
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.tcp().peer_addr()
     }
@@ -124,6 +137,8 @@ pub struct Tls {
     /// and tls is not "disable".
     pub listen: ListenTls,
     acceptor: Option<TlsAcceptor>,
+    /// The certificate the acceptor presents (the first of its chain).
+    listen_cert: Option<CertificateDer<'static>>,
     /// Toward servers: the mode, and the connector for every mode but "disable".
     pub server: ServerTls,
     connector: Option<TlsConnector>,
@@ -144,10 +159,12 @@ impl Tls {
     pub fn load(config: &Config) -> Result<Tls, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let listen = &config.listen;
+        let mut listen_cert = None;
         let acceptor = if listen.tls_cert_file.is_empty() || listen.tls == ListenTls::Disable {
             None
         } else {
             let certs = read_certs("listen.tls_cert_file", &listen.tls_cert_file)?;
+            listen_cert = certs.first().cloned();
             let key = read_key("listen.tls_key_file", &listen.tls_key_file)?;
             let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()
@@ -209,6 +226,7 @@ impl Tls {
         Ok(Tls {
             listen: listen.tls,
             acceptor,
+            listen_cert,
             server: db.tls,
             connector,
         })
@@ -217,6 +235,15 @@ impl Tls {
     /// The acceptor, when SSLRequest is to be answered 'S'.
     pub fn acceptor(&self) -> Option<&TlsAcceptor> {
         self.acceptor.as_ref()
+    }
+
+    /// Whether the listener presents exactly this certificate (DER). When a server presents the
+    /// same one, SCRAM channel binding (tls-server-end-point: a hash of the server's
+    /// certificate) computes the same on both of bulkhead's TLS sessions, and can pass through.
+    pub fn presents(&self, certificate: &[u8]) -> bool {
+        self.listen_cert
+            .as_ref()
+            .is_some_and(|c| c.as_ref() == certificate)
     }
 
     /// The connector, unless [database] tls is "disable".

@@ -354,7 +354,13 @@ async fn scram_works_over_tls_on_both_sides_without_channel_binding() {
         "SET password_encryption = 'scram-sha-256'; \
          CREATE ROLE scram_user LOGIN PASSWORD 'scram-secret'",
     );
-    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Prefer)).await;
+    // bulkhead's listener has a certificate of its own, not the server's.
+    let own = Pki::new(&["127.0.0.1"]);
+    let mut config = config_with_client_tls(&pg, &pki, ListenTls::Prefer);
+    config.listen.tls_cert_file = own.cert().display().to_string();
+    config.listen.tls_key_file = own.key().display().to_string();
+    let pki = own;
+    let proxy = Proxy::start(config).await;
     // TLS on both sides: the client must not try to bind its login to a TLS session. A
     // plaintext client with TLS only toward the server: plain SCRAM, as offered.
     for settings in ["sslmode=require channel_binding=disable", "sslmode=disable"] {
@@ -733,4 +739,58 @@ async fn tls_records_toward_clients_carry_at_most_8_kib_as_postgresql_writes_the
         largest <= 8192 + 64,
         "the largest record bulkhead wrote carried {largest} bytes"
     );
+}
+
+/// SCRAM channel binding (tls-server-end-point) is a hash of the certificate the client saw.
+/// With the server's own certificate and key on bulkhead's listener, the client's binding is
+/// the one the server computes, so SCRAM-SHA-256-PLUS passes through: libpq with
+/// channel_binding=require logs in (node-postgres' `sasl-scram-tests.js` needs this), and so
+/// does tokio-postgres, which binds whenever it is offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_passes_through_when_the_listener_presents_the_servers_certificate() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let pg = Cluster::start_tls(&pki);
+    pg.psql(
+        "SET password_encryption = 'scram-sha-256'; \
+         CREATE ROLE scram_user LOGIN PASSWORD 'scram-secret'",
+    );
+    let proxy = Proxy::start(config_with_client_tls(&pg, &pki, ListenTls::Prefer)).await;
+    for settings in [
+        "sslmode=require channel_binding=require",
+        "sslmode=require",
+        "sslmode=disable",
+    ] {
+        let out = psql(
+            &proxy,
+            settings,
+            "scram_user",
+            "scram-secret",
+            "SELECT current_user",
+        );
+        assert_eq!(
+            text(&out).trim(),
+            "scram_user",
+            "{settings}: {}",
+            text(&out)
+        );
+    }
+    // A wrong password still fails: the binding is checked, not waved through.
+    let out = psql(
+        &proxy,
+        "sslmode=require channel_binding=require",
+        "scram_user",
+        "wrong",
+        "SELECT 1",
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("password authentication failed"), "{}", text(&out));
+    let mut params: tokio_postgres::Config = proxy.params("scram_user").parse().unwrap();
+    params
+        .password("scram-secret")
+        .ssl_mode(SslMode::Require)
+        .channel_binding(ChannelBinding::Require);
+    let (c, conn) = params.connect(pki.connector()).await.unwrap();
+    tokio::spawn(conn);
+    assert_eq!(first_value(&c, "SELECT current_user").await, "scram_user");
+    assert!(server_side_is_tls(&c).await);
 }
