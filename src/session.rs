@@ -1767,11 +1767,10 @@ impl Relay {
                     // With TLS on both sides and the server's own certificate on the
                     // listener, the client's channel binding (a hash of the certificate it
                     // saw) is the server's: SCRAM-SHA-256-PLUS passes through as offered.
+                    let server_cert = self.server.server_certificate();
                     let binds = self.client.is_tls()
-                        && self
-                            .server
-                            .server_certificate()
-                            .is_some_and(|c| shared.tls.get().presents(c));
+                        && server_cert.is_some_and(|c| shared.tls.get().presents(c));
+                    debug!(parent: &self.span, binds, client_tls = self.client.is_tls(), server_cert = server_cert.map(<[u8]>::len), "the server offers SASL");
                     if !binds && backend::is_sasl_offer(body) {
                         self.sasl_offered = true;
                         // Otherwise SCRAM-SHA-256-PLUS would bind the login to bulkhead's TLS
