@@ -34,10 +34,11 @@ pub struct Detached {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Batch {
-    /// Refused: the error goes out with its first message, then nothing until the Sync.
-    Refused { told: bool },
-    /// A ROLLBACK (or COMMIT of a failed block): each message answered as done.
-    RollingBack,
+    /// Refused: the error went out with its first message; nothing more until the Sync.
+    Refused,
+    /// A ROLLBACK (or a COMMIT that commits nothing): its messages answered as done, with
+    /// this command tag, until it has run; anything after it in the batch is refused.
+    Ending { tag: &'static str, ran: bool },
 }
 
 /// What the relay does once a client message has been answered.
@@ -76,10 +77,11 @@ impl Detached {
         backend::write_ready_for_query(out, self.client_tx);
     }
 
-    /// The client's extended-protocol batch was cut off mid-way: it gets its error with the
-    /// next message it sends, and ReadyForQuery at its Sync.
-    pub fn refuse_open_batch(&mut self) {
-        self.batch = Some(Batch::Refused { told: false });
+    /// The client's extended-protocol batch was cut off mid-way: its error now, and
+    /// ReadyForQuery at its Sync.
+    pub fn refuse_open_batch(&mut self, out: &mut BytesMut) {
+        self.refuse(false, out);
+        self.batch = Some(Batch::Refused);
     }
 
     /// Answers one message from the client. `control_of` says which prepared statements
@@ -93,10 +95,6 @@ impl Detached {
     ) -> Next {
         if tag == frontend::TERMINATE_TAG {
             return Next::Terminate;
-        }
-        if self.batch == Some(Batch::Refused { told: false }) {
-            self.refuse(false, out);
-            self.batch = Some(Batch::Refused { told: true });
         }
         match tag {
             frontend::QUERY_TAG => {
@@ -117,7 +115,7 @@ impl Detached {
                 backend::write_ready_for_query(out, self.client_tx);
             }
             frontend::SYNC_TAG => {
-                if self.batch.take() == Some(Batch::RollingBack) {
+                if let Some(Batch::Ending { ran: true, .. }) = self.batch.take() {
                     self.client_tx = TxStatus::Idle;
                 }
                 backend::write_ready_for_query(out, self.client_tx);
@@ -141,29 +139,45 @@ impl Detached {
                             _ => None,
                         };
                         let b = match self.ends_block(control) {
-                            Some(_) => Batch::RollingBack,
+                            Some(tag) => Batch::Ending { tag, ran: false },
                             None => {
                                 self.refuse(control == Some(Control::Commit), out);
-                                Batch::Refused { told: true }
+                                Batch::Refused
                             }
                         };
                         self.batch = Some(b);
                         b
                     }
                 };
-                if batch == Batch::RollingBack {
-                    match tag {
-                        frontend::PARSE_TAG => backend::write_empty(out, b'1'),
-                        frontend::BIND_TAG => backend::write_empty(out, b'2'),
-                        frontend::CLOSE_TAG => backend::write_empty(out, b'3'),
-                        frontend::DESCRIBE_TAG => {
-                            if body.first() == Some(&b'S') {
-                                backend::write_no_parameters(out);
-                            }
-                            backend::write_empty(out, b'n');
+                if let Batch::Ending { tag: done, ran } = batch {
+                    // Only the messages of the one statement that ends the block; a named
+                    // statement, a Close, or anything after it ran would not be the server's.
+                    let named_parse = tag == frontend::PARSE_TAG
+                        && frontend::parse_message(body).is_none_or(|(name, _)| !name.is_empty());
+                    let after = ran
+                        && matches!(tag, frontend::PARSE_TAG | frontend::BIND_TAG | frontend::EXECUTE_TAG);
+                    if named_parse || after || tag == frontend::CLOSE_TAG {
+                        if ran {
+                            self.client_tx = TxStatus::Idle;
                         }
-                        frontend::EXECUTE_TAG => backend::write_command_complete(out, "ROLLBACK"),
-                        _ => {}
+                        self.refuse(false, out);
+                        self.batch = Some(Batch::Refused);
+                    } else {
+                        match tag {
+                            frontend::PARSE_TAG => backend::write_empty(out, b'1'),
+                            frontend::BIND_TAG => backend::write_empty(out, b'2'),
+                            frontend::DESCRIBE_TAG => {
+                                if body.first() == Some(&b'S') {
+                                    backend::write_no_parameters(out);
+                                }
+                                backend::write_empty(out, b'n');
+                            }
+                            frontend::EXECUTE_TAG => {
+                                backend::write_command_complete(out, done);
+                                self.batch = Some(Batch::Ending { tag: done, ran: true });
+                            }
+                            _ => {}
+                        }
                     }
                 }
             }
@@ -177,6 +191,7 @@ impl Detached {
     /// anything, if `control` is one: ROLLBACK always; COMMIT of a failed block becomes
     /// ROLLBACK; COMMIT outside a block commits nothing.
     fn ends_block(&self, control: Option<Control>) -> Option<&'static str> {
+        // (In a failed block, PostgreSQL answers COMMIT with ROLLBACK; outside one, COMMIT.)
         match (control?, self.client_tx) {
             (Control::Rollback, _) => Some("ROLLBACK"),
             (Control::Commit, TxStatus::Failed) => Some("ROLLBACK"),
@@ -330,14 +345,49 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_cut_off_mid_way_gets_its_error_with_the_next_message() {
+    fn a_batch_cut_off_mid_way_gets_its_error_at_once_and_ready_at_its_sync() {
         let mut d = Detached::new("frozen".into(), TxStatus::Idle, 1);
-        d.refuse_open_batch();
         let mut out = BytesMut::new();
+        d.refuse_open_batch(&mut out);
+        assert_eq!(messages(&out), vec![m('E', "57P03")], "at once");
         d.answer(b'E', b"\0\0\0\0\0", |_| None, &mut out);
         d.answer(b'S', b"", |_| None, &mut out);
         assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "I")]);
         assert!(d.client_idle());
+    }
+
+    #[test]
+    fn what_follows_a_rollback_in_its_batch_is_refused_not_answered_as_done() {
+        let mut d = Detached::new("frozen".into(), TxStatus::Failed, 0);
+        let mut out = BytesMut::new();
+        let mut rollback = BytesMut::new();
+        frontend::write_parse(&mut rollback, b"", b"ROLLBACK");
+        let mut named = BytesMut::new();
+        frontend::write_parse(&mut named, b"s9", b"SELECT 1");
+        d.answer(b'P', &rollback[5..], |_| None, &mut out);
+        d.answer(b'E', b"\0\0\0\0\0", |_| None, &mut out);
+        d.answer(b'P', &named[5..], |_| None, &mut out);
+        d.answer(b'E', b"\0\0\0\0\0", |_| None, &mut out);
+        d.answer(b'S', b"", |_| None, &mut out);
+        assert_eq!(
+            messages(&out),
+            vec![
+                m('1', ""),
+                m('C', "ROLLBACK"),
+                m('E', "57P03"),
+                m('Z', "I")
+            ]
+        );
+        // A prepared COMMIT outside a block commits nothing: COMMIT, not ROLLBACK.
+        let mut d = Detached::new("frozen".into(), TxStatus::Idle, 0);
+        let mut out = BytesMut::new();
+        let mut bind = BytesMut::new();
+        frontend::write_bind(&mut bind, b"", b"c1");
+        let control = |s: &[u8]| (s == b"c1").then_some(Control::Commit);
+        d.answer(b'B', &bind[5..], control, &mut out);
+        d.answer(b'E', b"\0\0\0\0\0", control, &mut out);
+        d.answer(b'S', b"", control, &mut out);
+        assert_eq!(messages(&out), vec![m('2', ""), m('C', "COMMIT"), m('Z', "I")]);
     }
 
     #[test]

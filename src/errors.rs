@@ -87,9 +87,9 @@ pub enum Refusal {
     /// a statement waiting there or was about to send one. FATAL 40003 when a write is in
     /// doubt, else 08006.
     Unresponsive(String, Lost),
-    /// The server stopped answering while this statement (one that cannot commit) was in
-    /// flight. The session stays open; the server's late answer is dropped and its
-    /// transaction rolled back. ERROR 57P03.
+    /// The server stopped answering while this statement (a read) was in flight. The session
+    /// stays open; the server's late answer is dropped and its transaction rolled back.
+    /// ERROR 57P03.
     Abandoned(String),
     /// The server is not answering, so the statement was not sent. ERROR 57P03; the session
     /// stays open.
@@ -235,9 +235,10 @@ impl Refusal {
                 "57P03",
                 format!(
                     "bulkhead: the database server stopped answering while this statement was in flight: {why}; \
-                     it was abandoned and will not take effect"
+                     its result will be discarded, and a transaction it was in is rolled back"
                 ),
-                "The connection stays open; retry in a few seconds. Until the server answers, statements are refused at once.",
+                "The statement was a read; it may still run when the server wakes, and nothing of it reaches you. \
+                 The connection stays open; retry in a few seconds. Until the server answers, statements are refused at once.",
             ),
             Refusal::NotSent(why) => (
                 Severity::Error,

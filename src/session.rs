@@ -1095,8 +1095,10 @@ impl Relay {
 
     /// The host stopped answering with requests in flight: answer each of them now with an
     /// error and keep the session, dropping the server's late answers (see `crate::detach`).
-    /// Returns the ending instead when answers cannot be cut in cleanly: part of a message is
-    /// already out either way, or the session is in COPY, or its client has gone.
+    /// Returns the ending instead when answers cannot be cut in cleanly (part of a message is
+    /// already out either way, or the session is in COPY, or its client has gone), or when a
+    /// statement in flight may change the server for good and the status checks confirm the
+    /// host silent; with such a statement and only the heartbeat's word, nothing changes.
     fn detach(&mut self, shared: &Shared) -> Option<End> {
         if self.down.is_streaming()
             || self.up.is_streaming()
@@ -1105,24 +1107,17 @@ impl Relay {
         {
             return Some(End::Unresponsive);
         }
-        // A commit in flight (an autocommit write, a COMMIT of writes; or a write in a batch
-        // still open, which the Sync that closes it would commit) may still take effect: for
-        // that the session is not detached; once the status checks confirm the host silent
-        // it ends as before, FATAL 40003, and its connection is reset, so that nothing of it
-        // still in the kernel's send queue (a blackhole) is delivered later.
-        let idle = self.tx == TxStatus::Idle;
-        let open = self.tracker.is_open();
-        let last = self.tracker.in_flight() - 1;
-        let commits = self
-            .tracker
-            .requests()
-            .enumerate()
-            .any(|(i, (class, commit))| {
-                class == Class::Write && (commit || idle || (open && i == last))
-            });
-        if commits {
-            // On the heartbeat's word alone it waits for its deadline (or the status checks'
-            // verdict): a server that is only slow may still answer it.
+        // Only reads are cut loose. A write in flight may commit when the server wakes (an
+        // autocommit write; a COMMIT, also inside a multi-statement Query; a write in a batch
+        // the Sync that closes it would commit), and one that creates or closes a named
+        // prepared statement would leave the server's statements other than the client
+        // believes. Such a session is not detached: on the heartbeat's word alone it waits (for
+        // its deadline, or the status checks: a server that is only slow may still answer);
+        // once the status checks confirm the host silent it ends as before, FATAL 40003 for a
+        // write, and its connection is reset so that nothing of it still in the kernel's send
+        // queue (a blackhole) is delivered later.
+        let keeps = self.tracker.requests().any(|(_, lasting)| lasting);
+        if keeps {
             let confirmed = shared
                 .topology
                 .circuit(self.host)
@@ -1131,9 +1126,11 @@ impl Relay {
         }
         let now = Instant::now();
         let why = shared.topology.circuit(self.host).reason_unresponsive();
-        let mut detached = Detached::new(why, self.tx, 0);
+        let mut detached = Detached::new(why, self.client_tx(), 0);
         // A batch the client has not finished: the server gets a Sync to close what it has of
-        // it (that answer is dropped too), and the client its error when it sends the rest.
+        // it (that answer is dropped too), and the client its error now, as PostgreSQL sends
+        // an error at once, then ReadyForQuery at the client's Sync.
+        let open = self.tracker.is_open();
         if open {
             self.up.inject().extend_from_slice(SYNC);
             self.tracker.sync(now);
@@ -1145,7 +1142,7 @@ impl Relay {
             shared.metrics.class(class).statement(Outcome::Error).increment(1);
         }
         if open {
-            detached.refuse_open_batch();
+            detached.refuse_open_batch(out);
         }
         detached.owed = self.tracker.in_flight();
         warn!(parent: &self.span, requests = detached.owed, "server not answering: the statements waiting there are answered now; the session stays open");
@@ -1291,10 +1288,21 @@ impl Relay {
         loop {
             // Nothing after a refused request may run before its answer is known: it decides
             // whether the client's transaction block has failed.
-            if self.authenticated() && self.tracker.refusal_in_flight() && !self.skip_to_sync {
-                return Ok(Hold::Wait);
+            if self.detached.is_some() {
+                if self.reattach(shared) {
+                    return Ok(Hold::Wait);
+                }
+                // Answered here, one message after the other as the client reads them: a
+                // client that sends without reading is held back as the server would.
+                if self.detached.is_some() && self.down.has_output() {
+                    return Ok(Hold::Wait);
+                }
             }
-            if self.detached.is_some() && self.reattach(shared) {
+            if self.detached.is_none()
+                && self.authenticated()
+                && self.tracker.refusal_in_flight()
+                && !self.skip_to_sync
+            {
                 return Ok(Hold::Wait);
             }
             let Some(h) = self
@@ -1337,7 +1345,8 @@ impl Relay {
                 && shared.topology.circuit(self.host).is_unresponsive()
             {
                 let why = shared.topology.circuit(self.host).reason_unresponsive();
-                self.detached = Some(Detached::new(why, self.tx, 0));
+                self.detached = Some(Detached::new(why, self.client_tx(), 0));
+                self.client_tx_failed = false;
                 continue;
             }
             if self.skip_to_sync {
@@ -1907,6 +1916,15 @@ impl Relay {
             None => self.tracker.in_flight() == 0 && self.tx == TxStatus::Idle,
         };
         self.authenticated() && settled && !self.up.mid_message() && !self.up.has_output()
+    }
+
+    /// The transaction status the client was last given.
+    fn client_tx(&self) -> TxStatus {
+        if self.client_tx_failed {
+            TxStatus::Failed
+        } else {
+            self.tx
+        }
     }
 
     /// What losing the server now means for the client's work. Inside a transaction any

@@ -51,6 +51,8 @@ struct Request {
     effect: Effect,
     /// A COMMIT (END, PREPARE TRANSACTION) of a transaction that wrote.
     commit: bool,
+    /// It creates or closes a named prepared statement: it changes the session's state.
+    named: bool,
 }
 
 /// Requests in flight beyond which the queue grows instead of reusing its space; pipelines
@@ -165,6 +167,13 @@ impl Tracker {
             self.unnamed_statement = kind;
         } else {
             self.statements.insert(name.into(), kind);
+            self.mark_named();
+        }
+    }
+
+    fn mark_named(&mut self) {
+        if let Some(last) = self.queue.back_mut() {
+            last.named = true;
         }
     }
 
@@ -223,6 +232,9 @@ impl Tracker {
             b'S' => {
                 self.statements.remove(name);
                 self.controls.remove(name);
+                if !name.is_empty() {
+                    self.mark_named();
+                }
             }
             _ => {
                 self.portals.remove(name);
@@ -263,6 +275,7 @@ impl Tracker {
             class,
             effect,
             commit,
+            ..
         } = self.queue.pop_front()?;
         if matches!(effect, Effect::Refused(_)) {
             self.refused -= 1;
@@ -357,10 +370,14 @@ impl Tracker {
         Some(self.head_started + if class == Class::Write { write } else { read })
     }
 
-    /// Each request in flight, oldest first: its class, and whether it is a COMMIT of a
-    /// transaction that wrote.
+    /// Each request in flight, oldest first: its class, and whether it may change the server
+    /// beyond its transaction: a write the server got (it may commit), or one that creates or
+    /// closes a named prepared statement.
     pub fn requests(&self) -> impl Iterator<Item = (Class, bool)> + '_ {
-        self.queue.iter().map(|r| (r.class, r.commit))
+        self.queue.iter().map(|r| {
+            let sent_write = r.class == Class::Write && !matches!(r.effect, Effect::Refused(_));
+            (r.class, sent_write || r.named)
+        })
     }
 
     /// Starts the head request's clock again: its server was frozen and answers again.
@@ -397,6 +414,7 @@ impl Tracker {
             class,
             effect: Effect::Normal,
             commit: false,
+            named: false,
         });
     }
 }

@@ -393,11 +393,12 @@ async fn refused_in(c: &tokio_postgres::Client, sql: &str) -> (String, Duration)
 /// their statements until the read deadline plus grace, and every new connection was held
 /// for hold_new_connections; then they were closed, and a pool reconnecting into a frozen
 /// host waited out its own timeouts. Now the probe's verdict answers what waits there at
-/// once: a read (or a write inside a block) is abandoned with ERROR 57P03 and the session
-/// kept; a statement sent later is answered at once, never sent; a ROLLBACK succeeds. A
-/// commit in flight may still commit, so its session ends as before (FATAL 40003, reset).
-/// After the thaw the kept connections work again, and the server holds no transaction the
-/// clients were told ended.
+/// once: a read is abandoned with ERROR 57P03 and the session kept, also inside a block
+/// (which has failed); a statement sent later is answered at once, never sent; a ROLLBACK
+/// succeeds. A write in flight may still commit (an autocommit INSERT; one inside a block
+/// could be followed by COMMIT in the same Query), so its session ends as before (FATAL 40003,
+/// reset). After the thaw the kept connections work again, and the server holds no
+/// transaction the clients were told ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_survive_the_thaw() {
     let pg = Cluster::start();
@@ -428,8 +429,11 @@ async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_su
     );
     assert_eq!(read, "57P03");
     assert_eq!(write, "40003", "an autocommit write in flight may commit");
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer_conn).await;
-    assert_eq!(in_block, "57P03", "a write inside a block cannot commit");
+    assert_eq!(in_block, "40003", "a write in flight is never cut loose");
+    for conn in [writer_conn, block_conn] {
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        assert!(closed.is_ok(), "a session with a write in flight is closed");
+    }
     for took in [read_took, write_took, block_took] {
         assert!(took < Duration::from_secs(3), "answered after {took:?}");
     }
@@ -441,11 +445,9 @@ async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_su
     assert_eq!(code, "57P03");
     assert!(took < Duration::from_millis(500), "{took:?}");
     // The pool's ROLLBACK on return succeeds at once: the connection goes back to the pool.
-    for c in [&reader, &block] {
-        let started = Instant::now();
-        c.batch_execute("ROLLBACK").await.expect("ROLLBACK answered");
-        assert!(started.elapsed() < Duration::from_millis(500));
-    }
+    let started = Instant::now();
+    reader.batch_execute("ROLLBACK").await.expect("ROLLBACK answered");
+    assert!(started.elapsed() < Duration::from_millis(500));
 
     // hold_new_connections (1 s) has passed since the primary was lost: no waiting.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -464,17 +466,17 @@ async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_su
     assert_eq!(health["status"], "down", "{health}");
 
     drop(frozen);
-    // The same three connections work again.
-    for c in [&reader, &block, &idle] {
+    // The same two connections work again.
+    for c in [&reader, &idle] {
         eventually("the session to follow the thawed server", SECONDS_20, || async {
             (c.simple_query("SELECT 4").await.is_ok()).then_some(())
         })
         .await;
     }
-    for conn in [reader_conn, block_conn, idle_conn] {
-        assert!(!conn.is_finished(), "the sessions without a commit in flight stayed open");
+    for conn in [reader_conn, idle_conn] {
+        assert!(!conn.is_finished(), "the sessions with only reads in flight stayed open");
     }
-    // The block the client rolled back left nothing, and no backend is left inside a
+    // The block of the closed session left nothing, and no backend is left inside a
     // transaction.
     assert_eq!(pg.psql("SELECT count(*) FROM frozen_t WHERE x IN (3, 4)"), "0");
     assert_eq!(
@@ -485,7 +487,7 @@ async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_su
         "0"
     );
     // A transaction on a detached-then-reattached session runs normally.
-    block
+    reader
         .batch_execute("BEGIN; INSERT INTO frozen_t VALUES (5); COMMIT")
         .await
         .unwrap();
@@ -598,4 +600,46 @@ async fn the_heartbeat_answers_reads_on_a_frozen_host_before_the_status_checks_c
     })
     .await;
     assert!(!reader_conn.is_finished());
+}
+
+/// A driver that sends an extended batch and a Flush, then waits for results before its Sync
+/// (a cursor, pipeline mode): when the host stops answering, it gets its error at once, as
+/// PostgreSQL sends one, not only with its next message; ReadyForQuery comes at its Sync, and
+/// the session follows the server again after the thaw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_after_flush_on_a_frozen_host_gets_its_error_at_once() {
+    let pg = Cluster::start();
+    let mut config = fast_config(&pg);
+    config.timeouts.read = Duration::from_secs(30);
+    let proxy = Proxy::start(config).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.login("postgres").await;
+
+    let frozen = Frozen::freeze(&pg);
+    let started = Instant::now();
+    let mut batch = msg(b'P', b"\0SELECT 1\0\0\0");
+    batch.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(msg(b'H', b""));
+    raw.send(&batch).await;
+    let answered = tokio::time::timeout(Duration::from_secs(10), raw.expect_error("ERROR", "57P03"))
+        .await
+        .expect("the error comes without a Sync");
+    assert!(!answered.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    raw.send(&msg(b'S', b"")).await;
+    let ready = raw.recv_until(b'Z').await;
+    assert_eq!(ready.last().unwrap().1, b"I");
+
+    drop(frozen);
+    let deadline = Instant::now() + SECONDS_20;
+    loop {
+        raw.send(&msg(b'Q', b"SELECT 42\0")).await;
+        let answer = raw.recv_until(b'Z').await;
+        if answer.iter().any(|(tag, _)| *tag == b'D') {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session never followed the thawed server");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
