@@ -155,7 +155,10 @@ impl Detached {
                     let named_parse = tag == frontend::PARSE_TAG
                         && frontend::parse_message(body).is_none_or(|(name, _)| !name.is_empty());
                     let after = ran
-                        && matches!(tag, frontend::PARSE_TAG | frontend::BIND_TAG | frontend::EXECUTE_TAG);
+                        && matches!(
+                            tag,
+                            frontend::PARSE_TAG | frontend::BIND_TAG | frontend::EXECUTE_TAG
+                        );
                     if named_parse || after || tag == frontend::CLOSE_TAG {
                         if ran {
                             self.client_tx = TxStatus::Idle;
@@ -174,7 +177,10 @@ impl Detached {
                             }
                             frontend::EXECUTE_TAG => {
                                 backend::write_command_complete(out, done);
-                                self.batch = Some(Batch::Ending { tag: done, ran: true });
+                                self.batch = Some(Batch::Ending {
+                                    tag: done,
+                                    ran: true,
+                                });
                             }
                             _ => {}
                         }
@@ -260,9 +266,15 @@ mod tests {
         let mut out = BytesMut::new();
         d.abandon(&mut out);
         assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "E")]);
-        assert_eq!(query(&mut d, "SELECT 1"), vec![m('E', "57P03"), m('Z', "E")]);
+        assert_eq!(
+            query(&mut d, "SELECT 1"),
+            vec![m('E', "57P03"), m('Z', "E")]
+        );
         assert!(!d.client_idle());
-        assert_eq!(query(&mut d, "ROLLBACK"), vec![m('C', "ROLLBACK"), m('Z', "I")]);
+        assert_eq!(
+            query(&mut d, "ROLLBACK"),
+            vec![m('C', "ROLLBACK"), m('Z', "I")]
+        );
         assert!(d.client_idle());
     }
 
@@ -270,7 +282,10 @@ mod tests {
     fn outside_a_block_statements_are_refused_and_the_client_stays_idle() {
         let mut d = Detached::new("frozen".into(), TxStatus::Idle, 0);
         assert_eq!(query(&mut d, "BEGIN"), vec![m('E', "57P03"), m('Z', "I")]);
-        assert_eq!(query(&mut d, "INSERT INTO t VALUES (1)"), vec![m('E', "57P03"), m('Z', "I")]);
+        assert_eq!(
+            query(&mut d, "INSERT INTO t VALUES (1)"),
+            vec![m('E', "57P03"), m('Z', "I")]
+        );
         assert_eq!(query(&mut d, "COMMIT"), vec![m('C', "COMMIT"), m('Z', "I")]);
         assert!(d.client_idle());
     }
@@ -280,7 +295,10 @@ mod tests {
         let mut d = Detached::new("frozen".into(), TxStatus::InBlock, 0);
         assert_eq!(query(&mut d, "COMMIT"), vec![m('E', "57P03"), m('Z', "I")]);
         let mut d = Detached::new("frozen".into(), TxStatus::Failed, 0);
-        assert_eq!(query(&mut d, "COMMIT"), vec![m('C', "ROLLBACK"), m('Z', "I")]);
+        assert_eq!(
+            query(&mut d, "COMMIT"),
+            vec![m('C', "ROLLBACK"), m('Z', "I")]
+        );
     }
 
     #[test]
@@ -330,7 +348,10 @@ mod tests {
         d.answer(b'B', &bind[5..], control, &mut out);
         d.answer(b'E', b"\0\0\0\0\0", control, &mut out);
         d.answer(b'S', b"", control, &mut out);
-        assert_eq!(messages(&out), vec![m('2', ""), m('C', "ROLLBACK"), m('Z', "I")]);
+        assert_eq!(
+            messages(&out),
+            vec![m('2', ""), m('C', "ROLLBACK"), m('Z', "I")]
+        );
     }
 
     #[test]
@@ -371,12 +392,7 @@ mod tests {
         d.answer(b'S', b"", |_| None, &mut out);
         assert_eq!(
             messages(&out),
-            vec![
-                m('1', ""),
-                m('C', "ROLLBACK"),
-                m('E', "57P03"),
-                m('Z', "I")
-            ]
+            vec![m('1', ""), m('C', "ROLLBACK"), m('E', "57P03"), m('Z', "I")]
         );
         // A prepared COMMIT outside a block commits nothing: COMMIT, not ROLLBACK.
         let mut d = Detached::new("frozen".into(), TxStatus::Idle, 0);
@@ -387,7 +403,10 @@ mod tests {
         d.answer(b'B', &bind[5..], control, &mut out);
         d.answer(b'E', b"\0\0\0\0\0", control, &mut out);
         d.answer(b'S', b"", control, &mut out);
-        assert_eq!(messages(&out), vec![m('2', ""), m('C', "COMMIT"), m('Z', "I")]);
+        assert_eq!(
+            messages(&out),
+            vec![m('2', ""), m('C', "COMMIT"), m('Z', "I")]
+        );
     }
 
     #[test]

@@ -22,9 +22,9 @@ use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::breaker::{Decision, Success};
 use crate::cancel::Target;
-use crate::detach::{Detached, Next};
 use crate::classify::{Control, Kind, Memo, classify, transaction_control};
 use crate::config::{Config, ListenTls};
+use crate::detach::{Detached, Next};
 use crate::errors::{Cause, Deadline, Lost, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
@@ -225,7 +225,9 @@ async fn connect_primary(
                 Ok((stream, addr)) => return Ok((stream, addr, p.index)),
                 Err(ConnectError::Tls(why)) => return Err(Refusal::ServerTls(why)),
                 Err(ConnectError::NoDescriptors(_)) => return Err(Refusal::OutOfDescriptors),
-                Err(ConnectError::Unreachable(why) | ConnectError::NoAnswer(why)) => last_error = why,
+                Err(ConnectError::Unreachable(why) | ConnectError::NoAnswer(why)) => {
+                    last_error = why
+                }
             }
         } else if let Some(why) = shared.topology.tls_failure() {
             // Every host fails TLS as configured: no primary will appear by waiting.
@@ -1139,7 +1141,11 @@ impl Relay {
         let out = self.down.inject();
         for (class, _) in self.tracker.requests().take(answered) {
             detached.abandon(out);
-            shared.metrics.class(class).statement(Outcome::Error).increment(1);
+            shared
+                .metrics
+                .class(class)
+                .statement(Outcome::Error)
+                .increment(1);
         }
         if open {
             detached.refuse_open_batch(out);

@@ -62,9 +62,12 @@ impl Stream {
     pub fn server_certificate(&self) -> Option<&[u8]> {
         match self {
             Stream::Tls(s) => match s.as_ref() {
-                tokio_rustls::TlsStream::Client(c) => {
-                    c.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref())
-                }
+                tokio_rustls::TlsStream::Client(c) => c
+                    .get_ref()
+                    .1
+                    .peer_certificates()?
+                    .first()
+                    .map(|c| c.as_ref()),
                 tokio_rustls::TlsStream::Server(_) => None,
             },
             Stream::Plain(_) => None,

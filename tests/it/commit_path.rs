@@ -446,7 +446,10 @@ async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_su
     assert!(took < Duration::from_millis(500), "{took:?}");
     // The pool's ROLLBACK on return succeeds at once: the connection goes back to the pool.
     let started = Instant::now();
-    reader.batch_execute("ROLLBACK").await.expect("ROLLBACK answered");
+    reader
+        .batch_execute("ROLLBACK")
+        .await
+        .expect("ROLLBACK answered");
     assert!(started.elapsed() < Duration::from_millis(500));
 
     // hold_new_connections (1 s) has passed since the primary was lost: no waiting.
@@ -468,17 +471,25 @@ async fn a_frozen_primary_answers_waiting_statements_at_once_and_the_sessions_su
     drop(frozen);
     // The same two connections work again.
     for c in [&reader, &idle] {
-        eventually("the session to follow the thawed server", SECONDS_20, || async {
-            (c.simple_query("SELECT 4").await.is_ok()).then_some(())
-        })
+        eventually(
+            "the session to follow the thawed server",
+            SECONDS_20,
+            || async { (c.simple_query("SELECT 4").await.is_ok()).then_some(()) },
+        )
         .await;
     }
     for conn in [reader_conn, idle_conn] {
-        assert!(!conn.is_finished(), "the sessions with only reads in flight stayed open");
+        assert!(
+            !conn.is_finished(),
+            "the sessions with only reads in flight stayed open"
+        );
     }
     // The block of the closed session left nothing, and no backend is left inside a
     // transaction.
-    assert_eq!(pg.psql("SELECT count(*) FROM frozen_t WHERE x IN (3, 4)"), "0");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM frozen_t WHERE x IN (3, 4)"),
+        "0"
+    );
     assert_eq!(
         pg.psql(
             "SELECT count(*) FROM pg_stat_activity \
@@ -516,7 +527,11 @@ async fn prepared_statements_survive_a_freeze_and_extended_queries_during_it_get
         .expect("answered long before the read deadline")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "57P03", "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     // While frozen: a new statement (Parse) and the cached one (Bind), at once.
     for _ in 0..3 {
         let started = Instant::now();
@@ -578,8 +593,14 @@ async fn the_heartbeat_answers_reads_on_a_frozen_host_before_the_status_checks_c
     });
     let (code, took) = refused_in(&reader, "SELECT 2").await;
     assert_eq!(code, "57P03");
-    assert!(took < Duration::from_millis(2000), "answered after {took:?}");
-    assert!(!commit.is_finished(), "the commit waits for the status checks");
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+    assert!(
+        !commit.is_finished(),
+        "the commit waits for the status checks"
+    );
     // Readiness says so already: the primary does not answer.
     let ready = proxy.get("/readyz").await;
     assert_eq!(ready.status, 503);
@@ -595,9 +616,11 @@ async fn the_heartbeat_answers_reads_on_a_frozen_host_before_the_status_checks_c
     assert!(took < Duration::from_secs(12), "{took:?}");
 
     drop(frozen);
-    eventually("the reader to follow the thawed server", SECONDS_20, || async {
-        reader.simple_query("SELECT 3").await.is_ok().then_some(())
-    })
+    eventually(
+        "the reader to follow the thawed server",
+        SECONDS_20,
+        || async { reader.simple_query("SELECT 3").await.is_ok().then_some(()) },
+    )
     .await;
     assert!(!reader_conn.is_finished());
 }
@@ -622,11 +645,16 @@ async fn a_batch_waiting_after_flush_on_a_frozen_host_gets_its_error_at_once() {
     batch.extend(msg(b'E', b"\0\0\0\0\0"));
     batch.extend(msg(b'H', b""));
     raw.send(&batch).await;
-    let answered = tokio::time::timeout(Duration::from_secs(10), raw.expect_error("ERROR", "57P03"))
-        .await
-        .expect("the error comes without a Sync");
+    let answered =
+        tokio::time::timeout(Duration::from_secs(10), raw.expect_error("ERROR", "57P03"))
+            .await
+            .expect("the error comes without a Sync");
     assert!(!answered.is_empty());
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     raw.send(&msg(b'S', b"")).await;
     let ready = raw.recv_until(b'Z').await;
     assert_eq!(ready.last().unwrap().1, b"I");
@@ -639,7 +667,10 @@ async fn a_batch_waiting_after_flush_on_a_frozen_host_gets_its_error_at_once() {
         if answer.iter().any(|(tag, _)| *tag == b'D') {
             break;
         }
-        assert!(Instant::now() < deadline, "the session never followed the thawed server");
+        assert!(
+            Instant::now() < deadline,
+            "the session never followed the thawed server"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

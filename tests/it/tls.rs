@@ -710,17 +710,22 @@ async fn tls_records_toward_clients_carry_at_most_8_kib_as_postgresql_writes_the
             record.lock().unwrap().extend_from_slice(&buf[..n]);
         }
     });
-    let mut params: tokio_postgres::Config =
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", tap_addr.port())
-            .parse()
-            .unwrap();
+    let mut params: tokio_postgres::Config = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        tap_addr.port()
+    )
+    .parse()
+    .unwrap();
     params
         .ssl_mode(SslMode::Require)
         .channel_binding(ChannelBinding::Disable);
     let (c, conn) = params.connect(pki.connector()).await.unwrap();
     tokio::spawn(conn);
     let rows = c
-        .query("SELECT repeat(md5(g::text), 100) FROM generate_series(1, 400) g", &[])
+        .query(
+            "SELECT repeat(md5(g::text), 100) FROM generate_series(1, 400) g",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 400);
@@ -783,7 +788,11 @@ async fn channel_binding_passes_through_when_the_listener_presents_the_servers_c
         "SELECT 1",
     );
     assert!(!out.status.success());
-    assert!(text(&out).contains("password authentication failed"), "{}", text(&out));
+    assert!(
+        text(&out).contains("password authentication failed"),
+        "{}",
+        text(&out)
+    );
     let mut params: tokio_postgres::Config = proxy.params("scram_user").parse().unwrap();
     params
         .password("scram-secret")
