@@ -210,8 +210,8 @@ pub struct Circuit {
     /// Bumped when the circuit opens or the host stops answering: sessions on the host follow
     /// it and answer what is stuck there.
     alarm: watch::Sender<u64>,
-    /// The probe found the host not answering (twice in a row): statements sent there would
-    /// hang, so sessions end instead of sending them.
+    /// The probe's status checks found the host not answering (twice in a row): statements
+    /// sent there would hang, so sessions answer them instead (see `crate::detach`).
     unresponsive: AtomicBool,
     /// The probe's heartbeat has gone unanswered for its timeout: the first, fast sign.
     beat_silent: AtomicBool,

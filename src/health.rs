@@ -334,8 +334,10 @@ fn report(shared: &Shared) -> Report {
                     p.address,
                     circuit.label()
                 ))
-            } else if shared.topology.circuit(p.index).is_unresponsive() {
-                Some(shared.topology.circuit(p.index).reason_unresponsive())
+            } else if let host = shared.topology.circuit(p.index)
+                && host.is_unresponsive()
+            {
+                Some(host.reason_unresponsive())
             } else if let Some(why) = write_check_problem(&hosts[p.index], config.probe.timeout) {
                 // Commits are stalling even if no client has waited out its deadline yet.
                 Some(format!("{}: {why}", p.address))

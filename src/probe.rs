@@ -245,6 +245,13 @@ impl Topology {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether host `index` was last found up (primary or standby), without copying the
+    /// table.
+    pub fn is_up(&self, index: usize) -> bool {
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(hosts[index].role, Role::Primary | Role::Standby)
+    }
+
     /// When every host fails TLS as configured, the first one's reason.
     pub fn tls_failure(&self) -> Option<String> {
         let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
@@ -590,11 +597,7 @@ async fn heartbeat(shared: &Shared, config: &Config, dial: &Dial, index: usize) 
     loop {
         ticks.tick().await;
         // Only a host that is up has a heartbeat; the status checks speak for the others.
-        let up = matches!(
-            shared.topology.hosts()[index].role,
-            Role::Primary | Role::Standby
-        );
-        if !up {
+        if !shared.topology.is_up(index) {
             conn = None;
             circuit.set_beat_silent(false);
             continue;
@@ -728,7 +731,7 @@ async fn check_host(shared: &Arc<Shared>, config: &Config, dial: &Dial, index: u
         // One failed check does not demote a host that was up (one lost SYN under packet
         // loss would make the primary unknown for an interval): ask twice, and believe two
         // in a row.
-        let was_up = matches!(topology.hosts()[index].role, Role::Primary | Role::Standby);
+        let was_up = topology.is_up(index);
         let report = if was_up {
             status_twice(dial, probe.timeout, &mut silent).await
         } else {

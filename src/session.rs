@@ -1156,10 +1156,7 @@ impl Relay {
         self.release_slots(shared);
         self.slot_wait = None;
         self.shed_next = None;
-        self.cancelling = None;
-        self.head_failed = false;
-        self.head_read_only = false;
-        self.head_timed_out = false;
+        self.head_done();
         self.client_tx_failed = false;
         self.skip_to_sync = false;
         self.stalled_since = None;
@@ -1713,10 +1710,7 @@ impl Relay {
                         self.tx = status;
                         self.tracker.ready(status, Instant::now());
                         d.owed -= 1;
-                        self.cancelling = None;
-                        self.head_failed = false;
-                        self.head_read_only = false;
-                        self.head_timed_out = false;
+                        self.head_done();
                     }
                     _ => {}
                 }
@@ -1879,10 +1873,7 @@ impl Relay {
                 circuit.success(&settings, how);
             }
         }
-        self.head_failed = false;
-        self.head_read_only = false;
-        self.head_timed_out = false;
-        self.cancelling = None;
+        self.head_done();
         match done.effect {
             Effect::Refused(why) => {
                 let refusal = match why {
@@ -1912,6 +1903,14 @@ impl Relay {
             }
             Effect::Normal | Effect::Trial => None,
         }
+    }
+
+    /// Forgets what was learned about the head request: it has been answered (or abandoned).
+    fn head_done(&mut self) {
+        self.head_failed = false;
+        self.head_read_only = false;
+        self.head_timed_out = false;
+        self.cancelling = None;
     }
 
     /// Nothing in flight and no transaction open: closing now loses nothing.

@@ -82,6 +82,23 @@ fn psql(proxy: &Proxy, settings: &str, user: &str, password: &str, sql: &str) ->
         .expect("run psql")
 }
 
+/// psql logs in through bulkhead as `scram_user` (password "scram-secret") with `settings`.
+fn scram_user_logs_in(proxy: &Proxy, settings: &str) {
+    let out = psql(
+        proxy,
+        settings,
+        "scram_user",
+        "scram-secret",
+        "SELECT current_user",
+    );
+    assert_eq!(
+        text(&out).trim(),
+        "scram_user",
+        "{settings}: {}",
+        text(&out)
+    );
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -364,19 +381,7 @@ async fn scram_works_over_tls_on_both_sides_without_channel_binding() {
     // TLS on both sides: the client must not try to bind its login to a TLS session. A
     // plaintext client with TLS only toward the server: plain SCRAM, as offered.
     for settings in ["sslmode=require channel_binding=disable", "sslmode=disable"] {
-        let out = psql(
-            &proxy,
-            settings,
-            "scram_user",
-            "scram-secret",
-            "SELECT current_user",
-        );
-        assert_eq!(
-            text(&out).trim(),
-            "scram_user",
-            "{settings}: {}",
-            text(&out)
-        );
+        scram_user_logs_in(&proxy, settings);
     }
     // libpq's default (channel_binding=prefer) over TLS would be taken by the server as a
     // downgrade; bulkhead says why and what to do instead.
@@ -765,19 +770,7 @@ async fn channel_binding_passes_through_when_the_listener_presents_the_servers_c
         "sslmode=require",
         "sslmode=disable",
     ] {
-        let out = psql(
-            &proxy,
-            settings,
-            "scram_user",
-            "scram-secret",
-            "SELECT current_user",
-        );
-        assert_eq!(
-            text(&out).trim(),
-            "scram_user",
-            "{settings}: {}",
-            text(&out)
-        );
+        scram_user_logs_in(&proxy, settings);
     }
     // A wrong password still fails: the binding is checked, not waved through.
     let out = psql(
