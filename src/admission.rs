@@ -94,7 +94,7 @@ struct Queue {
 }
 
 impl Limit {
-    fn new(limit: u32, limit_gauge: Gauge) -> Self {
+    pub(crate) fn new(limit: u32, limit_gauge: Gauge) -> Self {
         limit_gauge.set(limit as f64);
         Limit {
             free: AtomicI64::new(limit as i64),
@@ -186,6 +186,11 @@ impl Limit {
 
     pub fn limit(&self) -> u32 {
         self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Waiting for a slot now.
+    pub fn queued(&self) -> u32 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Slots held now.

@@ -19,6 +19,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub circuit: Circuit,
     pub limits: Limits,
+    pub pool: Pool,
+    pub auth: Auth,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -145,6 +147,74 @@ pub struct Limits {
     #[serde(deserialize_with = "duration")]
     pub queue_timeout: Duration,
     pub adaptive: bool,
+}
+
+/// How server connections are used: passed through per client, or pooled.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    pub mode: PoolMode,
+    /// Server connections per (user, database), idle and lent together.
+    pub size: u32,
+    /// Idle connections kept open per pool, once a client of it has logged in.
+    pub min_idle: u32,
+    /// An idle connection above min_idle is closed after this long unused.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// A connection is closed when it is returned after this long open; "0s": no limit.
+    #[serde(deserialize_with = "duration")]
+    pub lifetime: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// One server connection per client connection, authentication relayed.
+    Passthrough,
+    /// A pooled server connection lent for a client's whole connection.
+    Session,
+    /// A pooled server connection lent per transaction (not built yet: refused by the check).
+    Transaction,
+}
+
+/// Where bulkhead finds the secrets it checks clients against in the pooled modes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// A users file in PgBouncer's auth_file format.
+    pub file: String,
+    /// The query that returns (name, secret) for the user in $1, run as `user`.
+    pub query: String,
+    /// The login the auth query runs as; empty: no auth query.
+    pub user: String,
+    /// Name of the environment variable that holds that login's password, if any.
+    pub password_env: String,
+    /// The database the auth query runs in.
+    pub database: String,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            mode: PoolMode::Passthrough,
+            size: 20,
+            min_idle: 0,
+            idle_timeout: Duration::from_secs(600),
+            lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            file: String::new(),
+            query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
+            user: String::new(),
+            password_env: String::new(),
+            database: "postgres".into(),
+        }
+    }
 }
 
 impl Default for Listen {
@@ -287,6 +357,8 @@ impl Config {
             ),
             ("limits", "queue_timeout", self.limits.queue_timeout),
             ("probe", "heartbeat", self.probe.heartbeat),
+            ("pool", "idle_timeout", self.pool.idle_timeout),
+            ("pool", "lifetime", self.pool.lifetime),
         ]);
         for (section, key, value) in every {
             if value > MAX_DURATION {
@@ -358,6 +430,40 @@ impl Config {
         }
         if self.circuit.failure_threshold == 0 {
             return fail("circuit", "failure_threshold", "must be at least 1".into());
+        }
+        if self.pool.size == 0 {
+            return fail("pool", "size", "must be at least 1".into());
+        }
+        if self.pool.min_idle > self.pool.size {
+            return fail(
+                "pool",
+                "min_idle",
+                format!("must not exceed pool.size ({})", self.pool.size),
+            );
+        }
+        if self.pool.mode == PoolMode::Transaction {
+            return fail(
+                "pool",
+                "mode",
+                "\"transaction\" is not built yet; use \"session\" or \"passthrough\"".into(),
+            );
+        }
+        if self.pool.mode != PoolMode::Passthrough
+            && self.auth.file.is_empty()
+            && self.auth.user.is_empty()
+        {
+            return fail(
+                "pool",
+                "mode",
+                "the pooled modes authenticate clients: set auth.file or auth.user (for the auth query)".into(),
+            );
+        }
+        if !self.auth.user.is_empty() && self.auth.query.trim().is_empty() {
+            return fail(
+                "auth",
+                "query",
+                "must not be empty when auth.user is set".into(),
+            );
         }
         if self.listen.tls_cert_file.is_empty() != self.listen.tls_key_file.is_empty() {
             return fail(

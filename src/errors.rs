@@ -115,12 +115,50 @@ pub enum Refusal {
     /// The client asked for SCRAM channel binding, which cannot cross bulkhead's two TLS
     /// sessions. FATAL 08P01.
     ChannelBinding(&'static str),
+    /// The password (or the user) did not match, in a pooled mode. FATAL 28P01, worded as
+    /// PostgreSQL words it.
+    PasswordFailed(String),
+    /// No server connection of the (user, database) pool came free within queue_timeout.
+    /// FATAL 53300.
+    PoolExhausted {
+        user: String,
+        database: String,
+        waited: Duration,
+    },
+    /// The startup packet asks for something the pooled modes cannot give (replication, no
+    /// user name). FATAL 0A000 or 28000.
+    NotPoolable(&'static str, String),
 }
 
 impl Refusal {
     /// Appends the ErrorResponse for this refusal to `out`.
     pub fn write(&self, out: &mut BytesMut) {
         let (severity, code, message, hint): (Severity, &str, String, &str) = match self {
+            Refusal::PasswordFailed(user) => (
+                Severity::Fatal,
+                "28P01",
+                format!("password authentication failed for user \"{user}\""),
+                "",
+            ),
+            Refusal::PoolExhausted {
+                user,
+                database,
+                waited,
+            } => (
+                Severity::Fatal,
+                "53300",
+                format!(
+                    "bulkhead: no server connection of pool {user}/{database} came free within {}",
+                    humantime::format_duration(Duration::from_millis(waited.as_millis() as u64))
+                ),
+                "Every server connection of this pool is in use: raise [pool] size, or retry.",
+            ),
+            Refusal::NotPoolable(code, why) => (
+                Severity::Fatal,
+                code,
+                format!("bulkhead: {why}"),
+                "",
+            ),
             Refusal::ClientProtocol(why) => (
                 Severity::Fatal,
                 "08P01",
@@ -320,7 +358,7 @@ impl Refusal {
                 severity,
                 code,
                 message: &message,
-                hint: Some(hint),
+                hint: (!hint.is_empty()).then_some(hint),
             },
         );
     }

@@ -16,6 +16,7 @@
 //! run several in one process.
 
 pub mod admission;
+pub mod auth;
 pub mod breaker;
 pub mod cancel;
 pub mod classify;
@@ -27,6 +28,7 @@ pub mod health;
 pub mod live;
 pub mod metrics;
 pub mod pipe;
+pub mod pool;
 pub mod probe;
 pub mod protocol;
 mod session;
@@ -72,6 +74,19 @@ pub(crate) struct Shared {
     pub heartbeat: health::Heartbeat,
     /// TLS toward clients and servers, loaded at start and on SIGHUP.
     pub tls: tls::Current,
+    /// The pooled modes: the users file (loaded at start and on SIGHUP), the auth query's
+    /// connection, the key that makes unknown users' mock SCRAM verifiers, and the pools.
+    pub users: std::sync::Mutex<Arc<auth::Users>>,
+    pub auth_query: auth::query::AuthQuery,
+    pub mock_key: [u8; 32],
+    pub pools: pool::Pools,
+}
+
+impl Shared {
+    /// The users file as last loaded.
+    pub fn users(&self) -> Arc<auth::Users> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// One proxy instance.
@@ -86,6 +101,13 @@ impl Bulkhead {
     /// Sets up a proxy for `config`. Fails when a TLS file it names cannot be used.
     pub fn new(config: Config) -> Result<Self, String> {
         let tls = tls::Tls::load(&config)?;
+        let users = if config.auth.file.is_empty() {
+            auth::Users::default()
+        } else {
+            auth::Users::load(&config.auth.file)?
+        };
+        let mut mock_key = [0u8; 32];
+        getrandom::fill(&mut mock_key).map_err(|e| format!("no random source: {e}"))?;
         let workers = workers::default_count();
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let metrics = Metrics::new();
@@ -100,6 +122,10 @@ impl Bulkhead {
             admission,
             heartbeat: health::Heartbeat::new(workers),
             tls: tls::Current::new(tls),
+            users: std::sync::Mutex::new(Arc::new(users)),
+            auth_query: auth::query::AuthQuery::default(),
+            mock_key,
+            pools: pool::Pools::default(),
         });
         Ok(Bulkhead {
             shared,
@@ -138,6 +164,15 @@ impl Bulkhead {
             Ok(tls) => self.shared.tls.replace(tls),
             Err(e) => error!(error = %e, "reload: TLS files unusable; keeping the loaded ones"),
         }
+        let file = self.shared.live.get().auth.file.clone();
+        if !file.is_empty() {
+            match auth::Users::load(&file) {
+                Ok(users) => {
+                    *self.shared.users.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(users)
+                }
+                Err(e) => error!(error = %e, "reload: users file unusable; keeping the loaded one"),
+            }
+        }
         needs_restart
     }
 
@@ -157,6 +192,16 @@ impl Bulkhead {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         let mut background = probe::spawn(&self.shared);
         background.push(tokio::spawn(housekeeping(self.shared.clone())));
+        if self.shared.live.get().pool.mode != config::PoolMode::Passthrough {
+            let shared = self.shared.clone();
+            background.push(tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    ticks.tick().await;
+                    shared.pools.upkeep(&shared).await;
+                }
+            }));
+        }
         background.push(tokio::spawn(health::heartbeat(self.shared.clone(), 0)));
         let shared = self.shared.clone();
         let workers =

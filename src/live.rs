@@ -35,7 +35,7 @@ impl Live {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// Takes what SIGHUP may change (timeouts, circuit, limits) from `new`; keeps the rest and
+    /// Takes what SIGHUP may change (timeouts, circuit, limits, pool sizes, auth) from `new`; keeps the rest and
     /// returns the names of sections whose changes need a restart.
     pub fn reload(&self, new: Config) -> Vec<&'static str> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -53,6 +53,13 @@ impl Live {
         if new.probe != next.probe {
             ignored.push("probe");
         }
+        if new.pool.mode != next.pool.mode {
+            ignored.push("pool.mode");
+        }
+        let mode = next.pool.mode;
+        next.pool = new.pool;
+        next.pool.mode = mode;
+        next.auth = new.auth;
         next.timeouts = new.timeouts;
         next.circuit = new.circuit;
         next.limits = new.limits;

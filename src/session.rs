@@ -23,12 +23,13 @@ use tracing::{Instrument, Span, debug, info, warn};
 use crate::breaker::{Decision, Success};
 use crate::cancel::Target;
 use crate::classify::{Control, Kind, Memo, classify, transaction_control};
-use crate::config::{Config, ListenTls};
+use crate::config::{Config, ListenTls, PoolMode};
 use crate::detach::{Detached, Next};
 use crate::errors::{Cause, Deadline, Lost, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
+use crate::pool::{self, Lent};
 use crate::probe::circuit_settings;
 use crate::protocol::backend::{self, Severity, TxStatus};
 use crate::protocol::framing::Header;
@@ -58,7 +59,7 @@ pub(crate) async fn serve(
     let _client_count = ClientCount(&shared.admission);
     // Startup and the farewell are boxed: the task of an idle session holds only the relay's
     // state, not room for theirs too (that was 2 KiB more per idle session).
-    let Some((mut relay, _server_gauge)) =
+    let Some((mut relay, _server_gauge, lent)) =
         Box::pin(start(&shared, client, admitted, span.clone()).instrument(span.clone())).await
     else {
         return;
@@ -71,22 +72,30 @@ pub(crate) async fn serve(
             }
             // The session takes no more statements: its slots go to others before the farewell.
             relay.release_slots(&shared);
-            relay.finish(&shared, end).await;
+            let reuse = lent.is_some() && relay.reusable(&end);
+            relay.finish(&shared, end, reuse).await;
+            if let Some(lent) = lent
+                && reuse
+            {
+                let config = relay.config.config().clone();
+                let Relay { server, .. } = relay;
+                lent.give_back(server, &config).await;
+            }
         }
         .instrument(span),
     )
     .await
 }
 
-/// From the client's first packet to the startup packet sent on to the server; the relay takes
-/// it from there. `None` when the client has been answered already (refused, or a cancel
-/// request).
+/// From the client's first packet to the startup packet sent on to the server (passthrough),
+/// or to the client logged in with a pooled connection lent to it; the relay takes it from
+/// there. `None` when the client has been answered already (refused, or a cancel request).
 async fn start(
     shared: &Shared,
     client: std::net::TcpStream,
     admitted: bool,
     span: Span,
-) -> Option<(Relay, GaugeGuard)> {
+) -> Option<(Relay, Option<GaugeGuard>, Option<Lent>)> {
     // Accepted on another runtime: register it with this worker's reactor.
     let client = match TcpStream::from_std(client) {
         Ok(client) => client,
@@ -146,6 +155,17 @@ async fn start(
         refuse(&mut client, Refusal::TooManyClients(max)).await;
         return None;
     }
+    if config.config().pool.mode != PoolMode::Passthrough {
+        return Box::pin(start_pooled(
+            shared,
+            client,
+            first,
+            startup_deadline,
+            config,
+            span,
+        ))
+        .await;
+    }
     let (mut server, addr, host) = match Box::pin(connect_primary(shared, config.config())).await {
         Ok(connected) => connected,
         Err(refusal) => {
@@ -179,7 +199,63 @@ async fn start(
         config,
         span,
     );
-    Some((relay, server_gauge))
+    Some((relay, Some(server_gauge), None))
+}
+
+/// The pooled modes' startup: bulkhead logs the client in itself and lends it a server
+/// connection of its pool (`crate::pool::login`).
+async fn start_pooled(
+    shared: &Shared,
+    mut client: Stream,
+    first: FirstPacket,
+    startup_deadline: Instant,
+    config: Snapshot,
+    span: Span,
+) -> Option<(Relay, Option<GaugeGuard>, Option<Lent>)> {
+    let FirstPacket { packet, leftover } = first;
+    if !leftover.is_empty() {
+        // Nothing can come before the server's first request but the startup packet.
+        let why = "data after the startup packet before authentication".to_string();
+        refuse(&mut client, Refusal::ClientProtocol(why)).await;
+        return None;
+    }
+    let login = pool::login::log_in(shared, config.config(), &mut client, &packet);
+    let mut logged = match tokio::time::timeout_at(startup_deadline, login).await {
+        Ok(Ok(logged)) => logged,
+        Ok(Err(pool::login::Failed::Refused(refusal))) => {
+            info!(error = ?refusal, "pooled login refused");
+            refuse(&mut client, refusal).await;
+            return None;
+        }
+        Ok(Err(pool::login::Failed::Server(error))) => {
+            // The server's own words (a role that may not log in, a setting it refused).
+            let _ = timeout(FAREWELL_TIMEOUT, async {
+                client.write_all(&error).await?;
+                client.shutdown().await
+            })
+            .await;
+            return None;
+        }
+        Err(_) => {
+            refuse(&mut client, Refusal::StartupTimeout).await;
+            return None;
+        }
+    };
+    let (stream, info) = logged.lent.take_stream();
+    let server_key = (info.pid, info.secret.clone());
+    let (addr, host) = (info.addr, info.host);
+    let mut relay = Relay::new(
+        client,
+        stream,
+        addr,
+        host,
+        leftover,
+        startup_deadline,
+        config,
+        span,
+    );
+    relay.logged_in(server_key, logged.client_key);
+    Some((relay, None, Some(logged.lent)))
 }
 
 /// Counts a client for max_clients while it is connected.
@@ -204,7 +280,7 @@ struct SlotWait {
 /// holding an application worker for the whole hold. Returns the stream, the address reached
 /// and the host's index. TLS that cannot be set up is reported at once: waiting would not fix a
 /// certificate.
-async fn connect_primary(
+pub(crate) async fn connect_primary(
     shared: &Shared,
     config: &Config,
 ) -> Result<(Stream, SocketAddr, usize), Refusal> {
@@ -602,6 +678,8 @@ struct Relay {
     /// The server stopped answering and bulkhead answers the client itself (see
     /// `crate::detach`).
     detached: Option<Detached>,
+    /// The server connection is lent by a pool: the client's Terminate is not passed on.
+    pooled: bool,
     /// The session's span: the relay's log lines name it as their parent.
     span: Span,
 }
@@ -737,12 +815,37 @@ impl Relay {
             swallow_parse_complete: 0,
             sasl_offered: false,
             detached: None,
+            pooled: false,
             span,
         }
     }
 
     fn authenticated(&self) -> bool {
         self.startup_deadline.is_none()
+    }
+
+    /// A pooled session starts logged in: bulkhead answered the client's startup itself.
+    fn logged_in(&mut self, server_key: (i32, Vec<u8>), client_key: (i32, [u8; 4])) {
+        self.startup_deadline = None;
+        self.hello_deadline = None;
+        self.server_key = Some(server_key);
+        self.client_key = Some(client_key);
+        self.pooled = true;
+        self.idle_since = Some(Instant::now());
+        self.timer_at = None;
+    }
+
+    /// Whether the server connection can go back to its pool after `end`: the client left with
+    /// nothing in flight, no transaction open and the server's stream at a message boundary.
+    fn reusable(&self, end: &End) -> bool {
+        matches!(end, End::ClientLeft)
+            && self.is_quiet()
+            && self.detached.is_none()
+            && self.cancelling.is_none()
+            && !self.server_said_fatal
+            && !self.down.mid_message()
+            && self.swallow_parse_complete == 0
+            && self.stalled_since.is_none()
     }
 
     /// Relays until the session has to end, and says why.
@@ -1489,7 +1592,14 @@ impl Relay {
                 frontend::COPY_DONE_TAG | frontend::COPY_FAIL_TAG => {
                     self.tracker.copy_in_ended(now)
                 }
-                frontend::TERMINATE_TAG => self.client_terminated = true,
+                frontend::TERMINATE_TAG => {
+                    self.client_terminated = true;
+                    if self.pooled {
+                        // The server connection stays open for the pool's next client.
+                        self.up.skip(&h);
+                        return Err(End::ClientLeft);
+                    }
+                }
                 _ => {}
             }
             self.up.forward(&h);
@@ -1958,7 +2068,8 @@ impl Relay {
 
     /// Ends the session: tells the client why when it should hear it, cancels a statement the
     /// server may still be running, and closes both connections.
-    async fn finish(&mut self, shared: &Shared, end: End) {
+    /// `keep_server`: the server connection goes back to its pool, so it is not closed.
+    async fn finish(&mut self, shared: &Shared, end: End, keep_server: bool) {
         let refusal = match &end {
             End::ClientLeft => None,
             End::ClientBroke(why) => Some(Refusal::ClientProtocol(why.clone())),
@@ -2025,7 +2136,7 @@ impl Relay {
         if server_running && !cancelled_already && !matches!(end, End::ServerLost(_)) {
             self.cancel_on_server(shared);
         }
-        if self.is_quiet() && !self.client_terminated {
+        if self.is_quiet() && !self.client_terminated && !keep_server {
             // A polite goodbye keeps the server's log free of "unexpected EOF" lines.
             let _ = timeout(FAREWELL_TIMEOUT, self.server.write_all(b"X\0\0\0\x04")).await;
         }

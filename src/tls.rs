@@ -249,6 +249,11 @@ impl Tls {
             .is_some_and(|c| c.as_ref() == certificate)
     }
 
+    /// The certificate (DER) the listener presents, if it accepts TLS.
+    pub fn listen_certificate(&self) -> Option<&[u8]> {
+        self.listen_cert.as_ref().map(|c| c.as_ref())
+    }
+
     /// The connector, unless [database] tls is "disable".
     pub fn connector(&self) -> Option<&TlsConnector> {
         self.connector.as_ref()

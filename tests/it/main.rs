@@ -8,6 +8,7 @@ mod failover;
 mod failure_edges;
 mod health;
 mod passthrough;
+mod pooling;
 mod scripted_server;
 mod support;
 mod tls;

@@ -458,7 +458,7 @@ pub async fn assert_answers(c: &Client) {
 pub async fn connect(params: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(params, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connect {params}: {e}"));
+        .unwrap_or_else(|e| panic!("connect {params}: {e:?}"));
     tokio::spawn(connection);
     client
 }

@@ -1,0 +1,149 @@
+//! The login exchange with a client, bulkhead as the server: SCRAM-SHA-256 (and -PLUS over
+//! TLS, bound to the certificate bulkhead's listener presents) for SCRAM and plain secrets,
+//! md5 for md5 secrets. Runs inside the startup deadline the caller sets.
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::scram::{self, Failure, ServerExchange};
+use super::{Credential, Secret, Verifier};
+use crate::errors::Refusal;
+use crate::protocol::backend::AUTHENTICATION_TAG;
+use crate::protocol::{cstr, frontend};
+
+/// The longest password message a client may send during login.
+const MAX_PASSWORD_MESSAGE: usize = 8192;
+
+/// Reads one message from a peer: its tag and body, the length checked against `max`.
+pub async fn read_message(
+    stream: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<(u8, BytesMut), String> {
+    let mut header = [0u8; 5];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| format!("connection ended during login: {e}"))?;
+    let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+    if !(4..=max + 4).contains(&len) {
+        return Err(format!(
+            "message '{}' of {len} bytes during login",
+            crate::protocol::framing::printable(header[0])
+        ));
+    }
+    let mut body = BytesMut::zeroed(len - 4);
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| format!("connection ended during login: {e}"))?;
+    Ok((header[0], body))
+}
+
+/// Appends an Authentication message: its code and data.
+pub fn write_authentication(out: &mut BytesMut, code: i32, data: &[u8]) {
+    out.put_u8(AUTHENTICATION_TAG);
+    out.put_u32(8 + data.len() as u32);
+    out.put_i32(code);
+    out.put_slice(data);
+}
+
+const SASL: i32 = 10;
+const SASL_CONTINUE: i32 = 11;
+const SASL_FINAL: i32 = 12;
+const MD5: i32 = 5;
+
+async fn send(stream: &mut (impl AsyncWrite + Unpin), out: &[u8]) -> Result<(), Refusal> {
+    stream
+        .write_all(out)
+        .await
+        .map_err(|e| Refusal::ClientProtocol(format!("connection ended during login: {e}")))
+}
+
+async fn password_message(stream: &mut (impl AsyncRead + Unpin)) -> Result<BytesMut, Refusal> {
+    match read_message(stream, MAX_PASSWORD_MESSAGE).await {
+        Ok((b'p', body)) => Ok(body),
+        Ok((tag, _)) => Err(Refusal::ClientProtocol(format!(
+            "expected a password message during login, got '{}'",
+            crate::protocol::framing::printable(tag)
+        ))),
+        Err(why) => Err(Refusal::ClientProtocol(why)),
+    }
+}
+
+/// Authenticates `user` with `secret` (`None`: no such user; the exchange runs to its end
+/// against a mock verifier and fails as a wrong password does). `binding` is the
+/// tls-server-end-point data when the client is on TLS: SCRAM-SHA-256-PLUS is offered then.
+/// Sends nothing on success: the caller sends AuthenticationOk once a server connection is
+/// ready.
+pub async fn authenticate(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    user: &str,
+    secret: Option<&Secret>,
+    mock_key: &[u8; 32],
+    binding: Option<Vec<u8>>,
+) -> Result<Credential, Refusal> {
+    let wrong = || Refusal::PasswordFailed(user.to_string());
+    if let Some(secret @ Secret::Md5(stored)) = secret {
+        let mut salt = [0u8; 4];
+        getrandom::fill(&mut salt).expect("the system's random source works");
+        let mut out = BytesMut::new();
+        write_authentication(&mut out, MD5, &salt);
+        send(stream, &out).await?;
+        let body = password_message(stream).await?;
+        let (answer, _) = cstr(&body)
+            .ok_or_else(|| Refusal::ClientProtocol("malformed password message".into()))?;
+        return if secret.md5_matches(user, salt, answer) {
+            Ok(Credential::Md5(stored.clone()))
+        } else {
+            Err(wrong())
+        };
+    }
+    let verifier = match secret {
+        Some(Secret::Scram(v)) | Some(Secret::Plain { verifier: v, .. }) => v.clone(),
+        _ => Verifier::mock(user, mock_key),
+    };
+    let mut out = BytesMut::new();
+    let mut offer = Vec::new();
+    if binding.is_some() {
+        offer.extend_from_slice(b"SCRAM-SHA-256-PLUS\0");
+    }
+    offer.extend_from_slice(b"SCRAM-SHA-256\0\0");
+    write_authentication(&mut out, SASL, &offer);
+    send(stream, &out).await?;
+    let body = password_message(stream).await?;
+    let (mechanism, first) = frontend::sasl_initial_response(&body)
+        .ok_or_else(|| Refusal::ClientProtocol("malformed SASLInitialResponse".into()))?;
+    let failed = |f: Failure| match f {
+        Failure::Password => wrong(),
+        Failure::Protocol(why) => Refusal::ClientProtocol(why),
+    };
+    let (exchange, server_first) =
+        ServerExchange::start(verifier.clone(), binding, mechanism, first).map_err(failed)?;
+    out.clear();
+    write_authentication(&mut out, SASL_CONTINUE, server_first.as_bytes());
+    send(stream, &out).await?;
+    let body = password_message(stream).await?;
+    let proven = exchange.finish(&body).map_err(failed)?;
+    if secret.is_none() {
+        // A mock verifier cannot be matched, but never let it through.
+        return Err(wrong());
+    }
+    out.clear();
+    write_authentication(&mut out, SASL_FINAL, proven.server_final.as_bytes());
+    send(stream, &out).await?;
+    Ok(match secret {
+        Some(Secret::Plain { password, .. }) => Credential::Password(password.clone()),
+        _ => Credential::ScramKeys {
+            client_key: proven.client_key,
+            verifier,
+        },
+    })
+}
+
+/// The channel binding data for a client on TLS: the hash of the listener's certificate.
+pub fn binding_for(client_tls: bool, tls: &crate::tls::Tls) -> Option<Vec<u8>> {
+    if !client_tls {
+        return None;
+    }
+    tls.listen_certificate().map(scram::server_end_point)
+}

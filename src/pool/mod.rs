@@ -1,0 +1,428 @@
+//! Server connection pools, one per (user, database), for the pooled modes. A client that
+//! logged in borrows a connection (`Pool::lend`): an idle one if there is one, else a new one
+//! opened to the current primary with the credential its login left; it gives it back when it
+//! leaves (`Lent::give_back`), reset, to be lent again. `[pool] size` bounds the connections a
+//! pool has open, idle and lent together; a client waits for one at most queue_timeout, and
+//! that wait is the only queue (the admission queue of the pooled modes).
+//!
+//! The pool's lock is taken when a connection is lent and returned, not per message.
+
+pub mod login;
+pub mod server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::Shared;
+use crate::admission::Limit;
+use crate::auth::Credential;
+use crate::config::Config;
+use crate::errors::Refusal;
+pub use server::{ServerConn, ServerError};
+
+/// How long bulkhead's own statements on a pooled connection (settings, the reset) may take.
+const OWN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every pool of one proxy.
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+}
+
+/// One (user, database) pool.
+pub struct Pool {
+    pub user: String,
+    pub database: String,
+    idle: Mutex<Vec<ServerConn>>,
+    /// Connections open (idle and lent) and being opened.
+    open: std::sync::atomic::AtomicU32,
+    /// One slot per connection a client holds; waiting for one is the admission queue.
+    slots: Arc<Limit>,
+    /// The last credential that logged in, for opening connections in the background.
+    credential: Mutex<Option<Credential>>,
+    metrics: PoolMetrics,
+}
+
+struct PoolMetrics {
+    idle: Gauge,
+    active: Gauge,
+    waiting: Gauge,
+    wait: Histogram,
+    logins_ok: Counter,
+    logins_failed: Counter,
+    /// bulkhead_server_connections, which counts pooled connections while they are open.
+    server_connections: Gauge,
+}
+
+/// Why no connection could be lent.
+#[derive(Debug)]
+pub enum LendError {
+    /// bulkhead says why (no primary, the wait ran out, …).
+    Refused(Refusal),
+    /// The server refused the login or a setting: its ErrorResponse, as it sent it.
+    Server(bytes::BytesMut),
+}
+
+/// A state of one pool, for /health.
+#[derive(Debug, serde::Serialize)]
+pub struct PoolInfo {
+    pub user: String,
+    pub database: String,
+    pub idle: usize,
+    pub active: u32,
+    pub waiting: u32,
+    pub size: u32,
+}
+
+impl Pools {
+    /// The pool for (user, database), made on first use.
+    pub(crate) fn get(&self, shared: &Shared, user: &str, database: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry((user.to_string(), database.to_string()))
+            .or_insert_with(|| {
+                let size = shared.live.get().pool.size;
+                let labels = [("user", user), ("database", database)];
+                let m = &shared.metrics;
+                let state = |s| {
+                    m.gauge(
+                        "bulkhead_pool_server_connections",
+                        &[("user", user), ("database", database), ("state", s)],
+                    )
+                };
+                Arc::new(Pool {
+                    user: user.to_string(),
+                    database: database.to_string(),
+                    idle: Mutex::new(Vec::new()),
+                    open: 0.into(),
+                    slots: Arc::new(Limit::new(size, m.gauge("bulkhead_pool_size", &labels))),
+                    credential: Mutex::new(None),
+                    metrics: PoolMetrics {
+                        idle: state("idle"),
+                        active: state("active"),
+                        waiting: m.gauge("bulkhead_pool_clients_waiting", &labels),
+                        wait: m.histogram("bulkhead_pool_wait_seconds", &labels),
+                        logins_ok: m.counter(
+                            "bulkhead_pool_server_logins_total",
+                            &[("user", user), ("database", database), ("result", "ok")],
+                        ),
+                        logins_failed: m.counter(
+                            "bulkhead_pool_server_logins_total",
+                            &[("user", user), ("database", database), ("result", "failed")],
+                        ),
+                        server_connections: m.server_connections.clone(),
+                    },
+                })
+            })
+            .clone()
+    }
+
+    fn all(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.values().cloned().collect()
+    }
+
+    /// Each pool's state, for /health.
+    pub fn info(&self) -> Vec<PoolInfo> {
+        let mut out: Vec<PoolInfo> = self.all().iter().map(|p| p.info()).collect();
+        out.sort_by(|a, b| (&a.user, &a.database).cmp(&(&b.user, &b.database)));
+        out
+    }
+
+    /// Upkeep, every second: sizes from the settings in force, idle connections past
+    /// idle_timeout or lifetime or on a host that is no longer primary closed, min_idle kept.
+    pub(crate) async fn upkeep(&self, shared: &Arc<Shared>) {
+        let config = shared.live.get();
+        let primary = shared.topology.watch_primary().borrow().clone();
+        for pool in self.all() {
+            if pool.slots.limit() != config.pool.size {
+                pool.slots.set(config.pool.size);
+            }
+            pool.prune(&config, primary.as_ref().map(|p| p.index));
+            pool.keep_min_idle(shared, &config).await;
+        }
+    }
+}
+
+impl Pool {
+    fn info(&self) -> PoolInfo {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
+        PoolInfo {
+            user: self.user.clone(),
+            database: self.database.clone(),
+            idle,
+            active: self.slots.held(),
+            waiting: self.slots.queued(),
+            size: self.slots.limit(),
+        }
+    }
+
+    fn open_count(&self) -> u32 {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lends a connection with the client's `settings` applied, waiting for a slot until
+    /// `until`. `credential` is what the client's login left.
+    pub(crate) async fn lend(
+        self: &Arc<Self>,
+        shared: &Shared,
+        config: &Config,
+        credential: &Credential,
+        settings: &[(String, String)],
+        until: Instant,
+    ) -> Result<Lent, LendError> {
+        *self.credential.lock().unwrap_or_else(|e| e.into_inner()) = Some(credential.clone());
+        let started = Instant::now();
+        if !self.slots.try_acquire() {
+            self.metrics.waiting.increment(1.0);
+            let got = self.slots.acquire_until(until).await;
+            self.metrics.waiting.decrement(1.0);
+            if !got {
+                return Err(LendError::Refused(Refusal::PoolExhausted {
+                    user: self.user.clone(),
+                    database: self.database.clone(),
+                    waited: started.elapsed(),
+                }));
+            }
+        }
+        self.metrics.wait.record(started.elapsed().as_secs_f64());
+        let mut lent = Lent {
+            pool: self.clone(),
+            conn: None,
+            away: None,
+        };
+        let primary = shared
+            .topology
+            .watch_primary()
+            .borrow()
+            .as_ref()
+            .map(|p| p.index);
+        let now = Instant::now();
+        let reused = loop {
+            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match next {
+                Some(conn)
+                    if Some(conn.info.host) == primary
+                        && !conn.info.expired(config.pool.lifetime, now) =>
+                {
+                    self.metrics.idle.decrement(1.0);
+                    break Some(conn);
+                }
+                Some(conn) => {
+                    self.metrics.idle.decrement(1.0);
+                    self.close(conn);
+                }
+                None => break None,
+            }
+        };
+        let mut conn = match reused {
+            Some(conn) => conn,
+            None => self.open(shared, config, Some(credential)).await?,
+        };
+        self.metrics.active.increment(1.0);
+        if let Err(e) = conn.adopt(settings, OWN_STATEMENT_TIMEOUT).await {
+            lent.conn = Some(conn);
+            lent.discard();
+            return Err(match e {
+                ServerError::Refused(error) => LendError::Server(error),
+                ServerError::Broken(why) => {
+                    LendError::Refused(Refusal::ServerLost(why, crate::errors::Lost::Nothing))
+                }
+            });
+        }
+        lent.conn = Some(conn);
+        Ok(lent)
+    }
+
+    /// Opens and logs in a new connection to the primary. Counts it open from the start.
+    async fn open(
+        &self,
+        shared: &Shared,
+        config: &Config,
+        credential: Option<&Credential>,
+    ) -> Result<ServerConn, LendError> {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let opened = async {
+            let (stream, addr, host) = crate::session::connect_primary(shared, config)
+                .await
+                .map_err(LendError::Refused)?;
+            let login = server::log_in(stream, addr, host, &self.user, &self.database, credential);
+            match tokio::time::timeout(
+                config.database.connect_timeout + OWN_STATEMENT_TIMEOUT,
+                login,
+            )
+            .await
+            {
+                Ok(Ok(conn)) => Ok(conn),
+                Ok(Err(ServerError::Refused(e))) => Err(LendError::Server(e)),
+                Ok(Err(ServerError::Broken(why))) => {
+                    Err(LendError::Refused(Refusal::NoServer(why)))
+                }
+                Err(_) => Err(LendError::Refused(Refusal::NoServer(
+                    "the server did not complete the login in time".into(),
+                ))),
+            }
+        }
+        .await;
+        match &opened {
+            Ok(conn) => {
+                self.metrics.logins_ok.increment(1);
+                self.metrics.server_connections.increment(1.0);
+                debug!(user = %self.user, database = %self.database, server = %conn.info.addr, "pooled connection opened");
+            }
+            Err(_) => {
+                self.metrics.logins_failed.increment(1);
+                self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        opened
+    }
+
+    /// Counts a connection closed; dropping its socket closes it.
+    fn closed(&self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.metrics.server_connections.decrement(1.0);
+    }
+
+    fn close(&self, conn: ServerConn) {
+        self.closed();
+        drop(conn);
+    }
+
+    /// Closes idle connections that are too old, idle too long (above min_idle), or on a host
+    /// that is no longer the primary; and those above a lowered size.
+    fn prune(&self, config: &Config, primary: Option<usize>) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let before = idle.len();
+        let mut kept = Vec::with_capacity(idle.len());
+        // Oldest-idle first: the list is pushed in return order.
+        let mut closing = Vec::new();
+        let over = (self.open_count() as usize).saturating_sub(config.pool.size as usize);
+        for (i, conn) in idle.drain(..).enumerate() {
+            let stale =
+                now.saturating_duration_since(conn.info.idle_since) >= config.pool.idle_timeout;
+            if Some(conn.info.host) != primary
+                || conn.info.expired(config.pool.lifetime, now)
+                || i < over
+                || (stale && kept.len() + before.saturating_sub(i) > config.pool.min_idle as usize)
+            {
+                closing.push(conn);
+            } else {
+                kept.push(conn);
+            }
+        }
+        *idle = kept;
+        drop(idle);
+        for conn in closing {
+            self.metrics.idle.decrement(1.0);
+            self.close(conn);
+        }
+    }
+
+    /// Opens connections in the background up to min_idle, once a credential is known.
+    async fn keep_min_idle(&self, shared: &Shared, config: &Config) {
+        let credential = self
+            .credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(credential) = credential else {
+            return;
+        };
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
+            if idle >= config.pool.min_idle as usize || self.open_count() >= config.pool.size {
+                return;
+            }
+            match self.open(shared, config, Some(&credential)).await {
+                Ok(conn) => self.put_idle(conn),
+                Err(e) => {
+                    info!(user = %self.user, database = %self.database, error = ?e, "could not open an idle pooled connection");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn put_idle(&self, mut conn: ServerConn) {
+        conn.info.idle_since = Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        self.metrics.idle.increment(1.0);
+    }
+}
+
+/// A connection lent to a client, with its slot. Dropped without `give_back`, the connection
+/// is closed and the slot returned.
+pub struct Lent {
+    pool: Arc<Pool>,
+    conn: Option<ServerConn>,
+    /// The connection's facts while its socket is in the relay.
+    away: Option<server::ConnInfo>,
+}
+
+impl Lent {
+    /// The connection's socket, to move into the relay; its facts stay here.
+    pub fn take_stream(&mut self) -> (crate::tls::Stream, &server::ConnInfo) {
+        let ServerConn { stream, info } = self.conn.take().expect("taken once");
+        (stream, self.away.insert(info))
+    }
+
+    pub fn conn(&self) -> &ServerConn {
+        self.conn.as_ref().expect("not taken yet")
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Returns the socket the relay had, reset, to the pool for the next client; closes it if
+    /// the reset fails or the connection is too old.
+    pub async fn give_back(mut self, stream: crate::tls::Stream, config: &Config) {
+        let info = self.away.take().expect("the socket was taken");
+        let mut conn = ServerConn { stream, info };
+        if conn.info.expired(config.pool.lifetime, Instant::now()) {
+            self.conn = Some(conn);
+            return;
+        }
+        match conn.reset(OWN_STATEMENT_TIMEOUT).await {
+            Ok(()) => {
+                self.pool.metrics.active.decrement(1.0);
+                self.pool.put_idle(conn);
+                // The slot goes back when `self` drops, after the connection is idle.
+            }
+            Err(e) => {
+                debug!(error = ?e, "reset of a pooled connection failed; closing it");
+                self.conn = Some(conn);
+            }
+        }
+    }
+
+    /// Closes the connection instead of returning it.
+    fn discard(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.metrics.active.decrement(1.0);
+            self.pool.close(conn);
+        }
+        if self.away.take().is_some() {
+            // Its socket ended with the relay.
+            self.pool.metrics.active.decrement(1.0);
+            self.pool.closed();
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.discard();
+        self.pool.slots.release();
+    }
+}
