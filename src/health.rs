@@ -371,8 +371,18 @@ fn report(shared: &Shared) -> Report {
         "clients": shared.admission.clients(),
         "inflight": shared.admission.all.held(),
         "inflight_writes": shared.admission.writes.held(),
+        "pool_mode": config_mode(shared),
+        "pools": shared.pools.info(),
     });
     Report { not_ready, json }
+}
+
+fn config_mode(shared: &Shared) -> &'static str {
+    match shared.live.get().pool.mode {
+        crate::config::PoolMode::Passthrough => "passthrough",
+        crate::config::PoolMode::Session => "session",
+        crate::config::PoolMode::Transaction => "transaction",
+    }
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ enum Kind {
 
 /// Every metric bulkhead exports through the recorder, with its help text (DESIGN.md §3.7);
 /// the statement latency histogram is rendered by [`Latency`].
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 14] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 20] = [
     (
         "bulkhead_client_connections",
         Kind::Gauge,
@@ -146,6 +146,42 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 14] = [
         Kind::Counter,
         None,
         "Connections and statements refused for want of capacity, by reason.",
+    ),
+    (
+        "bulkhead_pool_server_connections",
+        Kind::Gauge,
+        None,
+        "Pooled server connections per (user, database) pool, by state: idle, or active (lent to a client).",
+    ),
+    (
+        "bulkhead_pool_clients_waiting",
+        Kind::Gauge,
+        None,
+        "Clients waiting now for a server connection of the pool.",
+    ),
+    (
+        "bulkhead_pool_wait_seconds",
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "How long clients waited for a server connection of the pool (those that got one).",
+    ),
+    (
+        "bulkhead_pool_size",
+        Kind::Gauge,
+        None,
+        "The pool's size in force: its server connections, idle and lent together.",
+    ),
+    (
+        "bulkhead_pool_server_logins_total",
+        Kind::Counter,
+        None,
+        "Server connections the pool opened (logged in), by result: ok, failed.",
+    ),
+    (
+        "bulkhead_pool_pinned_clients",
+        Kind::Gauge,
+        None,
+        "Transaction mode: clients holding their server connection until they leave, because they used a feature tied to one backend.",
     ),
 ];
 

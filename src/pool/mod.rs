@@ -39,6 +39,8 @@ pub struct Pool {
     pub user: String,
     pub database: String,
     idle: Mutex<Vec<ServerConn>>,
+    /// How many are idle, for /health.
+    idle_count: std::sync::atomic::AtomicU32,
     /// Connections open (idle and lent) and being opened.
     open: std::sync::atomic::AtomicU32,
     /// One slot per connection a client holds; waiting for one is the admission queue.
@@ -99,6 +101,7 @@ impl Pools {
                     user: user.to_string(),
                     database: database.to_string(),
                     idle: Mutex::new(Vec::new()),
+                    idle_count: 0.into(),
                     open: 0.into(),
                     slots: Arc::new(Limit::new(size, m.gauge("bulkhead_pool_size", &labels))),
                     credential: Mutex::new(None),
@@ -151,7 +154,8 @@ impl Pools {
 
 impl Pool {
     fn info(&self) -> PoolInfo {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
+        // Atomics only: the health thread never waits for a session.
+        let idle = self.idle_count.load(std::sync::atomic::Ordering::Relaxed) as usize;
         PoolInfo {
             user: self.user.clone(),
             database: self.database.clone(),
@@ -210,11 +214,11 @@ impl Pool {
                     if Some(conn.info.host) == primary
                         && !conn.info.expired(config.pool.lifetime, now) =>
                 {
-                    self.metrics.idle.decrement(1.0);
+                    self.idle_gone();
                     break Some(conn);
                 }
                 Some(conn) => {
-                    self.metrics.idle.decrement(1.0);
+                    self.idle_gone();
                     self.close(conn);
                 }
                 None => break None,
@@ -320,7 +324,7 @@ impl Pool {
         *idle = kept;
         drop(idle);
         for conn in closing {
-            self.metrics.idle.decrement(1.0);
+            self.idle_gone();
             self.close(conn);
         }
     }
@@ -350,12 +354,21 @@ impl Pool {
         }
     }
 
+    /// One connection less in the idle list.
+    fn idle_gone(&self) {
+        self.idle_count
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.idle.decrement(1.0);
+    }
+
     fn put_idle(&self, mut conn: ServerConn) {
         conn.info.idle_since = Instant::now();
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(conn);
+        self.idle_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.idle.increment(1.0);
     }
 }

@@ -325,10 +325,7 @@ async fn cancel_reaches_the_backend_the_client_holds() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     token.cancel_query(NoTls).await.unwrap();
-    let e = sleeper
-        .await
-        .unwrap()
-        .expect_err("the sleep was cancelled");
+    let e = sleeper.await.unwrap().expect_err("the sleep was cancelled");
     assert_eq!(sqlstate(&e), "57014");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -413,4 +410,90 @@ async fn psql_with_libpq_defaults_logs_in_with_channel_binding_over_tls_on_both_
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_pooled_connections_to_the_old_primary_are_closed_and_new_ones_go_to_the_new()
+ {
+    let s = setup();
+    s.pg.psql("CREATE TABLE moved (x int); GRANT ALL ON moved TO scram_user");
+    let standby = Cluster::standby_of(&s.pg);
+    let mut config = pooled(&s, 4);
+    config.database.hosts = vec![s.pg.addr(), standby.addr()];
+    config.pool.min_idle = 2;
+    config.probe.timeout = Duration::from_millis(400);
+    let proxy = Proxy::start(config).await;
+    let c = connect(&proxy, "scram_user", "scram-secret").await;
+    c.batch_execute("INSERT INTO moved VALUES (1)")
+        .await
+        .unwrap();
+    drop(c);
+    // min_idle keeps two open on the primary.
+    let idle = "bulkhead_pool_server_connections{user=\"scram_user\",database=\"postgres\",state=\"idle\"}";
+    crate::support::eventually("two idle connections", Duration::from_secs(10), || async {
+        (metric(&proxy, idle) == 2.0).then_some(())
+    })
+    .await;
+    let on_old = || {
+        s.pg.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'scram_user'")
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert_eq!(on_old(), 2);
+    standby.promote();
+    // The old primary's pooled connections are closed; min_idle refills on the new one.
+    crate::support::eventually(
+        "the old primary's connections closed",
+        Duration::from_secs(20),
+        || async { (on_old() == 0).then_some(()) },
+    )
+    .await;
+    let c = crate::support::eventually(
+        "a session on the new primary",
+        Duration::from_secs(20),
+        || async {
+            let (c, conn) =
+                tokio_postgres::connect(&params(&proxy, "scram_user", "scram-secret"), NoTls)
+                    .await
+                    .ok()?;
+            tokio::spawn(conn);
+            Some(c)
+        },
+    )
+    .await;
+    c.batch_execute("INSERT INTO moved VALUES (2)")
+        .await
+        .unwrap();
+    assert_eq!(standby.psql("SELECT count(*) FROM moved WHERE x = 2"), "1");
+    assert_eq!(s.pg.psql("SELECT count(*) FROM moved WHERE x = 2"), "0");
+    assert_eq!(on_old(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_pool_size_live() {
+    let s = setup();
+    let mut config = pooled(&s, 1);
+    config.limits.queue_timeout = Duration::from_millis(200);
+    let proxy = Proxy::start(config.clone()).await;
+    let _first = connect(&proxy, "scram_user", "scram-secret").await;
+    let second =
+        tokio_postgres::connect(&params(&proxy, "scram_user", "scram-secret"), NoTls).await;
+    assert_eq!(sqlstate(&second.err().unwrap()), "53300");
+    config.pool.size = 3;
+    assert!(proxy.bulkhead.reload(config).is_empty());
+    let _second =
+        crate::support::eventually("room in the pool", Duration::from_secs(5), || async {
+            let (c, conn) =
+                tokio_postgres::connect(&params(&proxy, "scram_user", "scram-secret"), NoTls)
+                    .await
+                    .ok()?;
+            tokio::spawn(conn);
+            Some(c)
+        })
+        .await;
+    let _third = connect(&proxy, "scram_user", "scram-secret").await;
+    assert_eq!(
+        proxy.health_json().await["pools"][0]["size"],
+        serde_json::json!(3)
+    );
 }
