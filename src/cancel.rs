@@ -6,12 +6,14 @@
 //! backend next. Two hosts may use the same pid, so the pid and secret together are the key.
 //!
 //! One mutex guards the map, taken when a session starts or ends and for each CancelRequest;
-//! never on the relay path.
+//! never on the relay path. In transaction pooling a client moves from backend to backend:
+//! its entry is a [`Slot`] of its own, which the session points at the backend it holds (or
+//! at none) under the slot's own lock, shared with nobody but a cancel for that session.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,12 +26,25 @@ const UNKNOWN_LOG_PERIOD: Duration = Duration::from_secs(10);
 pub struct Target {
     pub addr: SocketAddr,
     pub pid: i32,
-    pub key: Vec<u8>,
+    pub key: bytes::Bytes,
 }
+
+/// Where one session's cancel key points now: the backend it holds, or none.
+#[derive(Debug, Default)]
+pub struct Slot(Mutex<Option<Target>>);
+
+impl Slot {
+    pub fn set(&self, target: Option<Target>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+}
+
+/// A client's key: the pid it was told and bulkhead's secret.
+type Key = (i32, [u8; 4]);
 
 #[derive(Debug)]
 pub struct Registry {
-    sessions: Mutex<HashMap<(i32, [u8; 4]), Target>>,
+    sessions: Mutex<HashMap<Key, Arc<Slot>>>,
     /// Cancel requests with unknown keys since the last log line about them.
     unknown: AtomicU64,
     /// When that line was last written.
@@ -50,14 +65,22 @@ impl Registry {
     /// Gives a new session its key: its backend's process id and a secret of bulkhead's own,
     /// and records which backend they stand for.
     pub fn register(&self, target: Target) -> (i32, [u8; 4]) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let pid = target.pid;
+        let (secret, _) = self.register_slot(pid, Some(target));
+        (pid, secret)
+    }
+
+    /// Gives a new session the key `pid` and a secret, for a slot that points at `target`;
+    /// the session moves the slot as it moves between backends.
+    pub fn register_slot(&self, pid: i32, target: Option<Target>) -> ([u8; 4], Arc<Slot>) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let mut secret = [0u8; 4];
             getrandom::fill(&mut secret).expect("operating system random source");
             if let std::collections::hash_map::Entry::Vacant(v) = sessions.entry((pid, secret)) {
-                v.insert(target);
-                return (pid, secret);
+                let slot = Arc::new(Slot(Mutex::new(target)));
+                v.insert(slot.clone());
+                return (secret, slot);
             }
         }
     }
@@ -91,8 +114,11 @@ impl Registry {
     /// map hashes with a random key, so lookup time tells nothing useful about a secret.)
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<Target> {
         let secret: [u8; 4] = secret.try_into().ok()?;
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.get(&(pid, secret)).cloned()
+        let slot = {
+            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            sessions.get(&(pid, secret)).cloned()?
+        };
+        slot.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -104,7 +130,7 @@ mod tests {
         Target {
             addr: ([127, 0, 0, 1], 5432).into(),
             pid,
-            key: vec![9, 9, 9, 9],
+            key: bytes::Bytes::from_static(&[9, 9, 9, 9]),
         }
     }
 

@@ -125,6 +125,128 @@ pub fn transaction_control(sql: &[u8]) -> Option<Control> {
     }
 }
 
+/// Settings PostgreSQL reports in ParameterStatus when they change, which a client may set:
+/// bulkhead follows them from the reports, so setting one ties a client to no backend.
+pub const REPORTED_SETTINGS: [&str; 7] = [
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+];
+
+/// Functions whose effect outlives the transaction: session advisory locks, and set_config
+/// (which may set a session-wide setting bulkhead cannot follow).
+const SESSION_FUNCTIONS: [&str; 5] = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "set_config",
+];
+
+/// Whether `sql` uses a feature whose state lives in its backend beyond the transaction
+/// (LISTEN, SQL PREPARE, LOAD, a cursor WITH HOLD, a temporary object, a session advisory
+/// lock, a SET or RESET of a setting PostgreSQL does not report, DISCARD, DEALLOCATE, SET
+/// ROLE): in transaction pooling the client must keep that backend. Names the feature.
+/// Conservative: a false "yes" only pins a client; a quoted identifier hides a function name.
+pub fn session_feature(sql: &[u8]) -> Option<&'static str> {
+    let mut tokens = Tokens::new(sql);
+    let mut statement: [Option<Token<'_>>; 4] = [None; 4];
+    let mut n = 0;
+    let mut hold = (false, false); // DECLARE ... WITH HOLD
+    while let Some(t) = tokens.next() {
+        if t == Token::Semicolon {
+            if let Some(f) = statement_feature(&statement[..n], hold) {
+                return Some(f);
+            }
+            n = 0;
+            hold = (false, false);
+            continue;
+        }
+        if n < statement.len() {
+            statement[n] = Some(t);
+            n += 1;
+        }
+        if let Token::Word(w) = t {
+            if SESSION_FUNCTIONS
+                .iter()
+                .any(|f| w.eq_ignore_ascii_case(f.as_bytes()))
+                && tokens.clone().next() == Some(Token::Open)
+            {
+                return Some(if w.eq_ignore_ascii_case(b"set_config") {
+                    "set_config"
+                } else {
+                    "a session advisory lock"
+                });
+            }
+            if t.is("WITH") {
+                hold.0 = true;
+            } else if hold.0 && t.is("HOLD") {
+                hold.1 = true;
+            } else {
+                hold.0 = false;
+            }
+        }
+    }
+    statement_feature(&statement[..n], hold)
+}
+
+/// The rule for one statement's first tokens.
+fn statement_feature(t: &[Option<Token<'_>>], hold: (bool, bool)) -> Option<&'static str> {
+    let word = |i: usize, k: &str| t.get(i).copied().flatten().is_some_and(|t| t.is(k));
+    let reported = |i: usize| match t.get(i).copied().flatten() {
+        Some(Token::Word(w)) => REPORTED_SETTINGS
+            .iter()
+            .any(|s| w.eq_ignore_ascii_case(s.as_bytes())),
+        _ => false,
+    };
+    if word(0, "LISTEN") {
+        Some("LISTEN")
+    } else if word(0, "PREPARE") && !word(1, "TRANSACTION") {
+        Some("PREPARE")
+    } else if word(0, "LOAD") {
+        Some("LOAD")
+    } else if word(0, "DISCARD") {
+        Some("DISCARD")
+    } else if word(0, "DEALLOCATE") {
+        Some("DEALLOCATE")
+    } else if word(0, "DECLARE") && hold.1 {
+        Some("a cursor WITH HOLD")
+    } else if word(0, "CREATE")
+        && (word(1, "TEMP")
+            || word(1, "TEMPORARY")
+            || ((word(1, "GLOBAL") || word(1, "LOCAL"))
+                && (word(2, "TEMP") || word(2, "TEMPORARY"))))
+    {
+        Some("a temporary object")
+    } else if word(0, "SET") {
+        let at = if word(1, "SESSION") && !word(2, "AUTHORIZATION") && !word(2, "CHARACTERISTICS") {
+            2
+        } else {
+            1
+        };
+        let transaction_only = word(1, "LOCAL") || word(1, "TRANSACTION") || word(1, "CONSTRAINTS");
+        let followed =
+            reported(at) || word(at, "NAMES") || (word(at, "TIME") && word(at + 1, "ZONE"));
+        if transaction_only || followed {
+            None
+        } else {
+            Some("SET of a setting PostgreSQL does not report")
+        }
+    } else if word(0, "RESET") {
+        if reported(1) || (word(1, "TIME") && word(2, "ZONE")) {
+            None
+        } else {
+            Some("RESET")
+        }
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token<'a> {
     Word(&'a [u8]),
@@ -326,6 +448,7 @@ static WORD_BYTE: [bool; 256] = {
     table
 };
 
+#[derive(Clone)]
 struct Tokens<'a> {
     sql: &'a [u8],
     at: usize,
@@ -476,6 +599,51 @@ impl<'a> Tokens<'a> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn features_that_outlive_a_transaction_are_named() {
+        let pins = |sql: &str| session_feature(sql.as_bytes());
+        for sql in [
+            "LISTEN jobs",
+            "select 1; listen jobs",
+            "PREPARE p AS SELECT 1",
+            "LOAD 'auto_explain'",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "CREATE TEMP TABLE t (x int)",
+            "create global temporary table t (x int)",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT pg_catalog.pg_try_advisory_lock_shared(1, 2)",
+            "SELECT set_config('work_mem', '1MB', false)",
+            "SET work_mem = '1MB'",
+            "SET SESSION search_path TO a",
+            "SET ROLE other",
+            "SET SESSION AUTHORIZATION other",
+            "RESET ALL",
+            "RESET work_mem",
+            "DISCARD ALL",
+            "DEALLOCATE ALL",
+        ] {
+            assert!(pins(sql).is_some(), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "SET LOCAL work_mem = '1MB'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET application_name = 'x'",
+            "SET SESSION TimeZone TO 'UTC'",
+            "SET TIME ZONE 'UTC'",
+            "SET NAMES 'UTF8'",
+            "RESET application_name",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT 'LISTEN x', \"pg_advisory_lock\"",
+            "PREPARE TRANSACTION 'x'",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "CREATE TABLE t (x int)",
+            "INSERT INTO t VALUES (1) /* SET work_mem */",
+        ] {
+            assert_eq!(pins(sql), None, "{sql}");
+        }
+    }
     use super::Kind::{Commit, Read, Write};
     use super::*;
 

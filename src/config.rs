@@ -173,7 +173,7 @@ pub enum PoolMode {
     Passthrough,
     /// A pooled server connection lent for a client's whole connection.
     Session,
-    /// A pooled server connection lent per transaction (not built yet: refused by the check).
+    /// A pooled server connection lent per transaction.
     Transaction,
 }
 
@@ -439,13 +439,6 @@ impl Config {
                 "pool",
                 "min_idle",
                 format!("must not exceed pool.size ({})", self.pool.size),
-            );
-        }
-        if self.pool.mode == PoolMode::Transaction {
-            return fail(
-                "pool",
-                "mode",
-                "\"transaction\" is not built yet; use \"session\" or \"passthrough\"".into(),
             );
         }
         if self.pool.mode != PoolMode::Passthrough

@@ -99,6 +99,11 @@ impl Snapshot {
     pub fn config(&self) -> &Config {
         &self.config
     }
+
+    /// The settings, shared.
+    pub fn arc(&self) -> Arc<Config> {
+        self.config.clone()
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,15 @@ impl Pipe {
         self.discard = h.total() - have;
     }
 
+    /// Puts `bytes` (whole messages of bulkhead's own) in front of the current message, framed:
+    /// they go out before it. The current message is then framed again from its new place.
+    pub fn put_before(&mut self, bytes: &[u8]) {
+        let tail = self.buf.split_off(self.ready);
+        self.buf.extend_from_slice(bytes);
+        self.ready += bytes.len();
+        self.buf.unsplit(tail);
+    }
+
     /// Replaces the current message with `with`, which keeps its place in the stream.
     pub fn replace(&mut self, h: &Header, with: &[u8]) {
         self.skip(h);
@@ -269,6 +278,23 @@ mod tests {
         v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn bytes_put_before_a_message_go_out_first_and_it_is_framed_again() {
+        let mut p = Pipe::default();
+        let (first, second) = (msg(b'B', b"one"), msg(b'E', b"two"));
+        p.feed(&[first.clone(), second.clone()].concat());
+        let h = p.next(|_| true).unwrap().unwrap();
+        p.forward(&h);
+        let h = p.next(|_| true).unwrap().unwrap();
+        assert_eq!(h.tag, b'E');
+        let own = msg(b'P', b"mine");
+        p.put_before(&own);
+        let again = p.next(|_| true).unwrap().unwrap();
+        assert_eq!((again.tag, p.body(&again)), (b'E', &b"two"[..]));
+        p.forward(&again);
+        assert_eq!(p.take_output(), [first, own, second].concat());
     }
 
     fn inspect_queries(tag: u8) -> bool {

@@ -22,14 +22,14 @@ use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::breaker::{Decision, Success};
 use crate::cancel::Target;
-use crate::classify::{Control, Kind, Memo, classify, transaction_control};
+use crate::classify::{Control, Kind, Memo, classify, session_feature, transaction_control};
 use crate::config::{Config, ListenTls, PoolMode};
 use crate::detach::{Detached, Next};
 use crate::errors::{Cause, Deadline, Lost, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
-use crate::pool::{self, Lent};
+use crate::pool::{self, lending::Lending};
 use crate::probe::circuit_settings;
 use crate::protocol::backend::{self, Severity, TxStatus};
 use crate::protocol::framing::Header;
@@ -59,7 +59,7 @@ pub(crate) async fn serve(
     let _client_count = ClientCount(&shared.admission);
     // Startup and the farewell are boxed: the task of an idle session holds only the relay's
     // state, not room for theirs too (that was 2 KiB more per idle session).
-    let Some((mut relay, _server_gauge, lent)) =
+    let Some((mut relay, _server_gauge)) =
         Box::pin(start(&shared, client, admitted, span.clone()).instrument(span.clone())).await
     else {
         return;
@@ -72,14 +72,13 @@ pub(crate) async fn serve(
             }
             // The session takes no more statements: its slots go to others before the farewell.
             relay.release_slots(&shared);
-            let reuse = lent.is_some() && relay.reusable(&end);
+            let reuse = relay.lending.is_some() && relay.server.is_some() && relay.reusable(&end);
             relay.finish(&shared, end, reuse).await;
-            if let Some(lent) = lent
-                && reuse
+            if let Some(lending) = relay.lending.take()
+                && let Some(stream) = relay.server.take().filter(|_| reuse)
             {
                 let config = relay.config.config().clone();
-                let Relay { server, .. } = relay;
-                lent.give_back(server, &config).await;
+                lending.finish(stream, &config).await;
             }
         }
         .instrument(span),
@@ -91,11 +90,11 @@ pub(crate) async fn serve(
 /// or to the client logged in with a pooled connection lent to it; the relay takes it from
 /// there. `None` when the client has been answered already (refused, or a cancel request).
 async fn start(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     client: std::net::TcpStream,
     admitted: bool,
     span: Span,
-) -> Option<(Relay, Option<GaugeGuard>, Option<Lent>)> {
+) -> Option<(Relay, Option<GaugeGuard>)> {
     // Accepted on another runtime: register it with this worker's reactor.
     let client = match TcpStream::from_std(client) {
         Ok(client) => client,
@@ -191,7 +190,7 @@ async fn start(
     drop(packet);
     let relay = Relay::new(
         client,
-        server,
+        Some(server),
         addr,
         host,
         leftover,
@@ -199,19 +198,19 @@ async fn start(
         config,
         span,
     );
-    Some((relay, Some(server_gauge), None))
+    Some((relay, Some(server_gauge)))
 }
 
 /// The pooled modes' startup: bulkhead logs the client in itself and lends it a server
 /// connection of its pool (`crate::pool::login`).
 async fn start_pooled(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     mut client: Stream,
     first: FirstPacket,
     startup_deadline: Instant,
     config: Snapshot,
     span: Span,
-) -> Option<(Relay, Option<GaugeGuard>, Option<Lent>)> {
+) -> Option<(Relay, Option<GaugeGuard>)> {
     let FirstPacket { packet, leftover } = first;
     if !leftover.is_empty() {
         // Nothing can come before the server's first request but the startup packet.
@@ -220,7 +219,7 @@ async fn start_pooled(
         return None;
     }
     let login = pool::login::log_in(shared, config.config(), &mut client, &packet);
-    let mut logged = match tokio::time::timeout_at(startup_deadline, login).await {
+    let logged = match tokio::time::timeout_at(startup_deadline, login).await {
         Ok(Ok(logged)) => logged,
         Ok(Err(pool::login::Failed::Refused(refusal))) => {
             info!(error = ?refusal, "pooled login refused");
@@ -241,12 +240,13 @@ async fn start_pooled(
             return None;
         }
     };
-    let (stream, info) = logged.lent.take_stream();
+    let mut lending = Box::new(logged.lending);
+    let (stream, info) = lending.take_stream();
     let server_key = (info.pid, info.secret.clone());
     let (addr, host) = (info.addr, info.host);
     let mut relay = Relay::new(
         client,
-        stream,
+        Some(stream),
         addr,
         host,
         leftover,
@@ -254,8 +254,12 @@ async fn start_pooled(
         config,
         span,
     );
-    relay.logged_in(server_key, logged.client_key);
-    Some((relay, None, Some(logged.lent)))
+    relay.logged_in(server_key, logged.client_key, lending);
+    if relay.lending.as_ref().is_some_and(|l| l.per_transaction) {
+        // Transaction pooling: the connection lent for the login goes back at once.
+        relay.release_server();
+    }
+    Some((relay, None))
 }
 
 /// Counts a client for max_clients while it is connected.
@@ -592,7 +596,8 @@ enum Hold {
 
 struct Relay {
     client: Stream,
-    server: Stream,
+    /// `None` between transactions in transaction pooling.
+    server: Option<Stream>,
     /// Client to server.
     up: Pipe,
     /// Server to client.
@@ -605,7 +610,7 @@ struct Relay {
     /// Which of [database] hosts that is: its write circuit, and whether it is still primary.
     host: usize,
     /// The server's own cancel key, once it has sent BackendKeyData.
-    server_key: Option<(i32, Vec<u8>)>,
+    server_key: Option<(i32, bytes::Bytes)>,
     /// The key bulkhead gave the client (its backend's pid, bulkhead's secret), to unregister at the end.
     client_key: Option<(i32, [u8; 4])>,
     /// Until the first ReadyForQuery, authentication is in progress and this is its deadline.
@@ -678,8 +683,11 @@ struct Relay {
     /// The server stopped answering and bulkhead answers the client itself (see
     /// `crate::detach`).
     detached: Option<Detached>,
-    /// The server connection is lent by a pool: the client's Terminate is not passed on.
-    pooled: bool,
+    /// The pooled modes: the client's hold on its pool's connections. The client's Terminate
+    /// is not passed on to a pooled connection.
+    lending: Option<Box<Lending>>,
+    /// CloseCompletes the server owes for Closes bulkhead added itself (transaction pooling).
+    swallow_close_complete: u32,
     /// The session's span: the relay's log lines name it as their parent.
     span: Span,
 }
@@ -761,7 +769,7 @@ impl Relay {
     #[allow(clippy::too_many_arguments)] // each is one thing startup learned
     fn new(
         client: Stream,
-        server: Stream,
+        server: Option<Stream>,
         server_addr: SocketAddr,
         host: usize,
         leftover: BytesMut,
@@ -774,7 +782,7 @@ impl Relay {
         let now = Instant::now();
         let hello_deadline = now + config.config().database.connect_timeout;
         Relay {
-            server_tls: server.is_tls(),
+            server_tls: server.as_ref().is_some_and(Stream::is_tls),
             client,
             server,
             up,
@@ -815,7 +823,8 @@ impl Relay {
             swallow_parse_complete: 0,
             sasl_offered: false,
             detached: None,
-            pooled: false,
+            lending: None,
+            swallow_close_complete: 0,
             span,
         }
     }
@@ -825,12 +834,17 @@ impl Relay {
     }
 
     /// A pooled session starts logged in: bulkhead answered the client's startup itself.
-    fn logged_in(&mut self, server_key: (i32, Vec<u8>), client_key: (i32, [u8; 4])) {
+    fn logged_in(
+        &mut self,
+        server_key: (i32, bytes::Bytes),
+        client_key: (i32, [u8; 4]),
+        lending: Box<Lending>,
+    ) {
         self.startup_deadline = None;
         self.hello_deadline = None;
         self.server_key = Some(server_key);
         self.client_key = Some(client_key);
-        self.pooled = true;
+        self.lending = Some(lending);
         self.idle_since = Some(Instant::now());
         self.timer_at = None;
     }
@@ -845,7 +859,134 @@ impl Relay {
             && !self.server_said_fatal
             && !self.down.mid_message()
             && self.swallow_parse_complete == 0
+            && self.swallow_close_complete == 0
             && self.stalled_since.is_none()
+    }
+
+    /// Transaction pooling: whether the server connection can go back between transactions
+    /// now: the server said idle, nothing is in flight or on its way, and the client is not
+    /// pinned to it.
+    fn releasable(&self) -> bool {
+        self.server.is_some()
+            && self
+                .lending
+                .as_ref()
+                .is_some_and(|l| l.per_transaction && l.pinned.is_none() && !l.waiting())
+            && self.tx == TxStatus::Idle
+            && !self.client_tx_failed
+            && self.tracker.in_flight() == 0
+            && self.cancelling.is_none()
+            && self.detached.is_none()
+            && !self.up.has_output()
+            && !self.up.mid_message()
+            && !self.down.mid_message()
+            && self.swallow_parse_complete == 0
+            && self.swallow_close_complete == 0
+            && self.stalled_since.is_none()
+            && self.authenticated()
+    }
+
+    /// Gives the server connection back to the pool between transactions.
+    fn release_server(&mut self) {
+        let (Some(stream), Some(lending)) = (self.server.take(), self.lending.as_deref_mut())
+        else {
+            return;
+        };
+        lending.release(stream);
+        self.server_key = None;
+        self.server_dry = false;
+    }
+
+    fn per_transaction(&self) -> bool {
+        self.lending.as_ref().is_some_and(|l| l.per_transaction)
+    }
+
+    /// Transaction pooling: a client's Parse. A named statement is remembered, to be prepared
+    /// on other connections before its use; one that names a feature tied to the backend pins
+    /// the client.
+    fn track_parse(&mut self, h: &Header) {
+        let whole = self.up.is_whole(h);
+        let Some(l) = self.lending.as_deref_mut() else {
+            return;
+        };
+        let body = self.up.body(h);
+        let Some((name, text)) = frontend::parse_message(body) else {
+            return;
+        };
+        if l.pinned.is_none()
+            && let Some(feature) = session_feature(text)
+        {
+            l.pin(feature);
+        }
+        if name.is_empty() {
+            return;
+        }
+        if !whole {
+            // Not held whole, so it cannot be prepared again elsewhere.
+            l.pin("a prepared statement larger than 64 KiB");
+            return;
+        }
+        let injected = l.parse(name, body);
+        self.put_before(injected);
+    }
+
+    /// Transaction pooling: a Bind or Describe of a named statement the connection lacks gets
+    /// it prepared there first; a Close of one is followed. False: wait for earlier requests
+    /// to be answered first.
+    fn track_statement_use(&mut self, h: &Header) -> bool {
+        let body = self.up.body(h);
+        let statement = match h.tag {
+            frontend::BIND_TAG => frontend::bind_names(body).map(|(_, s)| s),
+            frontend::DESCRIBE_TAG | frontend::CLOSE_TAG => match frontend::close_target(body) {
+                Some((b'S', name)) => Some(name),
+                _ => None,
+            },
+            _ => None,
+        };
+        let (Some(name), Some(l)) = (statement, self.lending.as_deref_mut()) else {
+            return true;
+        };
+        if name.is_empty() {
+            return true;
+        }
+        if h.tag == frontend::CLOSE_TAG {
+            l.close_statement(name);
+            return true;
+        }
+        if !l.would_inject(name) {
+            return true;
+        }
+        if self.tracker.before_open() > 0 {
+            return false;
+        }
+        if let Some(injected) = l.use_statement(name) {
+            self.put_before(injected);
+        }
+        true
+    }
+
+    /// Puts bulkhead's own messages in front of the client's current one, and notes the
+    /// answers to drop.
+    fn put_before(&mut self, injected: pool::lending::Injected) {
+        if injected.bytes.is_empty() {
+            return;
+        }
+        self.up.put_before(&injected.bytes);
+        self.swallow_parse_complete += injected.parses;
+        self.swallow_close_complete += injected.closes;
+    }
+
+    /// A connection was lent for the client's next transaction.
+    fn attach(&mut self, stream: Stream) {
+        let Some(info) = self.lending.as_deref_mut().and_then(|l| l.info()) else {
+            return;
+        };
+        self.server_key = Some((info.pid, info.secret.clone()));
+        self.server_addr = info.addr;
+        self.host = info.host;
+        self.server = Some(stream);
+        self.server_dry = false;
+        self.stalled_since = None;
     }
 
     /// Relays until the session has to end, and says why.
@@ -860,12 +1001,20 @@ impl Relay {
         let mut alarm = shared.topology.circuit(self.host).watch_alarm();
         alarm.borrow_and_update();
         let mut alarm_gone = false;
+        let mut alarm_host = self.host;
         // The watches are polled only after they woke the session: polling a waiting watch
         // takes its lock, which every session shares, and the relay wakes the task for every
         // message. Likewise each socket is read only after it woke the session.
         let woke = Arc::new(Woke::default());
         let wakers = Wakers::new(&woke);
         loop {
+            if alarm_host != self.host {
+                // Transaction pooling moved the session to another host's connection.
+                alarm = shared.topology.circuit(self.host).watch_alarm();
+                alarm.borrow_and_update();
+                alarm_gone = false;
+                alarm_host = self.host;
+            }
             // Whatever happened, look at every source once more.
             woke.bits
                 .store(WATCHES | CLIENT | SERVER, Ordering::Relaxed);
@@ -920,10 +1069,17 @@ impl Relay {
                     // Another host is primary now: this session's server takes no more writes.
                     // (No primary at all is a failover in progress; the session ends on its own
                     // if its server is gone.)
-                    let replaced = primary
-                        .borrow_and_update()
-                        .as_ref()
-                        .is_some_and(|p| p.index != self.host);
+                    let now_primary = primary.borrow_and_update().as_ref().map(|p| p.index);
+                    let replaced = now_primary.is_some_and(|index| index != self.host);
+                    if let Some(l) = self.lending.as_deref_mut() {
+                        l.primary = now_primary;
+                        // The pooled connection must not go back to the pool.
+                        l.retire |= replaced && self.server.is_some();
+                        if l.per_transaction {
+                            // The next transaction gets a connection to the new primary.
+                            continue;
+                        }
+                    }
                     if replaced {
                         info!(parent: &self.span, "primary replaced; the session ends when its transaction does");
                         if self.is_quiet() {
@@ -991,8 +1147,61 @@ impl Relay {
             if let Err(end) = self.frame_client(shared) {
                 return Poll::Ready(end);
             }
+            if self.lending.as_ref().is_some_and(|l| l.waiting()) {
+                let lent = self
+                    .lending
+                    .as_deref_mut()
+                    .map_or(Poll::Pending, |l| l.poll_wait(cx));
+                match lent {
+                    Poll::Ready(Ok(stream)) => {
+                        self.attach(stream);
+                        progress = true;
+                        if let Err(end) = self.frame_client(shared) {
+                            return Poll::Ready(end);
+                        }
+                    }
+                    Poll::Ready(Err(pool::LendError::Refused(refusal))) => {
+                        return Poll::Ready(End::Refused(refusal));
+                    }
+                    Poll::Ready(Err(pool::LendError::Server(error))) => {
+                        let code = String::from_utf8_lossy(backend::error_info(&error[5..]).code)
+                            .into_owned();
+                        let why =
+                            format!("the server refused a connection for this client ({code})");
+                        return Poll::Ready(End::Refused(Refusal::NoServer(why)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            let Some(server) = self.server.as_mut() else {
+                // Transaction pooling between transactions: only the client side moves.
+                match self.down.poll_write_to(client_cx, &mut self.client) {
+                    Poll::Ready(Ok(wrote)) => progress |= wrote,
+                    Poll::Ready(Err(e)) => {
+                        debug!(parent: &self.span, error = %e, "client connection failed");
+                        return Poll::Ready(End::ClientLeft);
+                    }
+                    Poll::Pending => {}
+                }
+                if self.up.is_eof() && !self.up.mid_message() {
+                    return Poll::Ready(End::ClientLeft);
+                }
+                if let Some(leave) = self.leave_when_quiet
+                    && self.is_quiet()
+                {
+                    return Poll::Ready(leave());
+                }
+                if progress {
+                    continue;
+                }
+                if let Some(end) = self.poll_deadlines(&wakers.watches, bits & WATCHES != 0, shared)
+                {
+                    return Poll::Ready(end);
+                }
+                return Poll::Pending;
+            };
             let before = self.up.written();
-            match self.up.poll_write_to(server_cx, &mut self.server) {
+            match self.up.poll_write_to(server_cx, server) {
                 Poll::Ready(Ok(wrote)) => {
                     progress |= wrote;
                     self.stalled_since = None;
@@ -1010,7 +1219,7 @@ impl Relay {
             }
 
             if !self.server_dry && self.down.wants_read() {
-                match self.down.poll_read_from(server_cx, &mut self.server) {
+                match self.down.poll_read_from(server_cx, server) {
                     Poll::Ready(Ok(n)) => {
                         progress = true;
                         if n > 0 {
@@ -1025,6 +1234,9 @@ impl Relay {
                 Ok(None) => {}
                 Ok(Some(end)) => return Poll::Ready(end),
                 Err(why) => return Poll::Ready(self.server_gone(why)),
+            }
+            if self.lending.is_some() && self.releasable() {
+                self.release_server();
             }
             match self.down.poll_write_to(client_cx, &mut self.client) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
@@ -1377,7 +1589,7 @@ impl Relay {
     /// what must not run.
     fn frame_client(&mut self, shared: &Shared) -> Result<Hold, End> {
         let sasl = self.sasl_offered;
-        let detached = self.detached.is_some();
+        let describe = self.detached.is_some() || self.per_transaction();
         let inspect = |tag| {
             matches!(
                 tag,
@@ -1387,7 +1599,7 @@ impl Relay {
                     | frontend::EXECUTE_TAG
                     | frontend::CLOSE_TAG
             ) || (sasl && tag == frontend::PASSWORD_TAG)
-                || (detached && tag == frontend::DESCRIBE_TAG)
+                || (describe && tag == frontend::DESCRIBE_TAG)
         };
         // One clock reading for everything framed in this pass: it all arrived together.
         let mut clock = None;
@@ -1410,6 +1622,33 @@ impl Relay {
                 && !self.skip_to_sync
             {
                 return Ok(Hold::Wait);
+            }
+            if self.server.is_none() && self.lending.is_some() {
+                // Transaction pooling between transactions: the client's next message needs
+                // a connection (but a goodbye does not).
+                let Some(h) = self
+                    .up
+                    .next(|_| false)
+                    .map_err(|e| End::ClientBroke(e.to_string()))?
+                else {
+                    return Ok(Hold::Done);
+                };
+                if h.tag == frontend::TERMINATE_TAG {
+                    self.client_terminated = true;
+                    self.up.skip(&h);
+                    return Err(End::ClientLeft);
+                }
+                let l = self.lending.as_deref_mut().expect("checked");
+                if l.waiting() {
+                    return Ok(Hold::Wait);
+                }
+                match l.try_now(self.config.config()) {
+                    Some(stream) => self.attach(stream),
+                    None => {
+                        l.start_wait(self.config.arc());
+                        return Ok(Hold::Wait);
+                    }
+                }
             }
             let Some(h) = self
                 .up
@@ -1471,6 +1710,13 @@ impl Relay {
                         return Ok(Hold::Wait);
                     }
                     let text = frontend::query_text(self.up.body(&h));
+                    if let Some(l) = self.lending.as_deref_mut()
+                        && l.per_transaction
+                        && l.pinned.is_none()
+                        && let Some(feature) = session_feature(text)
+                    {
+                        l.pin(feature);
+                    }
                     if self.client_tx_failed {
                         let control = transaction_control(text);
                         self.tracker.query(Kind::Read, now);
@@ -1497,6 +1743,15 @@ impl Relay {
                     }
                 }
                 frontend::PARSE_TAG => {
+                    if self.per_transaction()
+                        && self.tracker.before_open() > 0
+                        && frontend::parse_message(self.up.body(&h))
+                            .is_some_and(|(name, _)| !name.is_empty())
+                    {
+                        // What the connection holds is known only once earlier requests are
+                        // answered.
+                        return Ok(Hold::Wait);
+                    }
                     if self.client_tx_failed && !self.tracker.is_open() {
                         if self.tracker.in_flight() > 0 {
                             return Ok(Hold::Wait);
@@ -1519,6 +1774,9 @@ impl Relay {
                         self.tracker.parse_control(name, control);
                     }
                     self.tracker.parse(name, kind, now);
+                    if self.per_transaction() {
+                        self.track_parse(&h);
+                    }
                 }
                 frontend::EXECUTE_TAG => {
                     if self.refusal_possible(shared) {
@@ -1565,6 +1823,9 @@ impl Relay {
                     if self.client_tx_failed && self.failed_batch_starts(now, &h) {
                         continue;
                     }
+                    if self.per_transaction() && !self.track_statement_use(&h) {
+                        return Ok(Hold::Wait);
+                    }
                     let body = self.up.body(&h);
                     match h.tag {
                         frontend::BIND_TAG => {
@@ -1594,7 +1855,7 @@ impl Relay {
                 }
                 frontend::TERMINATE_TAG => {
                     self.client_terminated = true;
-                    if self.pooled {
+                    if self.lending.is_some() {
                         // The server connection stays open for the pool's next client.
                         self.up.skip(&h);
                         return Err(End::ClientLeft);
@@ -1791,6 +2052,7 @@ impl Relay {
     fn frame_server(&mut self, shared: &Shared) -> Result<Option<End>, String> {
         let cancelling = self.cancelling.is_some();
         let tls_login = self.server_tls && !self.authenticated();
+        let per_transaction = self.per_transaction();
         let inspect = |tag| {
             matches!(
                 tag,
@@ -1799,6 +2061,7 @@ impl Relay {
                     | backend::BACKEND_KEY_DATA_TAG
             ) || (cancelling && tag == backend::NOTICE_RESPONSE_TAG)
                 || (tls_login && tag == backend::AUTHENTICATION_TAG)
+                || (per_transaction && tag == backend::PARAMETER_STATUS_TAG)
         };
         while let Some(h) = self
             .down
@@ -1839,7 +2102,19 @@ impl Relay {
                         self.down.forward(&h);
                         continue;
                     }
-                    if let Some(own) = self.request_finished(shared, status, before) {
+                    let failed = self.head_failed;
+                    let own = self.request_finished(shared, status, before);
+                    if let Some(l) = self.lending.as_deref_mut()
+                        && l.per_transaction
+                    {
+                        l.request_done(!failed);
+                        if self.tracker.in_flight() == 0 {
+                            // Every answer owed has come (or an error ended its batch).
+                            self.swallow_parse_complete = 0;
+                            self.swallow_close_complete = 0;
+                        }
+                    }
+                    if let Some(own) = own {
                         self.down.replace(&h, &own);
                         continue;
                     }
@@ -1878,6 +2153,21 @@ impl Relay {
                     self.down.skip(&h);
                     continue;
                 }
+                backend::CLOSE_COMPLETE_TAG if self.swallow_close_complete > 0 => {
+                    self.swallow_close_complete -= 1;
+                    self.down.skip(&h);
+                    continue;
+                }
+                backend::PARAMETER_STATUS_TAG if per_transaction && self.down.is_whole(&h) => {
+                    if let Some(l) = self.lending.as_deref_mut()
+                        && let Some((name, rest)) = crate::protocol::cstr(self.down.body(&h))
+                        && let Some((value, _)) = crate::protocol::cstr(rest)
+                        && let (Ok(name), Ok(value)) =
+                            (std::str::from_utf8(name), std::str::from_utf8(value))
+                    {
+                        l.reported(name, value);
+                    }
+                }
                 backend::COPY_IN_RESPONSE_TAG | backend::COPY_BOTH_RESPONSE_TAG => {
                     self.tracker.copy_in_started()
                 }
@@ -1886,7 +2176,7 @@ impl Relay {
                     // With TLS on both sides and the server's own certificate on the
                     // listener, the client's channel binding (a hash of the certificate it
                     // saw) is the server's: SCRAM-SHA-256-PLUS passes through as offered.
-                    let server_cert = self.server.server_certificate();
+                    let server_cert = self.server.as_ref().and_then(|s| s.server_certificate());
                     let binds = self.client.is_tls()
                         && server_cert.is_some_and(|c| shared.tls.get().presents(c));
                     debug!(parent: &self.span, binds, client_tls = self.client.is_tls(), server_cert = server_cert.map(<[u8]>::len), "the server offers SASL");
@@ -1909,9 +2199,9 @@ impl Relay {
                     let target = Target {
                         addr: self.server_addr,
                         pid,
-                        key: key.to_vec(),
+                        key: bytes::Bytes::copy_from_slice(key),
                     };
-                    self.server_key = Some((pid, key.to_vec()));
+                    self.server_key = Some((pid, bytes::Bytes::copy_from_slice(key)));
                     let (client_pid, secret) = shared.cancels.register(target);
                     self.client_key = Some((client_pid, secret));
                     let mut own = BytesMut::with_capacity(13);
@@ -2129,16 +2419,23 @@ impl Relay {
             // Giving up on a server that does not answer: whatever of the client's work is
             // still in the kernel's send queue (a COMMIT, in a network blackhole) must not be
             // delivered when the network heals.
-            self.server.close_abortively();
+            if let Some(server) = &self.server {
+                server.close_abortively();
+            }
         }
         let server_running = self.tracker.in_flight() > 0 || self.up.mid_message();
         let cancelled_already = matches!(end, End::Unanswered(_) | End::CommitUnconfirmed(_));
         if server_running && !cancelled_already && !matches!(end, End::ServerLost(_)) {
             self.cancel_on_server(shared);
         }
-        if self.is_quiet() && !self.client_terminated && !keep_server {
+        let quiet = self.is_quiet();
+        if let Some(server) = self.server.as_mut()
+            && quiet
+            && !self.client_terminated
+            && !keep_server
+        {
             // A polite goodbye keeps the server's log free of "unexpected EOF" lines.
-            let _ = timeout(FAREWELL_TIMEOUT, self.server.write_all(b"X\0\0\0\x04")).await;
+            let _ = timeout(FAREWELL_TIMEOUT, server.write_all(b"X\0\0\0\x04")).await;
         }
         if let Some(refusal) = refusal {
             // A message half-sent to the client cannot be followed by an error it could parse.

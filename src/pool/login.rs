@@ -7,7 +7,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{LendError, Lent};
+use super::LendError;
+use super::lending::Lending;
 use crate::Shared;
 use crate::auth::client::{authenticate, binding_for, write_authentication};
 use crate::cancel::Target;
@@ -19,7 +20,7 @@ use crate::tls::Stream;
 
 /// What a pooled login leaves for the relay.
 pub struct LoggedIn {
-    pub lent: Lent,
+    pub lending: Lending,
     /// The key the client was given (its backend's pid, bulkhead's secret).
     pub client_key: (i32, [u8; 4]),
 }
@@ -94,7 +95,7 @@ fn settings(params: &startup::Params<'_>) -> Result<Vec<(String, String)>, Refus
 /// Logs the client in, borrows a server connection and answers the startup. `packet` is the
 /// client's StartupMessage.
 pub(crate) async fn log_in(
-    shared: &Shared,
+    shared: &std::sync::Arc<Shared>,
     config: &Config,
     client: &mut Stream,
     packet: &[u8],
@@ -136,11 +137,23 @@ pub(crate) async fn log_in(
         Err(LendError::Server(e)) => return Err(Failed::Server(e)),
     };
     let conn = lent.conn();
-    let (client_pid, secret) = shared.cancels.register(Target {
+    let target = Target {
         addr: conn.info.addr,
         pid: conn.info.pid,
         key: conn.info.secret.clone(),
-    });
+    };
+    let per_transaction = config.pool.mode == crate::config::PoolMode::Transaction;
+    // Session pooling: the client is on this backend for its whole connection and is told its
+    // real pid. Transaction pooling: on whichever backend its transaction gets, so the pid it
+    // is told is a number of bulkhead's own, as PgBouncer's is.
+    let client_pid = if per_transaction {
+        let mut raw = [0u8; 4];
+        getrandom::fill(&mut raw).expect("the system's random source works");
+        (i32::from_be_bytes(raw) & 0x3fff_ffff).max(1)
+    } else {
+        conn.info.pid
+    };
+    let (secret, cancel) = shared.cancels.register_slot(client_pid, Some(target));
     let mut out = BytesMut::with_capacity(512);
     let extensions: Vec<&[u8]> = params
         .iter()
@@ -174,8 +187,23 @@ pub(crate) async fn log_in(
         shared.cancels.remove(client_pid, secret);
         return Err(Refusal::ClientProtocol(format!("connection ended during login: {e}")).into());
     }
+    let primary = shared
+        .topology
+        .watch_primary()
+        .borrow()
+        .as_ref()
+        .map(|p| p.index);
     Ok(LoggedIn {
-        lent,
+        lending: Lending::new(
+            shared.clone(),
+            pool,
+            credential,
+            wanted,
+            per_transaction,
+            lent,
+            cancel,
+            primary,
+        ),
         client_key: (client_pid, secret),
     })
 }

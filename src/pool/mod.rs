@@ -7,6 +7,7 @@
 //!
 //! The pool's lock is taken when a connection is lent and returned, not per message.
 
+pub mod lending;
 pub mod login;
 pub mod server;
 
@@ -243,6 +244,40 @@ impl Pool {
         Ok(lent)
     }
 
+    /// Lends an idle connection at once, without waiting or any I/O, if a slot is free and an
+    /// idle connection to `primary` already has `settings`: the common case in transaction
+    /// pooling, which then allocates nothing.
+    pub fn try_lend_now(
+        self: &Arc<Self>,
+        primary: Option<usize>,
+        settings: &[(String, String)],
+        lifetime: Duration,
+    ) -> Option<Lent> {
+        if !self.slots.try_acquire() {
+            return None;
+        }
+        let lent = Lent {
+            pool: self.clone(),
+            conn: None,
+            away: None,
+        };
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // The most recently returned first: its memory is warm.
+        let at = idle.iter().rposition(|c| {
+            Some(c.info.host) == primary
+                && c.info.settings == settings
+                && !c.info.expired(lifetime, now)
+        });
+        let conn = idle.swap_remove(at?);
+        drop(idle);
+        self.idle_gone();
+        self.metrics.active.increment(1.0);
+        let mut lent = lent;
+        lent.conn = Some(conn);
+        Some(lent)
+    }
+
     /// Opens and logs in a new connection to the primary. Counts it open from the start.
     async fn open(
         &self,
@@ -417,6 +452,30 @@ impl Lent {
                 self.conn = Some(conn);
             }
         }
+    }
+
+    /// The facts of the connection whose socket the relay holds.
+    pub fn info(&self) -> &server::ConnInfo {
+        self.away.as_ref().expect("the socket was taken")
+    }
+
+    /// The same, to change.
+    pub fn info_mut(&mut self) -> &mut server::ConnInfo {
+        self.away.as_mut().expect("the socket was taken")
+    }
+
+    /// Returns the socket the relay had to the pool as it is, without a reset: transaction
+    /// pooling, between transactions. No I/O.
+    pub fn give_back_now(mut self, stream: crate::tls::Stream) {
+        let info = self.away.take().expect("the socket was taken");
+        self.pool.metrics.active.decrement(1.0);
+        self.pool.put_idle(ServerConn { stream, info });
+    }
+
+    /// Closes the connection whose socket the relay holds.
+    pub fn close(mut self, stream: crate::tls::Stream) {
+        let info = self.away.take().expect("the socket was taken");
+        self.conn = Some(ServerConn { stream, info });
     }
 
     /// Closes the connection instead of returning it.

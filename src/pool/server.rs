@@ -34,7 +34,12 @@ pub struct ConnInfo {
     pub host: usize,
     /// The backend's pid and cancel secret.
     pub pid: i32,
-    pub secret: Vec<u8>,
+    pub secret: bytes::Bytes,
+    /// Protocol-level prepared statements it holds for clients (transaction pooling): name to
+    /// the Parse message body that made it, and when it was made (for eviction).
+    /// `None`: a statement by that name may or may not be there (its batch failed).
+    pub prepared: std::collections::HashMap<Vec<u8>, Prepared>,
+    pub prepared_seq: u64,
     /// The parameters it reported (ParameterStatus), kept current.
     pub params: Vec<(String, String)>,
     /// The settings it was given (or later set to) for its clients: name to value.
@@ -42,6 +47,10 @@ pub struct ConnInfo {
     pub born: Instant,
     pub idle_since: Instant,
 }
+
+/// A statement on a connection: the Parse body that made it (`None`: unknown whether it is
+/// there), and when it was made.
+pub type Prepared = (Option<std::sync::Arc<[u8]>>, u64);
 
 /// Why a login or one of bulkhead's statements failed.
 #[derive(Debug)]
@@ -118,7 +127,7 @@ pub async fn log_in(
         .map_err(|e| broken(e.to_string()))?;
     let mut out = BytesMut::new();
     let mut scram: Option<Scram> = None;
-    let (mut pid, mut secret) = (0, Vec::new());
+    let (mut pid, mut secret) = (0, bytes::Bytes::new());
     let mut params = Vec::new();
     let no_secret = || {
         broken(format!(
@@ -223,7 +232,7 @@ pub async fn log_in(
                 let (p, s) = backend::backend_key_data(&body)
                     .ok_or_else(|| broken("invalid BackendKeyData"))?;
                 pid = p;
-                secret = s.to_vec();
+                secret = bytes::Bytes::copy_from_slice(s);
             }
             backend::PARAMETER_STATUS_TAG => record_parameter(&mut params, &body),
             backend::ERROR_RESPONSE_TAG => return Err(ServerError::Refused(whole(tag, &body))),
@@ -237,6 +246,8 @@ pub async fn log_in(
                         host,
                         pid,
                         secret,
+                        prepared: Default::default(),
+                        prepared_seq: 0,
                         params,
                         settings: Vec::new(),
                         born: now,
@@ -351,6 +362,7 @@ impl ServerConn {
     /// next client with the same settings needs none.
     pub async fn reset(&mut self, within: Duration) -> Result<(), ServerError> {
         let again = settings_sql(&[], &self.info.settings);
+        self.info.prepared.clear();
         if again.is_empty() {
             self.run(&["DISCARD ALL"], within).await
         } else {

@@ -7,6 +7,7 @@ use super::cstr;
 
 pub const AUTHENTICATION_TAG: u8 = b'R';
 pub const BACKEND_KEY_DATA_TAG: u8 = b'K';
+pub const CLOSE_COMPLETE_TAG: u8 = b'3';
 pub const COMMAND_COMPLETE_TAG: u8 = b'C';
 pub const COPY_IN_RESPONSE_TAG: u8 = b'G';
 pub const COPY_OUT_RESPONSE_TAG: u8 = b'H';

@@ -12,3 +12,4 @@ mod pooling;
 mod scripted_server;
 mod support;
 mod tls;
+mod transaction_pooling;
