@@ -1879,7 +1879,10 @@ impl Relay {
             return Admit::Wait;
         }
         let admission = &shared.admission;
-        if !self.holds_all {
+        // In transaction pooling the wait for a pooled connection is the queue for a
+        // transaction: no second one for the "all" limit. The write limit stays, which keeps
+        // stalled commits from holding every pooled connection.
+        if !self.holds_all && !self.per_transaction() {
             if admission.all.try_acquire() {
                 self.holds_all = true;
             } else {

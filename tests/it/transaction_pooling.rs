@@ -354,3 +354,76 @@ async fn a_cancel_reaches_the_backend_running_the_clients_transaction_and_nothin
     assert_eq!(sqlstate(&e), "57014");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_cancels_the_statement_and_the_client_keeps_its_session_and_the_pool_its_connection()
+ {
+    let s = setup();
+    let mut config = pooled(&s, 1);
+    config.timeouts.read = Duration::from_millis(500);
+    let proxy = Proxy::start(config).await;
+    let c = connect(&proxy, "").await;
+    let started = Instant::now();
+    let e = c
+        .simple_query("SELECT pg_sleep(10)")
+        .await
+        .expect_err("the deadline cancelled it");
+    assert_eq!(sqlstate(&e), "57014");
+    assert!(started.elapsed() < Duration::from_millis(500) + Duration::from_secs(1));
+    // The session goes on, and the one connection went back: another client gets it.
+    assert_eq!(first_value(&c, "SELECT 'again'").await, "again");
+    let other = connect(&proxy, "").await;
+    assert_eq!(first_value(&other, "SELECT 'other'").await, "other");
+}
+
+/// A failover under transaction pooling ends no session: the transaction in flight finishes on
+/// the old primary's connection, which is then closed, and the next goes to the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_next_transaction_goes_to_the_new_primary_on_the_same_session() {
+    let s = setup();
+    let standby = Cluster::standby_of(&s.pg);
+    let mut config = pooled(&s, 2);
+    config.database.hosts = vec![s.pg.addr(), standby.addr()];
+    config.probe.timeout = Duration::from_millis(400);
+    let proxy = Proxy::start(config).await;
+    let c = connect(&proxy, "").await;
+    c.batch_execute("INSERT INTO ledger VALUES (1, 1)")
+        .await
+        .unwrap();
+    standby.promote();
+    crate::support::eventually(
+        "a write on the new primary",
+        Duration::from_secs(20),
+        || async {
+            c.batch_execute("INSERT INTO ledger VALUES (2, 2)")
+                .await
+                .ok()?;
+            (standby.psql("SELECT count(*) FROM ledger WHERE client = 2") != "0").then_some(())
+        },
+    )
+    .await;
+    // Every write after the promotion was seen by the new primary only once, on this session.
+    c.batch_execute("INSERT INTO ledger VALUES (3, 3)")
+        .await
+        .unwrap();
+    assert_eq!(
+        standby.psql("SELECT count(*) FROM ledger WHERE client = 3"),
+        "1"
+    );
+    assert_eq!(
+        s.pg.psql("SELECT count(*) FROM ledger WHERE client = 3"),
+        "0"
+    );
+    // The old primary's pooled connections are closed (when returned, or by the pool's upkeep).
+    crate::support::eventually(
+        "no pooled connection left on the old primary",
+        Duration::from_secs(5),
+        || async {
+            (s.pg
+                .psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
+                == "0")
+                .then_some(())
+        },
+    )
+    .await;
+}
