@@ -12,12 +12,28 @@ CPUs from /proc/stat: pgbench, PostgreSQL and the proxy together). On a small ma
 pgbench and PostgreSQL share the cores, so CPU per transaction is the fair figure. Also
 bulkhead's and PgBouncer's RSS growth per idle client. With --floor, the plain workloads also
 run through benches/floor.rs, a bare relay that parses nothing, for scale, as it is and with its
-sends batched through io_uring. Run through
+sends batched through io_uring.
+
+Pooling (issue 20): the "tx" workloads run 100 clients through bulkhead ([pool] mode =
+"transaction", size 10) and PgBouncer (pool_mode = transaction, default_pool_size = 10, and
+max_prepared_statements = 200 where PgBouncer is 1.21 or later; an older PgBouncer is left out
+of `-M prepared`, which it cannot pool), against 100 direct connections. The "session" workloads
+open a new connection per transaction through bulkhead ([pool] mode = "session", size 20) and
+PgBouncer (session mode, default_pool_size = 20), without and with TLS to the server. Both
+poolers authenticate pgbench the same way, SCRAM-SHA-256 against a verifier of the same password
+in a users file (so pgbench's own key derivation, about a millisecond of its CPU per login, is
+in every -C row of the pooled systems); they log in to the server, which trusts local
+connections, without one (direct connections and the passthrough systems do no password
+exchange at all). The idle clients of the
+pooled systems log in with SCRAM too. Run through
 benches/compare.
 """
 
 import argparse
+import base64
 import glob
+import hashlib
+import hmac
 import os
 import platform
 import shutil
@@ -33,6 +49,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 AS_ROOT = os.geteuid() == 0
+USER = "postgres"
+PASSWORD = "bench-password"  # pgbench's; the server itself trusts local connections
+
+
+def scram_verifier(password, iterations=4096):
+    """A SCRAM-SHA-256 verifier as PostgreSQL stores it (and PgBouncer's auth_file takes it):
+    the pooled systems' users files hold this, not the password, as a production one would,
+    so neither derives the salted password per login."""
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server = hmac.digest(salted, b"Server Key", "sha256")
+    b64 = lambda b: base64.b64encode(b).decode()
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server)}"
 
 
 def free_port():
@@ -103,13 +133,17 @@ def start_postgres(work, max_connections, ssl=True):
     return port, data
 
 
-def write_bulkhead_config(path, port, pg_port, tls, max_clients):
+def write_bulkhead_config(path, port, pg_port, tls, max_clients, mode="passthrough", size=20, users=None):
     """bulkhead's defaults (deadlines, classification, probe, admission, metrics all on), with
-    admission limits high enough that the benchmark's clients are never shed."""
+    admission limits high enough that the benchmark's clients are never shed. In the pooled
+    modes, a pool of `size` per (user, database), the users file `users`, and a long enough
+    queue_timeout that no client waiting for a pooled connection is refused."""
     with open(path, "w") as f:
         f.write(f'[listen]\naddress = "127.0.0.1:{port}"\n[health]\naddress = "127.0.0.1:{free_port()}"\n'
                 f'[database]\nhosts = ["127.0.0.1:{pg_port}"]\ntls = "{tls}"\n'
                 f'[limits]\nmax_clients = {max_clients}\nmax_inflight = 256\nmax_inflight_writes = 256\n')
+        if mode != "passthrough":
+            f.write(f'queue_timeout = "10s"\n[pool]\nmode = "{mode}"\nsize = {size}\n[auth]\nfile = "{users}"\n')
 
 
 def stop_postgres(data):
@@ -131,6 +165,15 @@ class Systems:
         self.start_haproxy(idle_clients)
         self.ports["haproxy-tls"] = self.ports["haproxy"]
         self.procs["haproxy-tls"] = self.procs["haproxy"]
+        # Pooled: both poolers check pgbench's SCRAM login against the same plain password.
+        self.start_bulkhead("bulkhead-tx", "disable", idle_clients, "transaction", 10)
+        self.start_bulkhead("bulkhead-session", "disable", idle_clients, "session", 20)
+        self.start_bulkhead("bulkhead-session-tls", "require", idle_clients, "session", 20)
+        self.pgbouncer_prepared = pgbouncer_version() >= (1, 21)  # max_prepared_statements
+        self.start_pgbouncer("pgbouncer-tx", "disable", idle_clients, "transaction", 10, scram=True,
+                             prepared=200 if self.pgbouncer_prepared else 0)
+        self.start_pgbouncer("pgbouncer-session", "disable", idle_clients, "session", 20, scram=True)
+        self.start_pgbouncer("pgbouncer-session-tls", "require", idle_clients, "session", 20, scram=True)
 
     def spawn(self, name, cmd, port):
         log = open(os.path.join(self.work, f"{name}.log"), "w")
@@ -138,29 +181,36 @@ class Systems:
         self.ports[name] = port
         wait_port(port, name)
 
-    def start_bulkhead(self, name, tls, idle_clients):
+    def start_bulkhead(self, name, tls, idle_clients, mode="passthrough", size=20):
         port = free_port()
         conf = os.path.join(self.work, f"{name}.toml")
-        write_bulkhead_config(conf, port, self.pg_port, tls, idle_clients + 200)
+        users = os.path.join(self.work, f"{name}-users.txt")
+        if mode != "passthrough":
+            open(users, "w").write(f'"{USER}" "{scram_verifier(PASSWORD)}"\n')
+        write_bulkhead_config(conf, port, self.pg_port, tls, idle_clients + 200, mode, size, users)
         self.spawn(name, [os.path.join(ROOT, "target/release/bulkhead"), "--config", conf], port)
 
-    def start_pgbouncer(self, name, tls, idle_clients):
+    def start_pgbouncer(self, name, tls, idle_clients, mode="session", pool_size=None, scram=False, prepared=0):
+        """PgBouncer with trust for its clients (scram: SCRAM-SHA-256 against PASSWORD), a pool
+        of `pool_size` (default: more than the idle clients), and max_prepared_statements if
+        `prepared`."""
         port = free_port()
         conf = os.path.join(self.work, f"{name}.ini")
-        users = os.path.join(self.work, "users.txt")
-        open(users, "w").write('"postgres" ""\n')
+        users = os.path.join(self.work, f"{name}-users.txt")
+        open(users, "w").write(f'"{USER}" "{scram_verifier(PASSWORD) if scram else ""}"\n')
         with open(conf, "w") as f:
             f.write(f"[databases]\npostgres = host=127.0.0.1 port={self.pg_port} dbname=postgres\n"
                     f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-                    f"auth_type = trust\nauth_file = {users}\npool_mode = session\n"
-                    f"max_client_conn = {idle_clients + 200}\ndefault_pool_size = {idle_clients + 100}\n"
+                    f"auth_type = {'scram-sha-256' if scram else 'trust'}\nauth_file = {users}\npool_mode = {mode}\n"
+                    f"max_client_conn = {idle_clients + 200}\ndefault_pool_size = {pool_size or idle_clients + 100}\n"
                     f"max_db_connections = 0\nlogfile = {self.work}/{name}.out\npidfile =\n"
                     f"server_tls_sslmode = {tls}\n")
+            if prepared:
+                f.write(f"max_prepared_statements = {prepared}\n")
         if AS_ROOT:
             for p in (conf, users):
                 shutil.chown(p, "postgres")
-        exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        self.spawn(name, as_server_user([exe, conf]), port)
+        self.spawn(name, as_server_user([pgbouncer_exe(), conf]), port)
         if AS_ROOT:  # runuser is the parent; find pgbouncer itself for /proc
             self.procs[name].real_pid = int(run(["pgrep", "-n", "-f", f"pgbouncer {conf}"]).stdout.split()[0])
 
@@ -194,6 +244,17 @@ class Systems:
         stop_postgres(self.data)
 
 
+def pgbouncer_exe():
+    """$PGBOUNCER (a PgBouncer built elsewhere, e.g. 1.21+ for max_prepared_statements), else Debian's."""
+    return os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+
+def pgbouncer_version():
+    """(major, minor) of the installed PgBouncer: its --version says "PgBouncer 1.18.0"."""
+    words = run([pgbouncer_exe(), "--version"]).stdout.split()
+    return tuple(int(x) for x in words[1].split(".")[:2])
+
+
 def commit():
     """The commit the measured bulkhead was built from, marked if the tree had changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -205,7 +266,8 @@ def commit():
 def pgbench(port, sslmode, args, seconds, logdir):
     for f in glob.glob(os.path.join(logdir, "pgbench_log*")):
         os.remove(f)
-    env = {**os.environ, "PGSSLMODE": sslmode}
+    # The password is for the poolers; the server and the passthrough systems never ask for it.
+    env = {**os.environ, "PGSSLMODE": sslmode, "PGPASSWORD": PASSWORD}
     out = run([f"{PG_BIN}/pgbench", "-n", *args, "-T", str(seconds), "-l", "--sampling-rate", "0.2",
                "--log-prefix", os.path.join(logdir, "pgbench_log"), "-h", "127.0.0.1", "-p", str(port),
                "-U", "postgres", "postgres"], cwd=logdir, env=env).stdout
@@ -224,21 +286,60 @@ def pgbench(port, sslmode, args, seconds, logdir):
     return tps, latency, p99, done, int(failed)
 
 
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            sys.exit("idle client: the connection closed during login")
+        buf += chunk
+    return buf
+
+
+def send_msg(s, kind, body):
+    s.sendall(kind + struct.pack("!i", 4 + len(body)) + body)
+
+
+def login(s, user, password):
+    """Logs in as `user` with trust, md5 or SCRAM-SHA-256 (no channel binding), to ReadyForQuery."""
+    startup = b"user\0" + user.encode() + b"\0database\0postgres\0\0"
+    s.sendall(struct.pack("!ii", 8 + len(startup), 196608) + startup)
+    while True:
+        kind, length = struct.unpack("!ci", recv_exact(s, 5))
+        body = recv_exact(s, length - 4)
+        if kind == b"Z":
+            return
+        if kind == b"E":
+            sys.exit(f"idle client refused: {body!r}")
+        code = struct.unpack("!i", body[:4])[0] if kind == b"R" else 0
+        if code == 5:  # AuthenticationMD5Password, salt in body[4:8]
+            inner = hashlib.md5((password + user).encode()).hexdigest().encode()
+            send_msg(s, b"p", b"md5" + hashlib.md5(inner + body[4:8]).hexdigest().encode() + b"\0")
+        elif code == 10:  # AuthenticationSASL: client-first-message
+            first_bare = f"n=,r={base64.b64encode(os.urandom(18)).decode()}"
+            first = f"n,,{first_bare}".encode()
+            send_msg(s, b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+        elif code == 11:  # AuthenticationSASLContinue: server-first-message; send the proof
+            server_first = body[4:].decode()
+            attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+            salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"]))
+            client_key = hmac.digest(salted, b"Client Key", "sha256")
+            final_bare = f"c=biws,r={attrs['r']}"
+            signature = hmac.digest(hashlib.sha256(client_key).digest(),
+                                    f"{first_bare},{server_first},{final_bare}".encode(), "sha256")
+            proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature))).decode()
+            send_msg(s, b"p", f"{final_bare},p={proof}".encode())
+        elif kind == b"R" and code not in (0, 12):  # 12: SASLFinal (the server's signature, unchecked)
+            sys.exit(f"idle client: authentication request {code} not handled")
+
+
 def idle_rss(port, pid, n):
     """RSS growth of the process `pid` while `n` idle clients are logged in through `port`."""
     before = rss_kib(pid)
     socks = []
-    startup = b"user\0postgres\0database\0postgres\0\0"
-    packet = struct.pack("!ii", 8 + len(startup), 196608) + startup
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(packet)
-        buf = b""
-        while not buf.endswith(b"Z\0\0\0\x05I"):
-            chunk = s.recv(4096)
-            if not chunk:
-                sys.exit("idle client refused")
-            buf += chunk
+        login(s, USER, PASSWORD)
         socks.append(s)
     time.sleep(7)  # idle sessions give their buffers back after a second quiet, and memory
     # is returned to the system every 5 s; then measure
@@ -254,7 +355,10 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--idle-clients", type=int, default=1000)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="", help="run only the workloads whose name contains this")
+    ap.add_argument("--only", default="", help="run only the workloads whose name contains this "
+                    "(or one of several, separated by commas)")
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy the proxies' and PostgreSQL's logs to DIR at the end")
+    ap.add_argument("--no-alloc", action="store_true", help="skip benches/alloc.rs (cargo bench builds it first)")
     ap.add_argument("--floor", action="store_true",
                     help="also run the plain workloads through benches/floor.rs, a bare relay, for scale "
                          "(as it is, and with --uring)")
@@ -276,13 +380,24 @@ def main():
     workloads.append(("TLS -S -M prepared -c 1", ["-S", "-M", "prepared", "-c", "1"], tls))
     workloads.append(("TLS -S -M prepared -c 16", ["-S", "-M", "prepared", "-c", "16", "-j", "2"], tls))
     workloads.append(("TLS -S -M simple -c 4 -C", ["-S", "-M", "simple", "-c", "4", "-j", "2", "-C"], tls))
-    workloads = [w for w in workloads if args.only in w[0]]
+    # Pooling (issue 20). PgBouncer before 1.21 cannot pool named prepared statements.
+    tx = ["direct", "bulkhead-tx", "pgbouncer-tx"]
+    workloads.append(("tx -S -M prepared -c 100", ["-S", "-M", "prepared", "-c", "100", "-j", "2"],
+                      tx if systems.pgbouncer_prepared else tx[:2]))
+    workloads.append(("tx -S -M simple -c 100", ["-S", "-M", "simple", "-c", "100", "-j", "2"], tx))
+    workloads.append(("session -S -M simple -c 4 -C", ["-S", "-M", "simple", "-c", "4", "-j", "2", "-C"],
+                      ["direct", "bulkhead-session", "pgbouncer-session"]))
+    workloads.append(("session TLS -S -M simple -c 4 -C", ["-S", "-M", "simple", "-c", "4", "-j", "2", "-C"],
+                      ["direct-tls", "bulkhead-session-tls", "pgbouncer-session-tls"]))
+    workloads = [w for w in workloads if any(p in w[0] for p in args.only.split(","))]
     results = {(w, s): [] for w, _, order in workloads for s in order}
     try:
-        alloc = subprocess.run(["cargo", "bench", "--quiet", "--bench", "alloc"], cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "BULKHEAD_BENCH_PG": f"127.0.0.1:{systems.pg_port}",
-                                    "BULKHEAD_BENCH_TLS": "1", "PGSSLMODE": "disable"})
-        alloc_report = alloc.stdout.strip() or alloc.stderr.strip()[-2000:]
+        alloc_report = "(skipped: --no-alloc)"
+        if not args.no_alloc:
+            alloc = subprocess.run(["cargo", "bench", "--quiet", "--bench", "alloc"], cwd=ROOT, capture_output=True, text=True,
+                                   env={**os.environ, "BULKHEAD_BENCH_PG": f"127.0.0.1:{systems.pg_port}",
+                                        "BULKHEAD_BENCH_TLS": "1", "PGSSLMODE": "disable"})
+            alloc_report = alloc.stdout.strip() or alloc.stderr.strip()[-2000:]
         for r in range(args.rounds):
             for name, wargs, order in workloads:
                 # The order turns by one each round: whichever runs first in a round gets a few
@@ -299,11 +414,16 @@ def main():
                     per = 100_000 / done if done else float("nan")
                     cpu, user = (user1 - user0 + sys1 - sys0) * per, (user1 - user0) * per
                     results[(name, system)].append((tps, lat, p99, cpu, failed, user, busy * per))
-                    print(f"round {r + 1} {name:24} {system:9} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
+                    print(f"round {r + 1} {name:32} {system:21} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
                           f"cpu/100k {cpu:.2f} (user {user:.2f}) all {busy * per:.2f} failed {failed}", flush=True)
-        rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients) for s in ("bulkhead", "bulkhead-tls", "pgbouncer")}
+        rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients)
+               for s in ("bulkhead", "bulkhead-tls", "pgbouncer", "bulkhead-tx", "pgbouncer-tx")}
     finally:
         systems.stop()
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for f in glob.glob(os.path.join(work, "*.log")) + glob.glob(os.path.join(work, "*.out")):
+                shutil.copy(f, args.keep_logs)
     med = lambda xs: statistics.median(xs)
     lines = [
         f"Date: {time.strftime('%Y-%m-%d')}; commit {built_from}; machine: {os.cpu_count()} cores, {platform.machine()}, "
@@ -315,13 +435,21 @@ def main():
     ]
     for name, _, order in workloads if args.rounds else []:
         tps = {s: med([x[0] for x in results[(name, s)]]) for s in order}
-        direct, pgbouncer, haproxy = (tps[s] for s in order if s.split("-")[0] in ("direct", "pgbouncer", "haproxy"))
+        # The systems the ratios are against, by name prefix: one each, or none ("—").
+        bases = []
+        for prefix in ("direct", "pgbouncer", "haproxy"):
+            found = [s for s in order if s.split("-")[0] == prefix]
+            assert len(found) <= 1, f"{name}: more than one {prefix} system: {found}"
+            bases.append(tps[found[0]] if found else None)
         for s in order:
             rs = results[(name, s)]
             cpu, user = med([x[3] for x in rs]), med([x[5] for x in rs])
+            ratios = " | ".join("—" if b is None else f"{tps[s] / b:.2f}" for b in bases)
             lines.append(f"| `{name}` | {s} | {tps[s]:.0f} | {med([x[1] for x in rs]):.3f} | {med([x[2] for x in rs]):.3f} | "
-                         f"{'—' if cpu != cpu else f'{cpu:.2f} ({user:.2f})'} | {med([x[6] for x in rs]):.2f} | {tps[s] / direct:.2f} | "
-                         f"{tps[s] / pgbouncer:.2f} | {tps[s] / haproxy:.2f} |")
+                         f"{'—' if cpu != cpu else f'{cpu:.2f} ({user:.2f})'} | {med([x[6] for x in rs]):.2f} | {ratios} |")
+    if not systems.pgbouncer_prepared and any(name.startswith("tx -S -M prepared") for name, _, _ in workloads):
+        lines += ["", f"PgBouncer {'.'.join(map(str, pgbouncer_version()))} has no max_prepared_statements (1.21 and later): "
+                  "it is left out of `tx -S -M prepared -c 100`."]
     lines += ["", f"RSS growth per idle client ({args.idle_clients} clients): "
               + ", ".join(f"{s} {v:.1f} KiB" for s, v in rss.items()), "", "Allocations (benches/alloc.rs):", "",
               *("    " + l for l in alloc_report.splitlines())]
