@@ -136,7 +136,14 @@ fn pgbench() -> std::path::PathBuf {
     found.pop().unwrap_or_else(|| "pgbench".into())
 }
 
-fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls) {
+/// The password pgbench gives in transaction pooling, where bulkhead checks it itself against
+/// a users file; the server trusts local connections and never asks.
+const POOL_PASSWORD: &str = "alloc-bench";
+
+/// With `pool`: transaction pooling, 4 pgbench clients over 2 server connections, so that
+/// connections change hands between transactions and named statements are prepared again on
+/// the connection a client gets.
+fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls, pool: bool) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,6 +154,15 @@ fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls) {
     config.probe.interval = Duration::from_secs(3600);
     config.limits.max_inflight = 256;
     config.limits.max_inflight_writes = 256;
+    // Kept alive until the end: bulkhead reads the users file at startup and on SIGHUP.
+    let users = tempfile_path("alloc-users");
+    if pool {
+        std::fs::write(&users, format!("\"postgres\" \"{POOL_PASSWORD}\"\n")).unwrap();
+        config.pool.mode = bulkhead::config::PoolMode::Transaction;
+        config.pool.size = 2;
+        config.limits.queue_timeout = Duration::from_secs(30);
+        config.auth.file = users.to_string_lossy().into_owned();
+    }
     let port = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -177,6 +193,8 @@ fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls) {
                 "postgres",
                 "postgres",
             ])
+            .env("PGPASSWORD", POOL_PASSWORD)
+            .env("PGSSLMODE", "disable")
             .output()
             .unwrap();
         assert!(
@@ -196,10 +214,20 @@ fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls) {
         let extra = ((after - middle) as f64 - (middle - before) as f64).max(0.0);
         let per_tx = extra / (4.0 * (long - short) as f64);
         println!(
-            "whole proxy, tls = {:?}, pgbench -S -M {mode}: {per_tx:.4} allocations per transaction in the steady state",
-            tls.name()
+            "whole proxy, tls = {:?}{}, pgbench -S -M {mode}: {per_tx:.4} allocations per transaction in the steady state",
+            tls.name(),
+            if pool {
+                ", transaction pooling (4 clients over 2 connections)"
+            } else {
+                ""
+            }
         );
     }
+    let _ = std::fs::remove_file(&users);
+}
+
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("bulkhead-{name}-{}", std::process::id()))
 }
 
 fn main() {
@@ -209,11 +237,12 @@ fn main() {
     hot_path_alone();
     match std::env::var("BULKHEAD_BENCH_PG") {
         Ok(pg) => {
-            whole_proxy(&pg, bulkhead::config::ServerTls::Disable);
+            whole_proxy(&pg, bulkhead::config::ServerTls::Disable, false);
             // With TLS to the server too, when it has TLS (benches/compare sets this).
             if std::env::var_os("BULKHEAD_BENCH_TLS").is_some() {
-                whole_proxy(&pg, bulkhead::config::ServerTls::Require);
+                whole_proxy(&pg, bulkhead::config::ServerTls::Require, false);
             }
+            whole_proxy(&pg, bulkhead::config::ServerTls::Disable, true);
         }
         Err(_) => {
             println!("whole proxy: skipped; set BULKHEAD_BENCH_PG=host:port (benches/compare does)")

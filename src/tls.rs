@@ -58,6 +58,16 @@ impl Stream {
         }
     }
 
+    /// Whether a connection that should be quiet (idle in a pool) still is: nothing to read and
+    /// not closed. A server only speaks to an idle connection to end it (FATAL 57P01 from
+    /// `pg_terminate_backend`, a shutdown, `idle_session_timeout`) or when it is gone. Costs no
+    /// system call while the socket has not been reported readable; what it reads (only from a
+    /// connection it then calls not quiet) is lost, so the connection must be closed.
+    pub fn still_quiet(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.tcp().try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     /// The certificate the peer presented, on a TLS connection bulkhead made (toward a server).
     pub fn server_certificate(&self) -> Option<&[u8]> {
         match self {

@@ -114,20 +114,36 @@ impl Tracker {
     }
 
     /// A simple Query went to the server.
+    ///
+    /// After extended-protocol messages with no Sync (asyncpg's Parse, Describe, Flush; pgjdbc's
+    /// unsynced BEGIN), the server answers both with the Query's one ReadyForQuery: the Query
+    /// joins and ends the open request. (Had the open batch failed, the server would skip the
+    /// Query until a Sync, whose ReadyForQuery then ends the request; a driver sends that Sync
+    /// when it sees the error, before its next Query.)
     pub fn query(&mut self, kind: Kind, now: Instant) {
-        self.open = false;
         let commit = kind == Kind::Commit && self.tx_wrote;
         let class = self.resolve(kind);
-        self.push(class, now);
-        if let Some(last) = self.queue.back_mut() {
-            last.commit = commit;
-        }
+        self.end_open_with(class, commit, now);
     }
 
-    /// A FunctionCall went to the server. What a function does is unknown: a write.
+    /// A FunctionCall went to the server. What a function does is unknown: a write. Like a
+    /// Query, it ends an open request.
     pub fn function_call(&mut self, now: Instant) {
-        self.open = false;
-        self.push(Class::Write, now);
+        self.end_open_with(Class::Write, false, now);
+    }
+
+    /// A message answered by its own ReadyForQuery: a request of its own, or the end of the
+    /// open one, which becomes at least as strong as it.
+    fn end_open_with(&mut self, class: Class, commit: bool, now: Instant) {
+        if !std::mem::take(&mut self.open) {
+            self.push(class, now);
+        }
+        if let Some(last) = self.queue.back_mut() {
+            if class == Class::Write {
+                last.class = Class::Write;
+            }
+            last.commit |= commit;
+        }
     }
 
     /// The class a query of `kind` would have now, without sending it.
@@ -428,6 +444,32 @@ mod tests {
 
     fn at(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_query_after_an_unsynced_batch_ends_it_with_one_ready_for_query() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        // asyncpg's prepare: Parse, Describe, Flush; then a Query, BEGIN.
+        t.parse(b"__asyncpg_stmt_1__", Kind::Read, t0);
+        t.extended(t0);
+        t.extended(t0);
+        t.query(Kind::Write, t0);
+        assert_eq!(t.in_flight(), 1, "one ReadyForQuery answers both");
+        assert!(!t.is_open());
+        assert_eq!(
+            t.head(),
+            Some(Class::Write),
+            "the request is as strong as the Query"
+        );
+        assert!(t.ready(TxStatus::Idle, at(t0, 1)).is_some());
+        assert_eq!(t.in_flight(), 0);
+        // The next batch is a request of its own.
+        t.extended(at(t0, 2));
+        t.sync(at(t0, 2));
+        assert_eq!(t.in_flight(), 1);
+        assert!(t.ready(TxStatus::Idle, at(t0, 3)).is_some());
+        assert_eq!(t.in_flight(), 0);
     }
 
     #[test]

@@ -213,7 +213,8 @@ impl Pool {
             match next {
                 Some(conn)
                     if Some(conn.info.host) == primary
-                        && !conn.info.expired(config.pool.lifetime, now) =>
+                        && !conn.info.expired(config.pool.lifetime, now)
+                        && conn.stream.still_quiet() =>
                 {
                     self.idle_gone();
                     break Some(conn);
@@ -244,8 +245,9 @@ impl Pool {
         Ok(lent)
     }
 
-    /// Lends an idle connection at once, without waiting or any I/O, if a slot is free and an
-    /// idle connection to `primary` already has `settings`: the common case in transaction
+    /// Lends an idle connection at once, without waiting or any I/O (but a read that finds
+    /// nothing, and no system call at all unless the socket was reported readable), if a slot
+    /// is free and an idle connection to `primary` already has `settings` and is still quiet: the common case in transaction
     /// pooling, which then allocates nothing.
     pub fn try_lend_now(
         self: &Arc<Self>,
@@ -272,6 +274,11 @@ impl Pool {
         let conn = idle.swap_remove(at?);
         drop(idle);
         self.idle_gone();
+        if !conn.stream.still_quiet() {
+            // Ended by the server while idle (or gone): closed; the client waits for another.
+            self.close(conn);
+            return None;
+        }
         self.metrics.active.increment(1.0);
         let mut lent = lent;
         lent.conn = Some(conn);
@@ -333,8 +340,9 @@ impl Pool {
         drop(conn);
     }
 
-    /// Closes idle connections that are too old, idle too long (above min_idle), or on a host
-    /// that is no longer the primary; and those above a lowered size.
+    /// Closes idle connections that are too old, idle too long (above min_idle), on a host
+    /// that is no longer the primary, or ended by the server while idle; and those above a
+    /// lowered size.
     fn prune(&self, config: &Config, primary: Option<usize>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -348,6 +356,7 @@ impl Pool {
                 now.saturating_duration_since(conn.info.idle_since) >= config.pool.idle_timeout;
             if Some(conn.info.host) != primary
                 || conn.info.expired(config.pool.lifetime, now)
+                || !conn.stream.still_quiet()
                 || i < over
                 || (stale && kept.len() + before.saturating_sub(i) > config.pool.min_idle as usize)
             {

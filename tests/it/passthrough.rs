@@ -998,3 +998,37 @@ async fn the_pid_a_client_is_told_is_its_backends_and_its_cancel_still_works() {
         .unwrap();
     assert_eq!(sqlstate(&end.unwrap_err()), "57P01");
 }
+
+/// asyncpg prepares with Parse, Describe, Flush (no Sync) and then sends a simple Query;
+/// pgjdbc with autosave sends an unsynced BEGIN and then a Query. The server answers both
+/// with the Query's one ReadyForQuery. bulkhead must count one request, not two: a request it
+/// thought unanswered would hold the session "busy" and end it at the read deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_after_an_unsynced_extended_batch_leaves_nothing_in_flight() {
+    let pg = Cluster::start();
+    let mut config = config_for(&pg);
+    config.timeouts.read = Duration::from_secs(1);
+    let proxy = Proxy::start(config).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.login("postgres").await;
+    let mut batch = msg(b'P', b"stmt_1\0SELECT 1\0\0\0");
+    batch.extend(msg(b'D', b"Sstmt_1\0"));
+    batch.extend(msg(b'H', b""));
+    raw.send(&batch).await;
+    let tags: Vec<u8> = raw.recv_until(b'T').await.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"1tT");
+    raw.send(&msg(b'Q', b"BEGIN\0")).await;
+    let tags: Vec<u8> = raw.recv_until(b'Z').await.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"CZ");
+    // Nothing is in flight: idle past the read deadline, the session is not ended, and the
+    // statement prepared in the batch runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut run = msg(b'B', b"\0stmt_1\0\0\0\0\0\0\0");
+    run.extend(msg(b'E', b"\0\0\0\0\0"));
+    run.extend(msg(b'S', b""));
+    raw.send(&run).await;
+    let got = raw.recv_until(b'Z').await;
+    let tags: Vec<u8> = got.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"2DCZ", "{got:?}");
+    assert_eq!(got.last().unwrap().1, b"T", "still inside the BEGIN");
+}

@@ -497,3 +497,36 @@ async fn a_reload_changes_the_pool_size_live() {
         serde_json::json!(3)
     );
 }
+
+/// A backend ended while its connection sat idle in the pool (pg_terminate_backend, as
+/// node-postgres' own tests do) is not lent: the next client gets a live connection, not the
+/// dead one's FATAL 57P01.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pooled_connection_the_server_ended_is_not_lent_again() {
+    let s = setup();
+    let proxy = Proxy::start(pooled(&s, 2)).await;
+    let c = connect(&proxy, "scram_user", "scram-secret").await;
+    let pid = first_value(&c, "SELECT pg_backend_pid()::text").await;
+    drop(c);
+    let idle = "bulkhead_pool_server_connections{user=\"scram_user\",database=\"postgres\",state=\"idle\"}";
+    crate::support::eventually(
+        "the connection back in the pool",
+        Duration::from_secs(5),
+        || async { (metric(&proxy, idle) == 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        s.pg.psql_local(&format!("SELECT pg_terminate_backend({pid})")),
+        "t"
+    );
+    crate::support::eventually("the backend gone", Duration::from_secs(5), || async {
+        (s.pg.psql_local(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        )) == "0")
+            .then_some(())
+    })
+    .await;
+    let c = connect(&proxy, "scram_user", "scram-secret").await;
+    let second = first_value(&c, "SELECT pg_backend_pid()::text").await;
+    assert_ne!(second, pid, "a new backend, not the ended one");
+}

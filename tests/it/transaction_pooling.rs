@@ -427,3 +427,29 @@ async fn after_a_failover_the_next_transaction_goes_to_the_new_primary_on_the_sa
     )
     .await;
 }
+
+/// In transaction pooling a connected client holds no backend between transactions; one of
+/// the pool's idle backends ended by the server meanwhile is closed, not given to the client's
+/// next transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_ended_while_idle_in_the_pool_does_not_fail_the_next_transaction() {
+    let s = setup();
+    let proxy = Proxy::start(pooled(&s, 1)).await;
+    let c = connect(&proxy, "").await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    assert_eq!(backends_of_app(&s.pg), 1);
+    s.pg.psql_local("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'");
+    crate::support::eventually("the backend gone", Duration::from_secs(5), || async {
+        (backends_of_app(&s.pg) == 0).then_some(())
+    })
+    .await;
+    for n in 0..3 {
+        c.batch_execute(&format!("INSERT INTO ledger VALUES (1, {n})"))
+            .await
+            .unwrap_or_else(|e| panic!("transaction {n} after the kill: {e}"));
+    }
+    assert_eq!(
+        first_value(&c, "SELECT count(*)::text FROM ledger").await,
+        "3"
+    );
+}
