@@ -76,7 +76,10 @@ def as_server_user(cmd):
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    done = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}: exit status {done.returncode}\n{done.stderr.strip()[-3000:]}")
+    return done
 
 
 def wait_port(port, what, seconds=30):
