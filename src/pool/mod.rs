@@ -247,8 +247,8 @@ impl Pool {
 
     /// Lends an idle connection at once, without waiting or any I/O (but a read that finds
     /// nothing, and no system call at all unless the socket was reported readable), if a slot
-    /// is free and an idle connection to `primary` already has `settings` and is still quiet: the common case in transaction
-    /// pooling, which then allocates nothing.
+    /// is free and an idle connection to `primary` already has `settings` and is still quiet:
+    /// the common case in transaction pooling, which then allocates nothing.
     pub fn try_lend_now(
         self: &Arc<Self>,
         primary: Option<usize>,
