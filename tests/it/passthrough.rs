@@ -1008,6 +1008,7 @@ async fn a_query_after_an_unsynced_extended_batch_leaves_nothing_in_flight() {
     let pg = Cluster::start();
     let mut config = config_for(&pg);
     config.timeouts.read = Duration::from_secs(1);
+    config.timeouts.cancel_grace = Duration::from_millis(500);
     let proxy = Proxy::start(config).await;
     let mut raw = Raw::connect(proxy.addr).await;
     raw.login("postgres").await;
@@ -1020,9 +1021,11 @@ async fn a_query_after_an_unsynced_extended_batch_leaves_nothing_in_flight() {
     raw.send(&msg(b'Q', b"BEGIN\0")).await;
     let tags: Vec<u8> = raw.recv_until(b'Z').await.iter().map(|m| m.0).collect();
     assert_eq!(tags, b"CZ");
-    // Nothing is in flight: idle past the read deadline, the session is not ended, and the
-    // statement prepared in the batch runs.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing is in flight: idle well past the read deadline and the cancel's grace (had a
+    // request been left in flight, the session would end 1.5 s from now), the session is not
+    // ended, and the statement prepared in the batch runs. The sleep is the point: it proves
+    // that nothing happens.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let mut run = msg(b'B', b"\0stmt_1\0\0\0\0\0\0\0");
     run.extend(msg(b'E', b"\0\0\0\0\0"));
     run.extend(msg(b'S', b""));
