@@ -48,14 +48,29 @@ pub struct Lending {
     pub retire: bool,
     /// The primary as the session last heard of it.
     pub primary: Option<usize>,
-    /// The client's named statements: name to Parse body.
-    statements: HashMap<Vec<u8>, Arc<[u8]>>,
+    /// The client's named statements: name to Parse body, and whether the server took it.
+    statements: HashMap<Vec<u8>, (Arc<[u8]>, Taken)>,
+    /// The client's Parses in the request in flight (a named Parse waits for earlier requests,
+    /// so they are all in the oldest one).
+    parsed: Vec<Vec<u8>>,
     /// Statements put on the held connection by the request in flight, forgotten again if it
     /// fails (the server may not have them).
     unconfirmed: Vec<Vec<u8>>,
     /// Where the client's cancel key points.
     pub cancel: Arc<Slot>,
     pinned_gauge: Gauge,
+}
+
+/// Whether the server took a client's Parse, as far as bulkhead can tell.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Its request is in flight.
+    Pending,
+    /// Its request ended without an error: the client has the statement, and a second Parse
+    /// of the name must fail as PostgreSQL fails it (42P05).
+    Yes,
+    /// Its request failed, before or after the Parse: a second Parse is let through.
+    Unknown,
 }
 
 /// Messages bulkhead puts on the wire before a client's own, and the answers to drop for them.
@@ -108,6 +123,7 @@ impl Lending {
             retire: false,
             primary,
             statements: HashMap::new(),
+            parsed: Vec::new(),
             unconfirmed: Vec::new(),
             cancel,
             pinned_gauge,
@@ -185,6 +201,7 @@ impl Lending {
     /// client's settings are the connection's now.
     pub fn release(&mut self, stream: Stream) {
         self.unconfirmed.clear();
+        self.settle_parses(false);
         self.cancel.set(None);
         let Some(mut lent) = self.lent.take() else {
             return;
@@ -256,6 +273,7 @@ impl Lending {
     /// The request in flight ended (`ok`: without an error): statements it put on the
     /// connection are there for good, or, after an error, perhaps not.
     pub fn request_done(&mut self, ok: bool) {
+        self.settle_parses(ok);
         if !ok && let Some(lent) = self.lent.as_mut() {
             // Whether the server got to them is unknown: the next use closes and prepares.
             let info = lent.info_mut();
@@ -270,9 +288,23 @@ impl Lending {
 
     /// The client's Parse of a named statement (`body` is the whole message body). What must
     /// go before it: a Close of the name if the connection holds another statement by it.
+    ///
+    /// A name the client already has (or is preparing in this batch) goes to the server as
+    /// sent, on a connection that has the client's statement by that name, so that PostgreSQL
+    /// answers 42P05 and skips the batch as it would without bulkhead; the client keeps its
+    /// statement.
     pub fn parse(&mut self, name: &[u8], body: &[u8]) -> Injected {
+        if self
+            .statements
+            .get(name)
+            .is_some_and(|(_, taken)| *taken != Taken::Unknown)
+        {
+            return self.use_statement(name).unwrap_or_default();
+        }
         let statement: Arc<[u8]> = Arc::from(body);
-        self.statements.insert(name.to_vec(), statement.clone());
+        self.statements
+            .insert(name.to_vec(), (statement.clone(), Taken::Pending));
+        self.parsed.push(name.to_vec());
         let mut injected = Injected::default();
         if let Some(info) = self.lent.as_mut().map(|l| l.info_mut()) {
             if info.prepared.remove(name).is_some() {
@@ -290,7 +322,8 @@ impl Lending {
 
     /// Whether a Bind or Describe of `name` would need bulkhead's own messages first.
     pub fn would_inject(&self, name: &[u8]) -> bool {
-        let (Some(statement), Some(lent)) = (self.statements.get(name), self.lent.as_ref()) else {
+        let (Some((statement, _)), Some(lent)) = (self.statements.get(name), self.lent.as_ref())
+        else {
             return false;
         };
         !matches!(lent.info().prepared.get(name), Some((Some(s), _)) if Arc::ptr_eq(s, statement) || **s == **statement)
@@ -299,7 +332,7 @@ impl Lending {
     /// A Bind or Describe of the client's named statement: if the connection lacks it (or has
     /// another by that name), what prepares it there first.
     pub fn use_statement(&mut self, name: &[u8]) -> Option<Injected> {
-        let statement = self.statements.get(name)?;
+        let (statement, _) = self.statements.get(name)?;
         let info = self.lent.as_mut()?.info_mut();
         let mut injected = Injected::default();
         match info.prepared.get(name) {
@@ -329,6 +362,17 @@ impl Lending {
             && let Some(entry) = lent.info_mut().prepared.get_mut(name)
         {
             entry.0 = None;
+        }
+    }
+
+    /// The client's Parses in flight were taken (`ok`), or perhaps not.
+    fn settle_parses(&mut self, ok: bool) {
+        for name in self.parsed.drain(..) {
+            if let Some((_, taken)) = self.statements.get_mut(&name)
+                && *taken == Taken::Pending
+            {
+                *taken = if ok { Taken::Yes } else { Taken::Unknown };
+            }
         }
     }
 

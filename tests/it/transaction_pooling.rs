@@ -453,3 +453,85 @@ async fn a_backend_ended_while_idle_in_the_pool_does_not_fail_the_next_transacti
         "3"
     );
 }
+
+/// Protocol-level statements as PostgreSQL has them, though the client's connection changes
+/// under it and other clients use the same names: a name Parsed a second time gets 42P05 and
+/// the client keeps its first statement; a Parse the server refused leaves the name free; a
+/// name Parsed twice in one batch fails the batch at the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_name_parsed_twice_gets_42p05_as_from_postgresql() {
+    use crate::support::raw::{Raw, field, msg};
+    let s = setup();
+    let proxy = Proxy::start(pooled(&s, 1)).await;
+    let mut a = Raw::connect(proxy.addr).await;
+    a.login_scram("app", "app-secret").await;
+    let mut b = Raw::connect(proxy.addr).await;
+    b.login_scram("app", "app-secret").await;
+    let parse = |name: &str, sql: &str| msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+    let run = |name: &str| {
+        let mut m = msg(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+        m.extend(msg(b'E', b"\0\0\0\0\0"));
+        m.extend(msg(b'S', b""));
+        m
+    };
+    let sync = || msg(b'S', b"");
+    // What a batch got: its message tags, the first error's SQLSTATE, the first value.
+    async fn answer(raw: &mut Raw) -> (String, Option<String>, Option<String>) {
+        let got = raw.recv_until(b'Z').await;
+        let tags = got.iter().map(|m| m.0 as char).collect();
+        let code = got
+            .iter()
+            .find(|m| m.0 == b'E')
+            .and_then(|m| field(&m.1, b'C'));
+        let value = got.iter().find(|m| m.0 == b'D').map(|m| {
+            let len = i32::from_be_bytes(m.1[2..6].try_into().unwrap()) as usize;
+            String::from_utf8_lossy(&m.1[6..6 + len]).into_owned()
+        });
+        (tags, code, value)
+    }
+
+    // A prepares "dup" (1); B, on the same server connection, prepares its own "dup" (2).
+    a.send(&[parse("dup", "SELECT 1"), sync()].concat()).await;
+    assert_eq!(answer(&mut a).await.0, "1Z");
+    b.send(&[parse("dup", "SELECT 2"), run("dup")].concat())
+        .await;
+    assert_eq!(answer(&mut b).await.2.as_deref(), Some("2"));
+    // A Parses "dup" again: PostgreSQL's 42P05, and A's "dup" is still SELECT 1.
+    a.send(&[parse("dup", "SELECT 3"), run("dup")].concat())
+        .await;
+    let (tags, code, _) = answer(&mut a).await;
+    assert_eq!((tags.as_str(), code.as_deref()), ("EZ", Some("42P05")));
+    a.send(&run("dup")).await;
+    assert_eq!(answer(&mut a).await.2.as_deref(), Some("1"));
+    b.send(&run("dup")).await;
+    assert_eq!(answer(&mut b).await.2.as_deref(), Some("2"));
+
+    // A Parse the server refused leaves its name free.
+    a.send(&[parse("broken", "SELEC 4"), sync()].concat()).await;
+    assert_eq!(answer(&mut a).await.1.as_deref(), Some("42601"));
+    a.send(&[parse("broken", "SELECT 4"), run("broken")].concat())
+        .await;
+    assert_eq!(answer(&mut a).await.2.as_deref(), Some("4"));
+
+    // Twice in one batch: the second Parse fails it, the first statement stays.
+    a.send(
+        &[
+            parse("twice", "SELECT 5"),
+            parse("twice", "SELECT 6"),
+            sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let (tags, code, _) = answer(&mut a).await;
+    assert_eq!((tags.as_str(), code.as_deref()), ("1EZ", Some("42P05")));
+    a.send(&run("twice")).await;
+    assert_eq!(answer(&mut a).await.2.as_deref(), Some("5"));
+
+    // After a Close, the name can be prepared again.
+    a.send(&[msg(b'C', b"Sdup\0"), parse("dup", "SELECT 7"), run("dup")].concat())
+        .await;
+    let (tags, code, value) = answer(&mut a).await;
+    assert_eq!((code, value.as_deref()), (None, Some("7")), "{tags}");
+    assert_eq!(metric(&proxy, PINNED), 0.0);
+}

@@ -131,6 +131,36 @@ impl Raw {
         self.recv_until(b'Z').await
     }
 
+    /// Logs in as `user` with SCRAM-SHA-256 (bulkhead's own authentication in the pooled
+    /// modes) and waits for ReadyForQuery.
+    pub async fn login_scram(&mut self, user: &str, password: &str) -> Vec<(u8, Vec<u8>)> {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+        self.send(&startup_packet(
+            0,
+            &[("user", user), ("database", "postgres")],
+        ))
+        .await;
+        let auth_code = |m: &(u8, Vec<u8>), code: u32| {
+            assert_eq!(m.0, b'R', "{m:?}");
+            assert_eq!(&m.1[..4], code.to_be_bytes(), "{m:?}");
+        };
+        let offer = self.recv().await.expect("SASL offer");
+        auth_code(&offer, 10);
+        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let mut initial = format!("{SCRAM_SHA_256}\0").into_bytes();
+        initial.extend((scram.message().len() as u32).to_be_bytes());
+        initial.extend(scram.message());
+        self.send(&msg(b'p', &initial)).await;
+        let cont = self.recv().await.expect("SASLContinue");
+        auth_code(&cont, 11);
+        scram.update(&cont.1[4..]).unwrap();
+        self.send(&msg(b'p', scram.message())).await;
+        let fin = self.recv().await.expect("SASLFinal");
+        auth_code(&fin, 12);
+        scram.finish(&fin.1[4..]).unwrap();
+        self.recv_until(b'Z').await
+    }
+
     /// Expects an ErrorResponse of the given severity next, then the connection to close if it
     /// is FATAL. Returns the ErrorResponse body.
     pub async fn expect_error(&mut self, severity: &str, code: &str) -> Vec<u8> {
