@@ -252,7 +252,7 @@ impl Circuit {
     /// Whether the host is not answering, by either sign: statements there are answered
     /// by bulkhead, not sent.
     pub fn is_unresponsive(&self) -> bool {
-        self.beat_silent.load(Ordering::Relaxed) || self.is_confirmed_unresponsive()
+        self.is_beat_silent() || self.is_confirmed_unresponsive()
     }
 
     /// Whether the probe's status checks confirmed it (two in a row got no answer): then
@@ -272,6 +272,11 @@ impl Circuit {
             }
             self.changed_answering();
         }
+    }
+
+    /// Whether the heartbeat is waiting for an answer past its timeout now.
+    pub fn is_beat_silent(&self) -> bool {
+        self.beat_silent.load(Ordering::Relaxed)
     }
 
     /// Records what the heartbeat found, likewise.

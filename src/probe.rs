@@ -15,7 +15,7 @@
 //! when it changes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,6 +116,10 @@ pub enum Report {
     /// The server is up but at max_connections (53300): it keeps the role it had, and
     /// sessions get the server's own error. An overload must not look like an outage.
     Full(String),
+    /// No answer on a new connection within the timeout, while the heartbeat's connection
+    /// answers: the server is slow to start sessions (an overloaded machine, a stopped
+    /// postmaster), not gone. It keeps its role, as when full.
+    Slow(String),
     /// Reachable, but TLS as configured could not be set up.
     TlsFailed(String),
 }
@@ -302,9 +306,9 @@ impl Topology {
                     host.superseded = false;
                 }
             }
-            Report::Full(why) => {
+            Report::Full(why) | Report::Slow(why) => {
                 if host.error.as_deref() != Some(why.as_str()) {
-                    warn!(backend = %host.address, %why, "host is full; it keeps its role");
+                    warn!(backend = %host.address, %why, "host refuses or delays new sessions; it keeps its role");
                 }
                 host.error = Some(why);
             }
@@ -572,10 +576,40 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
         address,
         within: config.database.connect_timeout,
     };
+    let beat = LastBeat::new();
     tokio::join!(
-        check_host(&shared, &config, &dial, index),
-        heartbeat(&shared, &config, &dial, index)
+        check_host(&shared, &config, &dial, index, &beat),
+        heartbeat(&shared, &config, &dial, index, &beat)
     );
+}
+
+/// When a host's heartbeat last got an answer, for its status checks.
+struct LastBeat {
+    origin: Instant,
+    /// Milliseconds from `origin`; `u64::MAX` before the first answer.
+    at_ms: AtomicU64,
+}
+
+impl LastBeat {
+    fn new() -> Self {
+        LastBeat {
+            origin: Instant::now(),
+            at_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn answered(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.at_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the last answer came within `window`.
+    fn within(&self, window: Duration) -> bool {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        at != u64::MAX
+            && (self.origin.elapsed().as_millis() as u64)
+                <= at.saturating_add(window.as_millis() as u64)
+    }
 }
 
 /// Every [probe] heartbeat, an empty query on a connection kept open to the host while it is
@@ -584,7 +618,7 @@ async fn probe_host(shared: Arc<Shared>, config: Arc<Config>, index: usize) {
 /// connections can; its answer, whenever it comes, clears the mark. A server that is up
 /// answers an empty query on an idle backend in well under a millisecond: it forks nothing,
 /// takes no lock and writes nothing, so commits stuck on the commit path do not delay it.
-async fn heartbeat(shared: &Shared, config: &Config, dial: &Dial, index: usize) {
+async fn heartbeat(shared: &Shared, config: &Config, dial: &Dial, index: usize, last: &LastBeat) {
     let every = config.probe.heartbeat;
     if every.is_zero() {
         return;
@@ -628,6 +662,7 @@ async fn heartbeat(shared: &Shared, config: &Config, dial: &Dial, index: usize) 
         };
         circuit.set_beat_silent(false);
         if answered {
+            last.answered();
             conn = Some(c);
         }
     }
@@ -635,7 +670,13 @@ async fn heartbeat(shared: &Shared, config: &Config, dial: &Dial, index: usize) 
 
 /// The status check every [probe] interval (role, timeline, whether the host answers at
 /// all) and the write check.
-async fn check_host(shared: &Arc<Shared>, config: &Config, dial: &Dial, index: usize) {
+async fn check_host(
+    shared: &Arc<Shared>,
+    config: &Config,
+    dial: &Dial,
+    index: usize,
+    beat: &LastBeat,
+) {
     let probe = &config.probe;
     let topology = &shared.topology;
     let circuit = topology.circuit(index);
@@ -732,11 +773,27 @@ async fn check_host(shared: &Arc<Shared>, config: &Config, dial: &Dial, index: u
         // loss would make the primary unknown for an interval): ask twice, and believe two
         // in a row.
         let was_up = topology.is_up(index);
+        let mut silent_now = 0;
         let report = if was_up {
-            status_twice(dial, probe.timeout, &mut silent).await
+            status_twice(dial, probe.timeout, &mut silent_now).await
         } else {
             status_within(dial, probe.timeout).await
         };
+        // A new session got no answer, but the heartbeat's connection answered lately (well
+        // after a frozen or cut-off host's heartbeat would have gone silent): the host is
+        // slow to start sessions, as on a machine overloaded for a moment, and the sessions
+        // it has are answered. It keeps its role; nothing stuck there is answered for it.
+        let window = probe.heartbeat + probe.heartbeat_timeout;
+        let report = match report {
+            Report::Silent(why) if was_up && !circuit.is_beat_silent() && beat.within(window) => {
+                silent_now = 0;
+                Report::Slow(format!(
+                    "{why} on a new connection, while the heartbeat's connection answers"
+                ))
+            }
+            report => report,
+        };
+        silent += silent_now;
         let is_primary = matches!(
             report,
             Report::Up {
@@ -745,7 +802,7 @@ async fn check_host(shared: &Arc<Shared>, config: &Config, dial: &Dial, index: u
             }
         );
         match &report {
-            Report::Up { .. } => silent = 0,
+            Report::Up { .. } | Report::Slow(_) => silent = 0,
             Report::Silent(_) => silent += 1,
             _ => {}
         }

@@ -348,7 +348,8 @@ async fn readyz_turns_503_within_two_seconds_of_commits_stalling_and_200_within_
     assert_eq!(circuit_state(&proxy), 0.0);
 }
 
-/// Stops (SIGSTOP) the postmaster and every backend, and resumes them when dropped.
+/// Stops (SIGSTOP) the postmaster and every backend (or some processes), and resumes them
+/// when dropped.
 struct Frozen(Vec<i32>);
 
 impl Frozen {
@@ -362,6 +363,11 @@ impl Frozen {
                 .split_whitespace()
                 .filter_map(|p| p.parse::<i32>().ok()),
         );
+        Frozen::stop(pids)
+    }
+
+    /// Stops these processes only.
+    fn stop(pids: Vec<i32>) -> Frozen {
         for &pid in &pids {
             // SAFETY: kill has no memory-safety preconditions; these are the server's pids.
             unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -673,4 +679,87 @@ async fn a_batch_waiting_after_flush_on_a_frozen_host_gets_its_error_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An overload that slows new sessions must not look like an outage. With the postmaster
+/// stopped, no new session can start (the status checks, each on a new connection, get no
+/// answer) while the backends that exist answer, the heartbeat's among them: the primary
+/// keeps its role, its sessions go on reading and writing, nothing is answered in their
+/// place, and a new client gets an error within connect_timeout instead of a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_slow_to_start_sessions_keeps_its_role_and_its_sessions_go_on() {
+    let pg = Cluster::start();
+    pg.psql("CREATE TABLE slow_t (x int)");
+    let proxy = Proxy::start(fast_config(&pg)).await;
+    let params = proxy.params("postgres");
+    let (c, conn) = connect_watched(&params).await;
+    first_value(&c, "SELECT 1").await;
+    eventually("the heartbeat connection", SECONDS_20, || async {
+        let beats = pg.psql(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'bulkhead probe' AND query = ''",
+        );
+        (beats != "0").then_some(())
+    })
+    .await;
+
+    let stopped = Frozen::stop(vec![pg.postmaster_pid()]);
+    eventually("a status check to find no answer", SECONDS_20, || async {
+        let health = proxy.health_json().await;
+        let error = health["backends"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        error.contains("no answer").then_some(())
+    })
+    .await;
+    // Many probe rounds (200 ms apart, 400 ms timeout), each without an answer on a new
+    // connection; the session is answered throughout.
+    let mut written = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    while Instant::now() < until {
+        pace.tick().await;
+        c.batch_execute(&format!("INSERT INTO slow_t VALUES ({written})"))
+            .await
+            .unwrap_or_else(|e| panic!("write {written}: {e:?}"));
+        written += 1;
+        let count = first_value(&c, "SELECT count(*) FROM slow_t").await;
+        assert_eq!(count, written.to_string());
+    }
+    let health = proxy.health_json().await;
+    let backend = &health["backends"][0];
+    assert_eq!(backend["role"], "primary", "{health}");
+    assert_eq!(backend["answering"], true, "{health}");
+    assert_eq!(backend["circuit"], "closed", "{health}");
+    assert!(
+        backend["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("heartbeat's connection answers"),
+        "{health}"
+    );
+    assert_eq!(proxy.get("/readyz").await.status, 200);
+    // A new client: the server cannot start its session; it is told so, promptly.
+    let started = Instant::now();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(&params, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("a new client is answered");
+    assert!(refused.is_err());
+    assert!(
+        started.elapsed() < Duration::from_millis(1000 + 1000),
+        "{:?}",
+        started.elapsed()
+    );
+
+    drop(stopped);
+    let fresh = connect(&params).await;
+    assert_eq!(
+        first_value(&fresh, "SELECT count(*) FROM slow_t").await,
+        written.to_string()
+    );
+    assert!(!conn.is_finished());
 }
