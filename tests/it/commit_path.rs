@@ -13,7 +13,7 @@ use bulkhead::Config;
 
 use crate::support::raw::{Raw, msg};
 use crate::support::{
-    Cluster, Proxy, config_for, connect, connect_watched, eventually, first_value, sqlstate,
+    Cluster, Frozen, Proxy, config_for, connect, connect_watched, eventually, first_value, sqlstate,
 };
 
 const SECONDS_20: Duration = Duration::from_secs(20);
@@ -346,43 +346,6 @@ async fn readyz_turns_503_within_two_seconds_of_commits_stalling_and_200_within_
         "200 after {ready_after:?}"
     );
     assert_eq!(circuit_state(&proxy), 0.0);
-}
-
-/// Stops (SIGSTOP) the postmaster and every backend (or some processes), and resumes them
-/// when dropped.
-struct Frozen(Vec<i32>);
-
-impl Frozen {
-    fn freeze(pg: &Cluster) -> Frozen {
-        let master = pg.postmaster_pid();
-        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
-            .unwrap_or_default();
-        let mut pids: Vec<i32> = vec![master];
-        pids.extend(
-            children
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok()),
-        );
-        Frozen::stop(pids)
-    }
-
-    /// Stops these processes only.
-    fn stop(pids: Vec<i32>) -> Frozen {
-        for &pid in &pids {
-            // SAFETY: kill has no memory-safety preconditions; these are the server's pids.
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-        }
-        Frozen(pids)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGCONT) };
-        }
-    }
 }
 
 /// The error a statement got, and how long it took to get it.
@@ -748,7 +711,8 @@ async fn a_primary_slow_to_start_sessions_keeps_its_role_and_its_sessions_go_on(
     )
     .await
     .expect("a new client is answered");
-    assert!(refused.is_err());
+    let err = refused.err().expect("a session on a stopped postmaster");
+    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
     assert!(
         started.elapsed() < Duration::from_millis(1000 + 1000),
         "{:?}",

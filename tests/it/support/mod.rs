@@ -760,3 +760,40 @@ impl Drop for Blackhole {
         self.heal();
     }
 }
+
+/// Stops (SIGSTOP) the postmaster and every backend (or some processes), and resumes them
+/// when dropped.
+pub struct Frozen(Vec<i32>);
+
+impl Frozen {
+    pub fn freeze(pg: &Cluster) -> Frozen {
+        let master = pg.postmaster_pid();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        let mut pids: Vec<i32> = vec![master];
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+        Frozen::stop(pids)
+    }
+
+    /// Stops these processes only.
+    pub fn stop(pids: Vec<i32>) -> Frozen {
+        for &pid in &pids {
+            // SAFETY: kill has no memory-safety preconditions; these are the server's pids.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
