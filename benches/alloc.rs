@@ -8,10 +8,15 @@
 //!    the difference, divided by the extra transactions, is what each transaction costs (the
 //!    per-connection allocations cancel out).
 //!
+//! 3. With a server too, in transaction pooling: the heap an idle pooled client holds (live
+//!    bytes and allocations per client, 500 clients logged in and quiet), which with the
+//!    allocator's own overhead is most of its RSS.
+//!
 //! `cargo bench --bench alloc` (benches/compare runs it with a server).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -23,23 +28,48 @@ use bulkhead::tracker::Tracker;
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// Bytes and blocks allocated and not yet freed.
+static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
+static LIVE_BLOCKS: AtomicI64 = AtomicI64::new(0);
+/// Live blocks by size, in 16-byte classes up to 4 KiB (the last class: larger).
+static LIVE_BY_SIZE: [AtomicI64; 257] = [const { AtomicI64::new(0) }; 257];
 
-// SAFETY: every call is passed to the system allocator unchanged; only a counter is added.
+fn size_class(size: usize) -> usize {
+    (size.div_ceil(16)).min(256)
+}
+
+// SAFETY: every call is passed to the system allocator unchanged; only counters are added.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BY_SIZE[size_class(layout.size())].fetch_add(1, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+        LIVE_BY_SIZE[size_class(layout.size())].fetch_sub(1, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        LIVE_BY_SIZE[size_class(layout.size())].fetch_sub(1, Ordering::Relaxed);
+        LIVE_BY_SIZE[size_class(new_size)].fetch_add(1, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
+}
+
+fn live_by_size() -> Vec<i64> {
+    LIVE_BY_SIZE
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect()
 }
 
 #[global_allocator]
@@ -223,7 +253,85 @@ fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls, pool: bool) {
             }
         );
     }
+    if pool {
+        idle_pooled_clients(port);
+    }
     let _ = std::fs::remove_file(&users);
+}
+
+/// Logs `n` clients in through `port` (blocking sockets, which allocate nothing on this
+/// heap), lets them go quiet, and reports what bulkhead's heap grew by per client.
+fn idle_pooled_clients(port: u16) {
+    const N: i64 = 500;
+    std::thread::sleep(Duration::from_secs(3));
+    let (bytes0, blocks0, sizes0) = (
+        LIVE_BYTES.load(Ordering::Relaxed),
+        LIVE_BLOCKS.load(Ordering::Relaxed),
+        live_by_size(),
+    );
+    let clients: Vec<std::net::TcpStream> = (0..N).map(|_| scram_login(port)).collect();
+    // Sessions quiet for a second give their buffers back when their timer next fires.
+    std::thread::sleep(Duration::from_secs(4));
+    let bytes = LIVE_BYTES.load(Ordering::Relaxed) - bytes0;
+    let blocks = LIVE_BLOCKS.load(Ordering::Relaxed) - blocks0;
+    println!(
+        "idle pooled client (transaction pooling, {N} clients): {:.0} bytes in {:.1} allocations each, live on the heap",
+        bytes as f64 / N as f64,
+        blocks as f64 / N as f64
+    );
+    if std::env::var_os("BULKHEAD_BENCH_SIZES").is_some() {
+        for (class, (after, before)) in live_by_size().iter().zip(sizes0).enumerate() {
+            let per = (after - before) as f64 / N as f64;
+            if per.abs() >= 0.5 {
+                println!("    blocks of {:>5} bytes or less: {per:.1} per client", class * 16);
+            }
+        }
+    }
+    drop(clients);
+}
+
+fn send(s: &mut std::net::TcpStream, tag: u8, body: &[u8]) {
+    s.write_all(&msg(tag, body)).unwrap();
+}
+
+fn recv(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).unwrap();
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0; len - 4];
+    s.read_exact(&mut body).unwrap();
+    (head[0], body)
+}
+
+/// A blocking login as `postgres` with SCRAM-SHA-256, to ReadyForQuery.
+fn scram_login(port: u16) -> std::net::TcpStream {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    startup.extend(196608u32.to_be_bytes());
+    startup.extend(params);
+    s.write_all(&startup).unwrap();
+    let mut scram = ScramSha256::new(POOL_PASSWORD.as_bytes(), ChannelBinding::unsupported());
+    loop {
+        let (tag, body) = recv(&mut s);
+        match (tag, body.get(..4).map(|c| u32::from_be_bytes(c.try_into().unwrap()))) {
+            (b'Z', _) => return s,
+            (b'R', Some(10)) => {
+                let mut initial = format!("{SCRAM_SHA_256}\0").into_bytes();
+                initial.extend((scram.message().len() as u32).to_be_bytes());
+                initial.extend(scram.message());
+                send(&mut s, b'p', &initial);
+            }
+            (b'R', Some(11)) => {
+                scram.update(&body[4..]).unwrap();
+                send(&mut s, b'p', scram.message());
+            }
+            (b'R', Some(12)) => scram.finish(&body[4..]).unwrap(),
+            (b'E', _) => panic!("login refused: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
 }
 
 fn tempfile_path(name: &str) -> std::path::PathBuf {
