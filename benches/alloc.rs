@@ -8,9 +8,9 @@
 //!    the difference, divided by the extra transactions, is what each transaction costs (the
 //!    per-connection allocations cancel out).
 //!
-//! 3. With a server too, in transaction pooling: the heap an idle pooled client holds (live
-//!    bytes and allocations per client, 500 clients logged in and quiet), which with the
-//!    allocator's own overhead is most of its RSS.
+//! 3. With a server too, in transaction pooling: the heap an idle pooled client holds (what
+//!    500 clients logged in and quiet give back when they leave, per client), which with the
+//!    allocator's own overhead is most of its RSS. `BULKHEAD_BENCH_SIZES=1` lists the blocks.
 //!
 //! `cargo bench --bench alloc` (benches/compare runs it with a server).
 
@@ -259,35 +259,40 @@ fn whole_proxy(pg: &str, tls: bulkhead::config::ServerTls, pool: bool) {
     let _ = std::fs::remove_file(&users);
 }
 
-/// Logs `n` clients in through `port` (blocking sockets, which allocate nothing on this
-/// heap), lets them go quiet, and reports what bulkhead's heap grew by per client.
+/// Logs `N` clients in through `port` (blocking sockets, which allocate nothing on this
+/// heap), lets them go quiet, and reports what bulkhead's heap gives back per client when
+/// they leave.
 fn idle_pooled_clients(port: u16) {
     const N: i64 = 500;
-    std::thread::sleep(Duration::from_secs(3));
+    let clients: Vec<std::net::TcpStream> = (0..N).map(|_| scram_login(port)).collect();
+    // Sessions quiet for a second give their buffers back when their timer next fires.
+    std::thread::sleep(Duration::from_secs(4));
     let (bytes0, blocks0, sizes0) = (
         LIVE_BYTES.load(Ordering::Relaxed),
         LIVE_BLOCKS.load(Ordering::Relaxed),
         live_by_size(),
     );
-    let clients: Vec<std::net::TcpStream> = (0..N).map(|_| scram_login(port)).collect();
-    // Sessions quiet for a second give their buffers back when their timer next fires.
-    std::thread::sleep(Duration::from_secs(4));
-    let bytes = LIVE_BYTES.load(Ordering::Relaxed) - bytes0;
-    let blocks = LIVE_BLOCKS.load(Ordering::Relaxed) - blocks0;
+    // What they held is what their leaving gives back.
+    drop(clients);
+    std::thread::sleep(Duration::from_secs(3));
+    let bytes = bytes0 - LIVE_BYTES.load(Ordering::Relaxed);
+    let blocks = blocks0 - LIVE_BLOCKS.load(Ordering::Relaxed);
     println!(
         "idle pooled client (transaction pooling, {N} clients): {:.0} bytes in {:.1} allocations each, live on the heap",
         bytes as f64 / N as f64,
         blocks as f64 / N as f64
     );
     if std::env::var_os("BULKHEAD_BENCH_SIZES").is_some() {
-        for (class, (after, before)) in live_by_size().iter().zip(sizes0).enumerate() {
-            let per = (after - before) as f64 / N as f64;
+        for (class, (before, after)) in sizes0.iter().zip(live_by_size()).enumerate() {
+            let per = (before - after) as f64 / N as f64;
             if per.abs() >= 0.5 {
-                println!("    blocks of {:>5} bytes or less: {per:.1} per client", class * 16);
+                println!(
+                    "    blocks of {:>5} bytes or less: {per:.1} per client",
+                    class * 16
+                );
             }
         }
     }
-    drop(clients);
 }
 
 fn send(s: &mut std::net::TcpStream, tag: u8, body: &[u8]) {
@@ -315,7 +320,11 @@ fn scram_login(port: u16) -> std::net::TcpStream {
     let mut scram = ScramSha256::new(POOL_PASSWORD.as_bytes(), ChannelBinding::unsupported());
     loop {
         let (tag, body) = recv(&mut s);
-        match (tag, body.get(..4).map(|c| u32::from_be_bytes(c.try_into().unwrap()))) {
+        match (
+            tag,
+            body.get(..4)
+                .map(|c| u32::from_be_bytes(c.try_into().unwrap())),
+        ) {
             (b'Z', _) => return s,
             (b'R', Some(10)) => {
                 let mut initial = format!("{SCRAM_SHA_256}\0").into_bytes();

@@ -176,6 +176,11 @@ impl Pipe {
         !self.eof && self.buf.len() < HIGH_WATER
     }
 
+    /// Whether the buffer was given back (or never taken): the next read allocates it.
+    pub fn unallocated(&self) -> bool {
+        self.buf.capacity() == 0
+    }
+
     /// Reads what the source has. `Ready(Ok(0))` means it closed.
     pub fn poll_read_from<R: AsyncRead + Unpin>(
         &mut self,

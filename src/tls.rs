@@ -58,6 +58,21 @@ impl Stream {
         }
     }
 
+    /// Whether reading may find something: a plain socket is peeked at (so that an idle
+    /// session needs no read buffer until its client speaks; readiness alone can be stale
+    /// after the login's exact reads); a TLS one may have decrypted data buffered already, so
+    /// it is always worth a read.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => {
+                let mut byte = [0u8; 1];
+                let mut peek = ReadBuf::new(&mut byte);
+                s.poll_peek(cx, &mut peek).map_ok(|_| ())
+            }
+            Stream::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
+
     /// Whether a connection that should be quiet (idle in a pool) still is: nothing to read and
     /// not closed. A server only speaks to an idle connection to end it (FATAL 57P01 from
     /// `pg_terminate_backend`, a shutdown, `idle_session_timeout`) or when it is gone. Costs no
@@ -435,6 +450,33 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::parse(text).unwrap()
+    }
+
+    /// A session reads its client only once there is something to read, so that an idle one
+    /// holds no buffer: after the login's exact reads the socket's readiness is stale, and
+    /// the peek must still say "nothing yet".
+    #[tokio::test]
+    async fn a_plain_stream_is_readable_only_when_bytes_wait() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut stream = Stream::Plain(listener.accept().await.unwrap().0);
+        client.write_all(b"abcd").await.unwrap();
+        let mut four = [0u8; 4];
+        stream.read_exact(&mut four).await.unwrap();
+        let pending = std::future::poll_fn(|cx| Poll::Ready(stream.poll_readable(cx).is_pending()));
+        assert!(pending.await, "nothing waits after an exact read");
+        client.write_all(b"e").await.unwrap();
+        let ready = std::future::poll_fn(|cx| stream.poll_readable(cx));
+        tokio::time::timeout(std::time::Duration::from_secs(10), ready)
+            .await
+            .expect("readable once a byte waits")
+            .unwrap();
+        let mut one = [0u8; 1];
+        stream.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"e", "the peek consumed nothing");
     }
 
     #[test]

@@ -198,8 +198,7 @@ impl Pool {
         self.metrics.wait.record(started.elapsed().as_secs_f64());
         let mut lent = Lent {
             pool: self.clone(),
-            conn: None,
-            away: None,
+            held: Held::Nothing,
         };
         let primary = shared
             .topology
@@ -232,7 +231,7 @@ impl Pool {
         };
         self.metrics.active.increment(1.0);
         if let Err(e) = conn.adopt(settings, OWN_STATEMENT_TIMEOUT).await {
-            lent.conn = Some(conn);
+            lent.held = Held::Whole(conn);
             lent.discard();
             return Err(match e {
                 ServerError::Refused(error) => LendError::Server(error),
@@ -241,7 +240,7 @@ impl Pool {
                 }
             });
         }
-        lent.conn = Some(conn);
+        lent.held = Held::Whole(conn);
         Ok(lent)
     }
 
@@ -260,8 +259,7 @@ impl Pool {
         }
         let lent = Lent {
             pool: self.clone(),
-            conn: None,
-            away: None,
+            held: Held::Nothing,
         };
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -281,7 +279,7 @@ impl Pool {
         }
         self.metrics.active.increment(1.0);
         let mut lent = lent;
-        lent.conn = Some(conn);
+        lent.held = Held::Whole(conn);
         Some(lent)
     }
 
@@ -421,33 +419,57 @@ impl Pool {
 /// is closed and the slot returned.
 pub struct Lent {
     pool: Arc<Pool>,
-    conn: Option<ServerConn>,
+    held: Held,
+}
+
+/// What a `Lent` holds of its connection (one of the two, so that a client between
+/// transactions, which holds neither, keeps little room for them).
+enum Held {
+    Nothing,
+    /// Socket and facts, before the relay takes the socket.
+    Whole(ServerConn),
     /// The connection's facts while its socket is in the relay.
-    away: Option<server::ConnInfo>,
+    Away(server::ConnInfo),
 }
 
 impl Lent {
     /// The connection's socket, to move into the relay; its facts stay here.
     pub fn take_stream(&mut self) -> (crate::tls::Stream, &server::ConnInfo) {
-        let ServerConn { stream, info } = self.conn.take().expect("taken once");
-        (stream, self.away.insert(info))
+        let Held::Whole(ServerConn { stream, info }) =
+            std::mem::replace(&mut self.held, Held::Nothing)
+        else {
+            panic!("the socket is taken once");
+        };
+        self.held = Held::Away(info);
+        (stream, self.info())
     }
 
     pub fn conn(&self) -> &ServerConn {
-        self.conn.as_ref().expect("not taken yet")
+        match &self.held {
+            Held::Whole(conn) => conn,
+            _ => panic!("not taken yet"),
+        }
     }
 
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
+    /// The facts of the connection whose socket the relay had.
+    fn take_away(&mut self) -> server::ConnInfo {
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Away(info) => info,
+            _ => panic!("the socket was taken"),
+        }
+    }
+
     /// Returns the socket the relay had, reset, to the pool for the next client; closes it if
     /// the reset fails or the connection is too old.
     pub async fn give_back(mut self, stream: crate::tls::Stream, config: &Config) {
-        let info = self.away.take().expect("the socket was taken");
+        let info = self.take_away();
         let mut conn = ServerConn { stream, info };
         if conn.info.expired(config.pool.lifetime, Instant::now()) {
-            self.conn = Some(conn);
+            self.held = Held::Whole(conn);
             return;
         }
         match conn.reset(OWN_STATEMENT_TIMEOUT).await {
@@ -458,45 +480,54 @@ impl Lent {
             }
             Err(e) => {
                 debug!(error = ?e, "reset of a pooled connection failed; closing it");
-                self.conn = Some(conn);
+                self.held = Held::Whole(conn);
             }
         }
     }
 
     /// The facts of the connection whose socket the relay holds.
     pub fn info(&self) -> &server::ConnInfo {
-        self.away.as_ref().expect("the socket was taken")
+        match &self.held {
+            Held::Away(info) => info,
+            _ => panic!("the socket was taken"),
+        }
     }
 
     /// The same, to change.
     pub fn info_mut(&mut self) -> &mut server::ConnInfo {
-        self.away.as_mut().expect("the socket was taken")
+        match &mut self.held {
+            Held::Away(info) => info,
+            _ => panic!("the socket was taken"),
+        }
     }
 
     /// Returns the socket the relay had to the pool as it is, without a reset: transaction
     /// pooling, between transactions. No I/O.
     pub fn give_back_now(mut self, stream: crate::tls::Stream) {
-        let info = self.away.take().expect("the socket was taken");
+        let info = self.take_away();
         self.pool.metrics.active.decrement(1.0);
         self.pool.put_idle(ServerConn { stream, info });
     }
 
     /// Closes the connection whose socket the relay holds.
     pub fn close(mut self, stream: crate::tls::Stream) {
-        let info = self.away.take().expect("the socket was taken");
-        self.conn = Some(ServerConn { stream, info });
+        let info = self.take_away();
+        self.held = Held::Whole(ServerConn { stream, info });
     }
 
     /// Closes the connection instead of returning it.
     fn discard(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.pool.metrics.active.decrement(1.0);
-            self.pool.close(conn);
-        }
-        if self.away.take().is_some() {
-            // Its socket ended with the relay.
-            self.pool.metrics.active.decrement(1.0);
-            self.pool.closed();
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Whole(conn) => {
+                self.pool.metrics.active.decrement(1.0);
+                self.pool.close(conn);
+            }
+            Held::Away(_) => {
+                // Its socket ended with the relay.
+                self.pool.metrics.active.decrement(1.0);
+                self.pool.closed();
+            }
+            Held::Nothing => {}
         }
     }
 }

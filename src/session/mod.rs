@@ -532,6 +532,15 @@ impl Relay {
         loop {
             let mut progress = false;
 
+            // Without a buffer (a new or idle session), none is taken until there is
+            // something to read.
+            if !self.client_dry
+                && self.up.wants_read()
+                && self.up.unallocated()
+                && self.client.poll_readable(client_cx).is_pending()
+            {
+                self.client_dry = true;
+            }
             if !self.client_dry && self.up.wants_read() {
                 match self.up.poll_read_from(client_cx, &mut self.client) {
                     Poll::Ready(Ok(_)) => progress = true,
@@ -632,6 +641,13 @@ impl Relay {
                 }
             }
 
+            if !self.server_dry
+                && self.down.wants_read()
+                && self.down.unallocated()
+                && server.poll_readable(server_cx).is_pending()
+            {
+                self.server_dry = true;
+            }
             if !self.server_dry && self.down.wants_read() {
                 match self.down.poll_read_from(server_cx, server) {
                     Poll::Ready(Ok(n)) => {
