@@ -7,7 +7,8 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
 use crate::support::{
-    Binary, Cluster, Proxy, assert_answers, config_for, connect_watched, eventually, sqlstate,
+    Binary, Cluster, Frozen, Proxy, assert_answers, config_for, connect_watched, eventually,
+    sqlstate,
 };
 
 const READ: Duration = Duration::from_millis(1500);
@@ -265,13 +266,11 @@ async fn stopped_backend_gets_fatal_40003_for_a_write_and_57014_for_a_read() {
     ] {
         let (client, conn) = connect_watched(&proxy.params("postgres")).await;
         let pid = backend_pid(&client).await;
-        // SAFETY: kill has no memory-safety preconditions; pid is this session's backend.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let stopped = Frozen::stop(vec![pid]);
         let started = Instant::now();
         let err = client.simple_query(sql).await.unwrap_err();
         let took = started.elapsed();
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        drop(stopped);
         assert_eq!(sqlstate(&err), code, "{sql}: {err:?}");
         assert_eq!(err.as_db_error().unwrap().severity(), "FATAL");
         assert!(
@@ -338,8 +337,7 @@ async fn server_that_stops_reading_counts_as_a_stuck_write() {
         .unwrap();
     tokio::spawn(conn);
     let pid = backend_pid(&client).await;
-    // SAFETY: kill has no memory-safety preconditions; pid is this session's backend.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Frozen::stop(vec![pid]);
     // A pipeline of reads, each small enough to be classified whole (so a read, with the long
     // read deadline) but together far more than the socket buffers hold: bulkhead's writes to
     // the stopped server block, and that stall is what must be caught.
@@ -348,8 +346,7 @@ async fn server_that_stops_reading_counts_as_a_stuck_write() {
     let results =
         futures_util::future::join_all((0..400).map(|_| client.simple_query(&query))).await;
     let took = started.elapsed();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    drop(stopped);
     let fatal = results
         .iter()
         .find_map(|r| {

@@ -507,9 +507,7 @@ async fn stopped_postmaster_is_marked_unreachable_and_new_sessions_fail_in_bound
     config.probe.heartbeat = Duration::ZERO;
     let proxy = Proxy::start(config).await;
     connect(&proxy.params("postgres")).await;
-    let postmaster = pg.postmaster_pid();
-    // SAFETY: kill has no memory-safety preconditions; the pid is the test cluster's postmaster.
-    assert_eq!(unsafe { libc::kill(postmaster, libc::SIGSTOP) }, 0);
+    let stopped = Frozen::stop(vec![pg.postmaster_pid()]);
     let started = Instant::now();
     let err = tokio_postgres::connect(&proxy.params("postgres"), NoTls)
         .await
@@ -522,8 +520,7 @@ async fn stopped_postmaster_is_marked_unreachable_and_new_sessions_fail_in_bound
         || async { (proxy.bulkhead.topology().hosts()[0].role == Role::Unreachable).then_some(()) },
     )
     .await;
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(postmaster, libc::SIGCONT) }, 0);
+    drop(stopped);
     assert_eq!(sqlstate(&err), "57P03", "{err:?}");
     assert!(
         took < Duration::from_secs(2) + Duration::from_secs(3),

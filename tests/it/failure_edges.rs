@@ -206,16 +206,7 @@ async fn a_write_check_stuck_on_a_dead_connection_is_abandoned_and_readiness_com
             .map(|r| r.get(0))
     })
     .await;
-    // SAFETY: kill has no memory-safety preconditions; pid is the probe's backend.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            // SAFETY: as above.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    let _resume = Resume(pid);
+    let _resume = crate::support::Frozen::stop(vec![pid]);
     eventually(
         "/readyz to say 503 for the stuck check",
         SECONDS_20,
