@@ -32,10 +32,12 @@ type Pending = Pin<Box<dyn Future<Output = Result<Lent, LendError>> + Send>>;
 pub struct Lending {
     shared: Arc<Shared>,
     pool: Arc<Pool>,
-    credential: Credential,
+    /// Shared with the waits for a connection, which need it for their own: a wait allocates
+    /// no copy of it (nor of the settings).
+    credential: Arc<Credential>,
     /// The settings the client wants on whichever connection it gets: its startup
     /// parameters, then what the server reports as it changes them.
-    pub settings: Vec<(String, String)>,
+    pub settings: Arc<Vec<(String, String)>>,
     /// Transaction pooling: the connection goes back between transactions.
     pub per_transaction: bool,
     /// The connection held now, its socket in the relay.
@@ -100,7 +102,7 @@ impl Lending {
     pub(crate) fn new(
         shared: Arc<Shared>,
         pool: Arc<Pool>,
-        credential: Credential,
+        credential: Arc<Credential>,
         settings: Vec<(String, String)>,
         per_transaction: bool,
         lent: Lent,
@@ -115,7 +117,7 @@ impl Lending {
             shared,
             pool,
             credential,
-            settings,
+            settings: Arc::new(settings),
             per_transaction,
             lent: Some(lent),
             pending: None,
@@ -173,7 +175,7 @@ impl Lending {
         );
         let until = Instant::now() + config.limits.queue_timeout;
         self.pending = Some(Box::pin(async move {
-            pool.lend(&shared, &config, &credential, &settings, until)
+            pool.lend(&shared, &config, &credential, &settings[..], until)
                 .await
         }));
     }
@@ -207,8 +209,8 @@ impl Lending {
             return;
         };
         let info = lent.info_mut();
-        if info.settings != self.settings {
-            info.settings = self.settings.clone();
+        if info.settings != *self.settings {
+            info.settings = (*self.settings).clone();
         }
         if std::mem::take(&mut self.retire) {
             lent.close(stream);
@@ -233,8 +235,8 @@ impl Lending {
             return;
         }
         let info = lent.info_mut();
-        if info.settings != self.settings {
-            info.settings = self.settings.clone();
+        if info.settings != *self.settings {
+            info.settings = (*self.settings).clone();
         }
         if reset {
             lent.give_back(stream, config).await;
@@ -259,14 +261,14 @@ impl Lending {
         {
             return;
         }
-        match self
+        let known = self
             .settings
-            .iter_mut()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        {
-            Some(s) if s.1 == value => {}
-            Some(s) => s.1 = value.to_string(),
-            None => self.settings.push((name.to_string(), value.to_string())),
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(name));
+        match known {
+            Some(at) if self.settings[at].1 == value => {}
+            Some(at) => Arc::make_mut(&mut self.settings)[at].1 = value.to_string(),
+            None => Arc::make_mut(&mut self.settings).push((name.to_string(), value.to_string())),
         }
     }
 

@@ -127,7 +127,9 @@ pub(crate) async fn log_in(
         }
     };
     let binding = binding_for(client.is_tls(), &shared.tls.get());
-    let credential = authenticate(client, user, secret.as_ref(), &shared.mock_key, binding).await?;
+    let credential = std::sync::Arc::new(
+        authenticate(client, user, secret.as_ref(), &shared.mock_key, binding).await?,
+    );
     debug!(user, database, "client authenticated");
     let pool = shared.pools.get(shared, user, database);
     let until = Instant::now() + config.limits.queue_timeout;

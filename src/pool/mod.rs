@@ -47,7 +47,7 @@ pub struct Pool {
     /// One slot per connection a client holds; waiting for one is the admission queue.
     slots: Arc<Limit>,
     /// The last credential that logged in, for opening connections in the background.
-    credential: Mutex<Option<Credential>>,
+    credential: Mutex<Option<Arc<Credential>>>,
     metrics: PoolMetrics,
 }
 
@@ -177,7 +177,7 @@ impl Pool {
         self: &Arc<Self>,
         shared: &Shared,
         config: &Config,
-        credential: &Credential,
+        credential: &Arc<Credential>,
         settings: &[(String, String)],
         until: Instant,
     ) -> Result<Lent, LendError> {
@@ -386,7 +386,7 @@ impl Pool {
             if idle >= config.pool.min_idle as usize || self.open_count() >= config.pool.size {
                 return;
             }
-            match self.open(shared, config, Some(&credential)).await {
+            match self.open(shared, config, Some(credential.as_ref())).await {
                 Ok(conn) => self.put_idle(conn),
                 Err(e) => {
                     info!(user = %self.user, database = %self.database, error = ?e, "could not open an idle pooled connection");
