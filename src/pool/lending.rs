@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, BytesMut};
-use metrics::Gauge;
 use tokio::time::Instant;
 
 use super::{LendError, Lent, Pool};
@@ -60,7 +59,6 @@ pub struct Lending {
     unconfirmed: Vec<Vec<u8>>,
     /// Where the client's cancel key points.
     pub cancel: Arc<Slot>,
-    pinned_gauge: Gauge,
 }
 
 /// Whether the server took a client's Parse, as far as bulkhead can tell.
@@ -109,10 +107,6 @@ impl Lending {
         cancel: Arc<Slot>,
         primary: Option<usize>,
     ) -> Self {
-        let pinned_gauge = shared.metrics.gauge(
-            "bulkhead_pool_pinned_clients",
-            &[("user", &pool.user), ("database", &pool.database)],
-        );
         Lending {
             shared,
             pool,
@@ -128,7 +122,6 @@ impl Lending {
             parsed: Vec::new(),
             unconfirmed: Vec::new(),
             cancel,
-            pinned_gauge,
         }
     }
 
@@ -225,7 +218,7 @@ impl Lending {
         self.cancel.set(None);
         let reset = !self.per_transaction || self.pinned.is_some();
         if self.pinned.take().is_some() {
-            self.pinned_gauge.decrement(1.0);
+            self.pool.metrics.pinned.decrement(1.0);
         }
         let Some(mut lent) = self.lent.take() else {
             return;
@@ -249,7 +242,7 @@ impl Lending {
     pub fn pin(&mut self, feature: &'static str) {
         if self.pinned.is_none() {
             self.pinned = Some(feature);
-            self.pinned_gauge.increment(1.0);
+            self.pool.metrics.pinned.increment(1.0);
         }
     }
 
@@ -399,7 +392,7 @@ impl Lending {
 impl Drop for Lending {
     fn drop(&mut self) {
         if self.pinned.is_some() {
-            self.pinned_gauge.decrement(1.0);
+            self.pool.metrics.pinned.decrement(1.0);
         }
     }
 }

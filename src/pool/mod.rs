@@ -60,6 +60,8 @@ struct PoolMetrics {
     logins_failed: Counter,
     /// bulkhead_server_connections, which counts pooled connections while they are open.
     server_connections: Gauge,
+    /// Clients pinned to their connection (a client's lending moves it).
+    pinned: Gauge,
 }
 
 /// Why no connection could be lent.
@@ -86,6 +88,14 @@ impl Pools {
     /// The pool for (user, database), made on first use.
     pub(crate) fn get(&self, shared: &Shared, user: &str, database: &str) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        // Found without making a key: a login allocates nothing here once its pool exists.
+        if let Some(pool) = pools
+            .iter()
+            .find(|((u, d), _)| u == user && d == database)
+            .map(|(_, pool)| pool.clone())
+        {
+            return pool;
+        }
         pools
             .entry((user.to_string(), database.to_string()))
             .or_insert_with(|| {
@@ -120,6 +130,7 @@ impl Pools {
                             &[("user", user), ("database", database), ("result", "failed")],
                         ),
                         server_connections: m.server_connections.clone(),
+                        pinned: m.gauge("bulkhead_pool_pinned_clients", &labels),
                     },
                 })
             })
