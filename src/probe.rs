@@ -773,27 +773,25 @@ async fn check_host(
         // loss would make the primary unknown for an interval): ask twice, and believe two
         // in a row.
         let was_up = topology.is_up(index);
-        let mut silent_now = 0;
         let report = if was_up {
-            status_twice(dial, probe.timeout, &mut silent_now).await
+            status_twice(dial, probe.timeout, &mut silent).await
         } else {
             status_within(dial, probe.timeout).await
         };
         // A new session got no answer, but the heartbeat's connection answered lately (well
         // after a frozen or cut-off host's heartbeat would have gone silent): the host is
         // slow to start sessions, as on a machine overloaded for a moment, and the sessions
-        // it has are answered. It keeps its role; nothing stuck there is answered for it.
+        // it has are answered. It keeps its role; nothing stuck there is answered for it, and
+        // the silence is not counted (below).
         let window = probe.heartbeat + probe.heartbeat_timeout;
         let report = match report {
             Report::Silent(why) if was_up && !circuit.is_beat_silent() && beat.within(window) => {
-                silent_now = 0;
                 Report::Slow(format!(
                     "{why} on a new connection, while the heartbeat's connection answers"
                 ))
             }
             report => report,
         };
-        silent += silent_now;
         let is_primary = matches!(
             report,
             Report::Up {

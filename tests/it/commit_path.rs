@@ -348,6 +348,19 @@ async fn readyz_turns_503_within_two_seconds_of_commits_stalling_and_200_within_
     assert_eq!(circuit_state(&proxy), 0.0);
 }
 
+/// Waits until the probe's heartbeat connection (an idle session whose last query was empty)
+/// is open.
+async fn heartbeat_connected(pg: &Cluster) {
+    eventually("the heartbeat connection", SECONDS_20, || async {
+        let beats = pg.psql(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'bulkhead probe' AND query = ''",
+        );
+        (beats != "0").then_some(())
+    })
+    .await;
+}
+
 /// The error a statement got, and how long it took to get it.
 async fn refused_in(c: &tokio_postgres::Client, sql: &str) -> (String, Duration) {
     let started = Instant::now();
@@ -545,14 +558,7 @@ async fn the_heartbeat_answers_reads_on_a_frozen_host_before_the_status_checks_c
         .batch_execute("BEGIN; INSERT INTO beat_t VALUES (1)")
         .await
         .unwrap();
-    eventually("the heartbeat connection", SECONDS_20, || async {
-        let beats = pg.psql(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE application_name = 'bulkhead probe' AND query = ''",
-        );
-        (beats != "0").then_some(())
-    })
-    .await;
+    heartbeat_connected(&pg).await;
 
     let frozen = Frozen::freeze(&pg);
     let commit = tokio::spawn(async move {
@@ -657,14 +663,7 @@ async fn a_primary_slow_to_start_sessions_keeps_its_role_and_its_sessions_go_on(
     let params = proxy.params("postgres");
     let (c, conn) = connect_watched(&params).await;
     first_value(&c, "SELECT 1").await;
-    eventually("the heartbeat connection", SECONDS_20, || async {
-        let beats = pg.psql(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE application_name = 'bulkhead probe' AND query = ''",
-        );
-        (beats != "0").then_some(())
-    })
-    .await;
+    heartbeat_connected(&pg).await;
 
     let stopped = Frozen::stop(vec![pg.postmaster_pid()]);
     eventually("a status check to find no answer", SECONDS_20, || async {
