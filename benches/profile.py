@@ -30,6 +30,9 @@ import compare as C  # noqa: E402
 GROUPS = [
     ("classification, and memchr (NUL and semicolon searches)", r"bulkhead::classify|memchr"),
     ("metrics", r"^metrics|metrics_exporter|AtomicBucket"),
+    ("logging spans and events", r"^tracing|^<tracing"),
+    ("cryptography (ring: SCRAM, TLS)", r"ring_core|^ring::|rustls"),
+    ("allocator", r"malloc|_int_free|cfree|realloc|calloc|unlink_chunk|consolidate"),
     ("relay: framing, bookkeeping, buffers", r"bulkhead::|bytes::"),
     ("tokio: socket readiness and I/O", r"tokio::runtime::io|tokio::net|poll_evented|mio::|tokio_util::"),
     ("tokio: timer wheel and clock reads", r"tokio::runtime::time|tokio::time|Timespec|clock_gettime|Instant"),
@@ -52,12 +55,16 @@ def exclusive_costs(path):
     return costs
 
 
-def worker_costs(binary, pg_port, work, workload, mode, clients, transactions):
+def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, pool, connect):
     """Exclusive costs of the data-path worker thread over one pgbench run: the thread that ran
-    the relay (not the busiest: at one client under valgrind the probe's thread can be busier)."""
+    the relay (not the busiest: at one client under valgrind the probe's thread can be busier).
+    With `connect` (pgbench -C), the accepting thread's costs are added: a login starts there."""
     port = C.free_port()
     conf = os.path.join(work, "profile.toml")
-    C.write_bulkhead_config(conf, port, pg_port, "disable", 300)
+    users = os.path.join(work, "profile-users.txt")
+    if pool != "passthrough":
+        open(users, "w").write(f'"{C.USER}" "{C.scram_verifier(C.PASSWORD)}"\n')
+    C.write_bulkhead_config(conf, port, pg_port, "disable", 300, pool, 10, users)
     out = os.path.join(work, "callgrind.out")
     for f in glob.glob(out + "*"):
         os.remove(f)
@@ -67,12 +74,17 @@ def worker_costs(binary, pg_port, work, workload, mode, clients, transactions):
     try:
         C.wait_port(port, "bulkhead under valgrind", 120)
         C.run([f"{C.PG_BIN}/pgbench", "-n", workload, "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
-               "-t", str(transactions), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"])
+               *(["-C"] if connect else []), "-t", str(transactions), "-h", "127.0.0.1", "-p", str(port),
+               "-U", "postgres", "postgres"], env={**os.environ, "PGPASSWORD": C.PASSWORD, "PGSSLMODE": "disable"})
     finally:
         proxy.send_signal(signal.SIGTERM)
         proxy.wait()
     threads = [exclusive_costs(f) for f in glob.glob(out + "-*")]  # one file per thread
-    return max(threads, key=lambda c: sum(n for f, n in c.items() if "Relay::poll_relay" in f))
+    worker = max(threads, key=lambda c: sum(n for f, n in c.items() if "Relay::poll_relay" in f))
+    acceptor = max(threads, key=lambda c: sum(n for f, n in c.items() if "accept4" in f))
+    if connect and acceptor is not worker:
+        worker = worker + acceptor
+    return worker
 
 
 def main():
@@ -81,6 +93,9 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--writes", action="store_true", help="pgbench -N (five statements a transaction) instead of -S")
     ap.add_argument("--transactions", type=int, default=300, help="per client, in the shorter run")
+    ap.add_argument("--pool", default="passthrough", choices=["passthrough", "session", "transaction"],
+                    help="[pool] mode; the pooled modes log pgbench in with SCRAM against a users file")
+    ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection per transaction")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--binary", default=os.path.join(C.ROOT, "target/release/bulkhead"))
     args = ap.parse_args()
@@ -88,8 +103,10 @@ def main():
     pg_port, data = C.start_postgres(work, 100, ssl=False)
     try:
         workload = "-N" if args.writes else "-S"
-        short = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, args.transactions)
-        long = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, 3 * args.transactions)
+        short = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, args.transactions,
+                             args.pool, args.connect)
+        long = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, 3 * args.transactions,
+                            args.pool, args.connect)
     finally:
         C.stop_postgres(data)
         shutil.rmtree(work, ignore_errors=True)
@@ -100,7 +117,8 @@ def main():
         group = next((g for g, pattern in GROUPS if re.search(pattern, f)), "other")
         groups[group] += n
     total = sum(per_tx.values())
-    print(f"pgbench {workload} -M {args.mode} -c {args.clients}: {total:.0f} instructions per transaction "
+    how = f"{' -C' if args.connect else ''}, [pool] mode = {args.pool}"
+    print(f"pgbench {workload} -M {args.mode} -c {args.clients}{how}: {total:.0f} instructions per transaction "
           "on the worker thread\n")
     for group, n in groups.most_common():
         print(f"  {n:7.0f}  {100 * n / total:5.1f}%  {group}")

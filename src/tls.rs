@@ -167,6 +167,8 @@ pub struct Tls {
     acceptor: Option<TlsAcceptor>,
     /// The certificate the acceptor presents (the first of its chain).
     listen_cert: Option<CertificateDer<'static>>,
+    /// Its SCRAM channel binding data (tls-server-end-point), worked out once.
+    listen_binding: Option<Vec<u8>>,
     /// Toward servers: the mode, and the connector for every mode but "disable".
     pub server: ServerTls,
     connector: Option<TlsConnector>,
@@ -254,6 +256,9 @@ impl Tls {
         Ok(Tls {
             listen: listen.tls,
             acceptor,
+            listen_binding: listen_cert
+                .as_ref()
+                .map(|c| crate::auth::scram::server_end_point(c.as_ref())),
             listen_cert,
             server: db.tls,
             connector,
@@ -274,9 +279,10 @@ impl Tls {
             .is_some_and(|c| c.as_ref() == certificate)
     }
 
-    /// The certificate (DER) the listener presents, if it accepts TLS.
-    pub fn listen_certificate(&self) -> Option<&[u8]> {
-        self.listen_cert.as_ref().map(|c| c.as_ref())
+    /// The SCRAM channel binding data (tls-server-end-point) of the certificate the listener
+    /// presents, if it accepts TLS.
+    pub fn listen_binding(&self) -> Option<&[u8]> {
+        self.listen_binding.as_deref()
     }
 
     /// The connector, unless [database] tls is "disable".

@@ -5,7 +5,7 @@
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::scram::{self, Failure, ServerExchange};
+use super::scram::{Failure, ServerExchange};
 use super::{Credential, Secret, Verifier};
 use crate::errors::Refusal;
 use crate::protocol::backend::AUTHENTICATION_TAG;
@@ -14,11 +14,13 @@ use crate::protocol::{cstr, frontend};
 /// The longest password message a client may send during login.
 const MAX_PASSWORD_MESSAGE: usize = 8192;
 
-/// Reads one message from a peer: its tag and body, the length checked against `max`.
+/// Reads one message from a peer into `body` (its old contents dropped, its room kept):
+/// returns the tag, the length checked against `max`.
 pub async fn read_message(
     stream: &mut (impl AsyncRead + Unpin),
     max: usize,
-) -> Result<(u8, BytesMut), String> {
+    body: &mut BytesMut,
+) -> Result<u8, String> {
     let mut header = [0u8; 5];
     stream
         .read_exact(&mut header)
@@ -31,12 +33,13 @@ pub async fn read_message(
             crate::protocol::framing::printable(header[0])
         ));
     }
-    let mut body = BytesMut::zeroed(len - 4);
+    body.clear();
+    body.resize(len - 4, 0);
     stream
-        .read_exact(&mut body)
+        .read_exact(body)
         .await
         .map_err(|e| format!("connection ended during login: {e}"))?;
-    Ok((header[0], body))
+    Ok(header[0])
 }
 
 /// Appends an Authentication message: its code and data.
@@ -59,10 +62,14 @@ async fn send(stream: &mut (impl AsyncWrite + Unpin), out: &[u8]) -> Result<(), 
         .map_err(|e| Refusal::ClientProtocol(format!("connection ended during login: {e}")))
 }
 
-async fn password_message(stream: &mut (impl AsyncRead + Unpin)) -> Result<BytesMut, Refusal> {
-    match read_message(stream, MAX_PASSWORD_MESSAGE).await {
-        Ok((b'p', body)) => Ok(body),
-        Ok((tag, _)) => Err(Refusal::ClientProtocol(format!(
+/// Reads a PasswordMessage (or SASL response) into `body`.
+async fn password_message(
+    stream: &mut (impl AsyncRead + Unpin),
+    body: &mut BytesMut,
+) -> Result<(), Refusal> {
+    match read_message(stream, MAX_PASSWORD_MESSAGE, body).await {
+        Ok(b'p') => Ok(()),
+        Ok(tag) => Err(Refusal::ClientProtocol(format!(
             "expected a password message during login, got '{}'",
             crate::protocol::framing::printable(tag)
         ))),
@@ -83,13 +90,15 @@ pub async fn authenticate(
     binding: Option<Vec<u8>>,
 ) -> Result<Credential, Refusal> {
     let wrong = || Refusal::PasswordFailed(user.to_string());
+    // One buffer for what is sent, one for what is read, through the whole exchange.
+    let mut out = BytesMut::with_capacity(256);
+    let mut body = BytesMut::with_capacity(256);
     if let Some(secret @ Secret::Md5(stored)) = secret {
         let mut salt = [0u8; 4];
         getrandom::fill(&mut salt).expect("the system's random source works");
-        let mut out = BytesMut::new();
         write_authentication(&mut out, MD5, &salt);
         send(stream, &out).await?;
-        let body = password_message(stream).await?;
+        password_message(stream, &mut body).await?;
         let (answer, _) = cstr(&body)
             .ok_or_else(|| Refusal::ClientProtocol("malformed password message".into()))?;
         return if secret.md5_matches(user, salt, answer) {
@@ -102,27 +111,26 @@ pub async fn authenticate(
         Some(Secret::Scram(v)) | Some(Secret::Plain { verifier: v, .. }) => v.clone(),
         _ => Verifier::mock(user, mock_key),
     };
-    let mut out = BytesMut::new();
-    let mut offer = Vec::new();
-    if binding.is_some() {
-        offer.extend_from_slice(b"SCRAM-SHA-256-PLUS\0");
-    }
-    offer.extend_from_slice(b"SCRAM-SHA-256\0\0");
-    write_authentication(&mut out, SASL, &offer);
+    let offer: &[u8] = if binding.is_some() {
+        b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
+    } else {
+        b"SCRAM-SHA-256\0\0"
+    };
+    write_authentication(&mut out, SASL, offer);
     send(stream, &out).await?;
-    let body = password_message(stream).await?;
+    password_message(stream, &mut body).await?;
     let (mechanism, first) = frontend::sasl_initial_response(&body)
         .ok_or_else(|| Refusal::ClientProtocol("malformed SASLInitialResponse".into()))?;
     let failed = |f: Failure| match f {
         Failure::Password => wrong(),
         Failure::Protocol(why) => Refusal::ClientProtocol(why),
     };
-    let (exchange, server_first) =
+    let exchange =
         ServerExchange::start(verifier.clone(), binding, mechanism, first).map_err(failed)?;
     out.clear();
-    write_authentication(&mut out, SASL_CONTINUE, server_first.as_bytes());
+    write_authentication(&mut out, SASL_CONTINUE, exchange.server_first().as_bytes());
     send(stream, &out).await?;
-    let body = password_message(stream).await?;
+    password_message(stream, &mut body).await?;
     let proven = exchange.finish(&body).map_err(failed)?;
     if secret.is_none() {
         // A mock verifier cannot be matched, but never let it through.
@@ -145,5 +153,5 @@ pub fn binding_for(client_tls: bool, tls: &crate::tls::Tls) -> Option<Vec<u8>> {
     if !client_tls {
         return None;
     }
-    tls.listen_certificate().map(scram::server_end_point)
+    tls.listen_binding().map(<[u8]>::to_vec)
 }

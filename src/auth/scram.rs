@@ -4,17 +4,39 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::sync::Arc;
+
 use ring::{digest, hmac};
 
 /// A SCRAM-SHA-256 verifier, as `pg_authid.rolpassword` and PgBouncer's users file keep it:
-/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Verifier {
-    pub iterations: u32,
-    pub salt: Vec<u8>,
-    pub stored_key: [u8; 32],
-    pub server_key: [u8; 32],
+/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`. Shared, not copied, by the
+/// logins that use it, with the HMAC keys and the salt's base64 worked out once.
+#[derive(Clone)]
+pub struct Verifier(Arc<Keys>);
+
+struct Keys {
+    iterations: u32,
+    salt: Vec<u8>,
+    salt_b64: String,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+    stored_hmac: hmac::Key,
+    server_hmac: hmac::Key,
 }
+
+impl PartialEq for Verifier {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (&*self.0, &*other.0);
+        a.iterations == b.iterations
+            && a.salt == b.salt
+            && a.stored_key == b.stored_key
+            && a.server_key == b.server_key
+    }
+}
+
+impl Eq for Verifier {}
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -23,18 +45,30 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
+    fn new(iterations: u32, salt: Vec<u8>, stored_key: [u8; 32], server_key: [u8; 32]) -> Self {
+        Verifier(Arc::new(Keys {
+            iterations,
+            salt_b64: B64.encode(&salt),
+            salt,
+            stored_key,
+            server_key,
+            stored_hmac: hmac::Key::new(hmac::HMAC_SHA256, &stored_key),
+            server_hmac: hmac::Key::new(hmac::HMAC_SHA256, &server_key),
+        }))
+    }
+
     /// Parses the text form; `None` if it is not one.
     pub fn parse(text: &str) -> Option<Verifier> {
         let rest = text.strip_prefix("SCRAM-SHA-256$")?;
         let (iter_salt, keys) = rest.split_once('$')?;
         let (iterations, salt) = iter_salt.split_once(':')?;
         let (stored, server) = keys.split_once(':')?;
-        Some(Verifier {
-            iterations: iterations.parse().ok().filter(|&i| i > 0)?,
-            salt: B64.decode(salt).ok()?,
-            stored_key: B64.decode(stored).ok()?.try_into().ok()?,
-            server_key: B64.decode(server).ok()?.try_into().ok()?,
-        })
+        Some(Verifier::new(
+            iterations.parse().ok().filter(|&i| i > 0)?,
+            B64.decode(salt).ok()?,
+            B64.decode(stored).ok()?.try_into().ok()?,
+            B64.decode(server).ok()?.try_into().ok()?,
+        ))
     }
 
     /// The verifier of a password, with a fresh random salt (the password SASLprep'd as
@@ -53,22 +87,22 @@ impl Verifier {
         let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), name.as_bytes());
         let mut stored_key = [0; 32];
         stored_key.copy_from_slice(tag.as_ref());
-        Verifier {
-            iterations: 4096,
-            salt: tag.as_ref()[..16].to_vec(),
-            stored_key,
-            server_key: stored_key,
-        }
+        Verifier::new(4096, tag.as_ref()[..16].to_vec(), stored_key, stored_key)
+    }
+
+    pub fn iterations(&self) -> u32 {
+        self.0.iterations
+    }
+
+    pub fn salt(&self) -> &[u8] {
+        &self.0.salt
     }
 }
 
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut ctx = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, key));
-    for p in parts {
-        ctx.update(p);
-    }
+/// HMAC-SHA-256 of `data` with a key set up once.
+fn sign(key: &hmac::Key, data: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
-    out.copy_from_slice(ctx.sign().as_ref());
+    out.copy_from_slice(hmac::sign(key, data).as_ref());
     out
 }
 
@@ -91,11 +125,11 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     out
 }
 
-/// A fresh nonce: 18 random bytes in base64, as PostgreSQL makes them.
-pub fn nonce() -> String {
+/// Appends a fresh nonce: 18 random bytes in base64, as PostgreSQL makes them.
+fn push_nonce(out: &mut String) {
     let mut raw = [0u8; 18];
     getrandom::fill(&mut raw).expect("the system's random source works");
-    B64.encode(raw)
+    B64.encode_string(raw, out);
 }
 
 /// The tls-server-end-point channel binding data of a certificate (RFC 5929): its hash with
@@ -142,11 +176,13 @@ pub struct ServerExchange {
     verifier: Verifier,
     /// The channel binding data of the certificate this connection presented, if it is TLS.
     binding: Option<Vec<u8>>,
-    client_first_bare: String,
-    server_first: String,
+    /// The AuthMessage as far as it is known: client-first-bare "," server-first ",".
+    auth: String,
+    /// Where the server-first message and, within it, the combined nonce are in `auth`.
+    server_first: Range<usize>,
+    nonce: Range<usize>,
     /// The gs2 header the client sent, which its final message must repeat (in base64).
-    gs2_header: String,
-    nonce: String,
+    gs2_header: &'static str,
     plus: bool,
 }
 
@@ -158,13 +194,13 @@ pub struct Proven {
 
 impl ServerExchange {
     /// Starts with the client's SASLInitialResponse: the mechanism it chose and its first
-    /// message. Returns the server-first message to send.
+    /// message. The server-first message to send is then `server_first()`.
     pub fn start(
         verifier: Verifier,
         binding: Option<Vec<u8>>,
         mechanism: &[u8],
         client_first: &[u8],
-    ) -> Result<(ServerExchange, String), Failure> {
+    ) -> Result<ServerExchange, Failure> {
         let plus = match mechanism {
             b"SCRAM-SHA-256" => false,
             b"SCRAM-SHA-256-PLUS" if binding.is_some() => true,
@@ -186,12 +222,12 @@ impl ServerExchange {
         if !authzid.is_empty() {
             return Err(protocol("SCRAM authorization identities are not supported"));
         }
-        match flag {
-            "p=tls-server-end-point" if plus => {}
-            "n" if !plus => {}
+        let gs2_header = match flag {
+            "p=tls-server-end-point" if plus => "p=tls-server-end-point,,",
+            "n" if !plus => "n,,",
             // The client could bind but believed the server cannot, though this connection
             // offered -PLUS: a downgrade, as PostgreSQL judges it.
-            "y" if !plus && binding.is_none() => {}
+            "y" if !plus && binding.is_none() => "y,,",
             "y" => {
                 return Err(protocol(
                     "SCRAM channel binding negotiation error: the client supports binding but the server offered it",
@@ -202,8 +238,7 @@ impl ServerExchange {
                     "the SCRAM channel binding flag does not match the mechanism",
                 ));
             }
-        }
-        let gs2_header = format!("{flag},{authzid},");
+        };
         // client-first-bare: [reserved-mext ","] username "," nonce ["," extensions]
         let mut client_nonce = None;
         for attr in bare.split(',') {
@@ -216,29 +251,40 @@ impl ServerExchange {
         let client_nonce = client_nonce
             .filter(|n| !n.is_empty() && n.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b','))
             .ok_or_else(|| protocol("the SCRAM client-first message has no valid nonce"))?;
-        let nonce = format!("{client_nonce}{}", self::nonce());
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            B64.encode(&verifier.salt),
-            verifier.iterations
-        );
-        Ok((
-            ServerExchange {
-                verifier,
-                binding: if plus { binding } else { None },
-                client_first_bare: bare.to_string(),
-                server_first: server_first.clone(),
-                gs2_header,
-                nonce,
-                plus,
-            },
+        // The final message adds about as much again as the first two.
+        let mut auth = String::with_capacity(2 * (bare.len() + 100));
+        auth.push_str(bare);
+        auth.push(',');
+        let first_at = auth.len();
+        auth.push_str("r=");
+        let nonce_at = auth.len();
+        auth.push_str(client_nonce);
+        push_nonce(&mut auth);
+        let nonce = nonce_at..auth.len();
+        auth.push_str(",s=");
+        auth.push_str(&verifier.0.salt_b64);
+        let _ = write!(auth, ",i={}", verifier.0.iterations);
+        let server_first = first_at..auth.len();
+        auth.push(',');
+        Ok(ServerExchange {
+            verifier,
+            binding: if plus { binding } else { None },
+            auth,
             server_first,
-        ))
+            nonce,
+            gs2_header,
+            plus,
+        })
+    }
+
+    /// The server-first message to send.
+    pub fn server_first(&self) -> &str {
+        &self.auth[self.server_first.clone()]
     }
 
     /// Checks the client-final message. On success, the server-final message to send and the
     /// ClientKey the proof revealed.
-    pub fn finish(self, client_final: &[u8]) -> Result<Proven, Failure> {
+    pub fn finish(mut self, client_final: &[u8]) -> Result<Proven, Failure> {
         let text = std::str::from_utf8(client_final)
             .map_err(|_| protocol("the SCRAM client-final message is not UTF-8"))?;
         let (without_proof, proof) = text
@@ -253,38 +299,46 @@ impl ServerExchange {
                 nonce = Some(v);
             }
         }
-        let binding =
-            B64.decode(binding.ok_or_else(|| {
-                protocol("the SCRAM client-final message has no channel binding")
-            })?)
+        let binding = binding
+            .ok_or_else(|| protocol("the SCRAM client-final message has no channel binding"))?;
+        // The gs2 header again, then the binding data for -PLUS: at most a SHA-512 hash.
+        let mut decoded = [0u8; 128];
+        let len = B64
+            .decode_slice(binding, &mut decoded)
             .map_err(|_| protocol("malformed SCRAM channel binding"))?;
-        let mut expected = self.gs2_header.as_bytes().to_vec();
-        if self.plus {
-            expected.extend_from_slice(self.binding.as_deref().unwrap_or_default());
-        }
-        if binding != expected {
+        let (header, data) = decoded[..len].split_at(self.gs2_header.len().min(len));
+        let data_expected = if self.plus {
+            self.binding.as_deref().unwrap_or_default()
+        } else {
+            &[]
+        };
+        if header != self.gs2_header.as_bytes() || data != data_expected {
             return Err(protocol("SCRAM channel binding check failed"));
         }
-        if nonce != Some(self.nonce.as_str()) {
+        if nonce != Some(&self.auth[self.nonce.clone()]) {
             return Err(protocol("the SCRAM nonce does not match"));
         }
+        let mut raw_proof = [0u8; 48];
         let proof: [u8; 32] = B64
-            .decode(proof)
+            .decode_slice(proof, &mut raw_proof)
             .ok()
-            .and_then(|p| p.try_into().ok())
+            .and_then(|n| raw_proof[..n].try_into().ok())
             .ok_or_else(|| protocol("malformed SCRAM proof"))?;
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, self.server_first, without_proof
-        );
-        let signature = hmac_sha256(&self.verifier.stored_key, &[auth_message.as_bytes()]);
+        self.auth.push_str(without_proof);
+        let keys = &self.verifier.0;
+        let signature = sign(&keys.stored_hmac, self.auth.as_bytes());
         let client_key = xor(&proof, &signature);
-        if !same(&sha256(&client_key), &self.verifier.stored_key) {
+        if !same(&sha256(&client_key), &keys.stored_key) {
             return Err(Failure::Password);
         }
-        let server_signature = hmac_sha256(&self.verifier.server_key, &[auth_message.as_bytes()]);
+        let mut server_final = String::with_capacity(48);
+        server_final.push_str("v=");
+        B64.encode_string(
+            sign(&keys.server_hmac, self.auth.as_bytes()),
+            &mut server_final,
+        );
         Ok(Proven {
-            server_final: format!("v={}", B64.encode(server_signature)),
+            server_final,
             client_key,
         })
     }
@@ -303,7 +357,8 @@ pub struct KeyedClient {
 impl KeyedClient {
     /// The SASLInitialResponse data: `n,,n=,r=<nonce>`.
     pub fn start(client_key: [u8; 32], verifier: Verifier) -> (KeyedClient, String) {
-        let nonce = nonce();
+        let mut nonce = String::with_capacity(24);
+        push_nonce(&mut nonce);
         let client_first_bare = format!("n=,r={nonce}");
         let first = format!("n,,{client_first_bare}");
         (
@@ -335,8 +390,8 @@ impl KeyedClient {
         let nonce = nonce
             .filter(|n| n.starts_with(&self.nonce))
             .ok_or_else(|| protocol("the server's SCRAM nonce does not extend bulkhead's"))?;
-        if salt.as_deref() != Some(self.verifier.salt.as_slice())
-            || iterations != Some(self.verifier.iterations)
+        if salt.as_deref() != Some(self.verifier.salt())
+            || iterations != Some(self.verifier.iterations())
         {
             return Err(protocol(
                 "the server keeps a different SCRAM verifier for this user than bulkhead's users file or auth query",
@@ -344,7 +399,7 @@ impl KeyedClient {
         }
         let without_proof = format!("c=biws,r={nonce}");
         self.auth_message = format!("{},{},{}", self.client_first_bare, text, without_proof);
-        let signature = hmac_sha256(&self.verifier.stored_key, &[self.auth_message.as_bytes()]);
+        let signature = sign(&self.verifier.0.stored_hmac, self.auth_message.as_bytes());
         let proof = xor(&self.client_key, &signature);
         Ok(format!("{without_proof},p={}", B64.encode(proof)))
     }
@@ -353,9 +408,9 @@ impl KeyedClient {
     pub fn verify(&self, server_final: &[u8]) -> Result<(), Failure> {
         let expected = format!(
             "v={}",
-            B64.encode(hmac_sha256(
-                &self.verifier.server_key,
-                &[self.auth_message.as_bytes()]
+            B64.encode(sign(
+                &self.verifier.0.server_hmac,
+                self.auth_message.as_bytes()
             ))
         );
         if server_final == expected.as_bytes() {
@@ -380,10 +435,9 @@ mod tests {
         mechanism: &[u8],
     ) -> Result<[u8; 32], Failure> {
         let mut client = ScramSha256::new(password.as_bytes(), client_binding);
-        let (server, server_first) =
-            ServerExchange::start(verifier.clone(), binding, mechanism, client.message())?;
+        let server = ServerExchange::start(verifier.clone(), binding, mechanism, client.message())?;
         client
-            .update(server_first.as_bytes())
+            .update(server.server_first().as_bytes())
             .map_err(|e| Failure::Protocol(e.to_string()))?;
         let proven = server.finish(client.message())?;
         client
@@ -457,17 +511,51 @@ mod tests {
         .unwrap();
         // bulkhead logs in as a client with that key; the "server" is the same verifier.
         let (mut client, first) = KeyedClient::start(key, v.clone());
-        let (server, server_first) =
+        let server =
             ServerExchange::start(v.clone(), None, b"SCRAM-SHA-256", first.as_bytes()).unwrap();
-        let fin = client.respond(server_first.as_bytes()).unwrap();
+        let fin = client.respond(server.server_first().as_bytes()).unwrap();
         let proven = server.finish(fin.as_bytes()).unwrap();
         client.verify(proven.server_final.as_bytes()).unwrap();
         // A server with another verifier (another salt) is refused before any proof is sent.
         let other = Verifier::from_password("pw");
         let (mut client, first) = KeyedClient::start(key, v);
-        let (_, server_first) =
+        let server =
             ServerExchange::start(other, None, b"SCRAM-SHA-256", first.as_bytes()).unwrap();
-        assert!(client.respond(server_first.as_bytes()).is_err());
+        assert!(client.respond(server.server_first().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn malformed_final_messages_are_protocol_errors() {
+        let v = Verifier::from_password("pw");
+        let start =
+            || ServerExchange::start(v.clone(), None, b"SCRAM-SHA-256", b"n,,n=,r=abc").unwrap();
+        let nonce =
+            |s: &ServerExchange| s.server_first()[2..].split(',').next().unwrap().to_string();
+        let server = start();
+        let n = nonce(&server);
+        // A channel binding longer than any the exchange could expect.
+        let long = B64.encode([b'n'; 200]);
+        let result = server.finish(format!("c={long},r={n},p=AAAA").as_bytes());
+        assert!(matches!(result, Err(Failure::Protocol(_))));
+        // A proof that is not 32 bytes, shorter or longer.
+        for proof in [
+            B64.encode([0u8; 31]),
+            B64.encode([0u8; 33]),
+            "!!".to_string(),
+        ] {
+            let server = start();
+            let n = nonce(&server);
+            let result = server.finish(format!("c=biws,r={n},p={proof}").as_bytes());
+            assert!(matches!(result, Err(Failure::Protocol(_))), "{proof}");
+        }
+        // The right shape with a wrong nonce, then with a wrong proof.
+        let result =
+            start().finish(format!("c=biws,r=abcX,p={}", B64.encode([0u8; 32])).as_bytes());
+        assert!(matches!(result, Err(Failure::Protocol(_))));
+        let server = start();
+        let n = nonce(&server);
+        let result = server.finish(format!("c=biws,r={n},p={}", B64.encode([0u8; 32])).as_bytes());
+        assert_eq!(result.err(), Some(Failure::Password));
     }
 
     #[test]
@@ -491,8 +579,8 @@ mod tests {
     fn verifiers_parse_as_postgresql_writes_them() {
         let text = postgres_protocol::password::scram_sha_256(b"pw");
         let v = Verifier::parse(&text).unwrap();
-        assert_eq!(v.iterations, 4096);
-        assert_eq!(v.salt.len(), 16);
+        assert_eq!(v.iterations(), 4096);
+        assert_eq!(v.salt().len(), 16);
         assert!(Verifier::parse("md5abc").is_none());
         assert!(Verifier::parse("SCRAM-SHA-256$0:AAAA$AAAA:AAAA").is_none());
     }

@@ -126,6 +126,7 @@ pub async fn log_in(
         .await
         .map_err(|e| broken(e.to_string()))?;
     let mut out = BytesMut::new();
+    let mut body = BytesMut::new();
     let mut scram: Option<Scram> = None;
     let (mut pid, mut secret) = (0, bytes::Bytes::new());
     let mut params = Vec::new();
@@ -135,7 +136,7 @@ pub async fn log_in(
         ))
     };
     loop {
-        let (tag, body) = read_message(&mut stream, MAX_MESSAGE)
+        let tag = read_message(&mut stream, MAX_MESSAGE, &mut body)
             .await
             .map_err(broken)?;
         match tag {
@@ -282,13 +283,18 @@ fn record_parameter(params: &mut Vec<(String, String)>, body: &[u8]) {
     let Some((value, _)) = cstr(rest) else {
         return;
     };
+    // Borrowed, not copied, unless new: a connection reports the same names again and again.
     let (name, value) = (
-        String::from_utf8_lossy(name).into_owned(),
-        String::from_utf8_lossy(value).into_owned(),
+        String::from_utf8_lossy(name),
+        String::from_utf8_lossy(value),
     );
     match params.iter_mut().find(|(n, _)| *n == name) {
-        Some(p) => p.1 = value,
-        None => params.push((name, value)),
+        Some((_, v)) if *v == value => {}
+        Some((_, v)) => {
+            v.clear();
+            v.push_str(&value);
+        }
+        None => params.push((name.into_owned(), value.into_owned())),
     }
 }
 
@@ -296,7 +302,7 @@ impl ServerConn {
     /// Runs `queries` (simple queries bulkhead wrote, sent together) within `within`, and
     /// reads to the ReadyForQuery of each, which must say idle. Parameter changes are recorded.
     pub async fn run(&mut self, queries: &[&str], within: Duration) -> Result<(), ServerError> {
-        let mut out = BytesMut::new();
+        let mut out = BytesMut::with_capacity(queries.iter().map(|q| q.len() + 6).sum());
         for sql in queries {
             out.put_u8(b'Q');
             out.put_u32(4 + sql.len() as u32 + 1);
@@ -310,8 +316,9 @@ impl ServerConn {
                 .await
                 .map_err(|e| broken(e.to_string()))?;
             let mut error = None;
+            let mut body = out;
             loop {
-                let (tag, body) = read_message(&mut self.stream, MAX_MESSAGE)
+                let tag = read_message(&mut self.stream, MAX_MESSAGE, &mut body)
                     .await
                     .map_err(broken)?;
                 match tag {
@@ -386,11 +393,11 @@ fn settings_sql(have: &[(String, String)], want: &[(String, String)]) -> String 
             if !sql.is_empty() {
                 sql.push(';');
             }
-            sql.push_str(&format!(
-                "SELECT pg_catalog.set_config({}, {}, false)",
-                literal(name),
-                literal(value)
-            ));
+            sql.push_str("SELECT pg_catalog.set_config(");
+            push_literal(&mut sql, name);
+            sql.push_str(", ");
+            push_literal(&mut sql, value);
+            sql.push_str(", false)");
         }
     }
     for (name, _) in have {
@@ -398,20 +405,30 @@ fn settings_sql(have: &[(String, String)], want: &[(String, String)]) -> String 
             if !sql.is_empty() {
                 sql.push(';');
             }
-            sql.push_str(&format!("RESET {}", identifier(name)));
+            sql.push_str("RESET ");
+            push_quoted(&mut sql, '"', name);
         }
     }
     sql
 }
 
-/// A string literal for SQL: E'…' with quotes and backslashes doubled.
-fn literal(s: &str) -> String {
-    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+/// Appends a string literal for SQL: E'…' with quotes and backslashes doubled.
+fn push_literal(sql: &mut String, s: &str) {
+    sql.push('E');
+    push_quoted(sql, '\'', s);
 }
 
-/// A quoted identifier.
-fn identifier(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
+/// Appends `s` between `quote`s, doubling the quote and backslashes in it (in a quoted
+/// identifier a backslash is an ordinary character: only the double quote is doubled).
+fn push_quoted(sql: &mut String, quote: char, s: &str) {
+    sql.push(quote);
+    for c in s.chars() {
+        if c == quote || (c == '\\' && quote == '\'') {
+            sql.push(c);
+        }
+        sql.push(c);
+    }
+    sql.push(quote);
 }
 
 #[cfg(test)]
@@ -420,8 +437,16 @@ mod tests {
 
     #[test]
     fn literals_and_identifiers_are_quoted() {
-        assert_eq!(literal(r"a'b\c"), r"E'a''b\\c'");
-        assert_eq!(identifier("a\"b"), "\"a\"\"b\"");
+        let quoted = |f: fn(&mut String, &str), s: &str| {
+            let mut out = String::new();
+            f(&mut out, s);
+            out
+        };
+        assert_eq!(quoted(push_literal, r"a'b\c"), r"E'a''b\\c'");
+        assert_eq!(
+            quoted(|o, s| push_quoted(o, '"', s), "a\"b\\"),
+            "\"a\"\"b\\\""
+        );
         let p = startup_packet("u", "d", &[("application_name".into(), "x".into())]);
         assert_eq!(
             u32::from_be_bytes(p[..4].try_into().unwrap()) as usize,
