@@ -32,7 +32,9 @@ const OWN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every pool of one proxy.
 #[derive(Default)]
 pub struct Pools {
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// By user, then database: a login looks its pool up with the names it has, copying
+    /// nothing once the pool exists.
+    pools: Mutex<HashMap<String, HashMap<String, Arc<Pool>>>>,
 }
 
 /// One (user, database) pool.
@@ -88,16 +90,13 @@ impl Pools {
     /// The pool for (user, database), made on first use.
     pub(crate) fn get(&self, shared: &Shared, user: &str, database: &str) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        // Found without making a key: a login allocates nothing here once its pool exists.
-        if let Some(pool) = pools
-            .iter()
-            .find(|((u, d), _)| u == user && d == database)
-            .map(|(_, pool)| pool.clone())
-        {
-            return pool;
+        if let Some(pool) = pools.get(user).and_then(|by_db| by_db.get(database)) {
+            return pool.clone();
         }
         pools
-            .entry((user.to_string(), database.to_string()))
+            .entry(user.to_string())
+            .or_default()
+            .entry(database.to_string())
             .or_insert_with(|| {
                 let size = shared.live.get().pool.size;
                 let labels = [("user", user), ("database", database)];
@@ -139,7 +138,10 @@ impl Pools {
 
     fn all(&self) -> Vec<Arc<Pool>> {
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools.values().cloned().collect()
+        pools
+            .values()
+            .flat_map(|by_db| by_db.values().cloned())
+            .collect()
     }
 
     /// Each pool's state, for /health.
