@@ -28,8 +28,18 @@ pub struct Detached {
     pub frozen: bool,
     /// What the probe said, for the errors.
     why: String,
+    /// What a statement gets until the client is idle again.
+    rest: Refusal,
     /// The extended-protocol batch being answered, up to its Sync.
     batch: Option<Batch>,
+    /// The client's next request is to be answered here, though it is idle (no server
+    /// connection could be had for it).
+    next_refused: bool,
+    /// The server connection was lost, and with it any block the client had open: a COMMIT
+    /// of that block gets an error, never the "ROLLBACK" that PostgreSQL answers a failed
+    /// block with, since the client may not have seen why its block failed (an error for a
+    /// Close that drivers send without reading the answer).
+    lost_block: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,15 +67,65 @@ impl Detached {
             owed,
             client_tx,
             frozen: true,
+            rest: Refusal::NotSent(why.clone()),
             why,
             batch: None,
+            next_refused: false,
+            lost_block: false,
         }
+    }
+
+    /// Transaction pooling, with no server connection behind the session (it was lost, or
+    /// none could be had for the next transaction): bulkhead answers the client until it is
+    /// idle outside a block, every statement with `rest`; its next transaction gets a
+    /// connection again.
+    pub fn without_server(rest: Refusal, client_tx: TxStatus, why: String) -> Self {
+        Detached {
+            owed: 0,
+            client_tx,
+            frozen: false,
+            why,
+            rest,
+            batch: None,
+            next_refused: false,
+            lost_block: true,
+        }
+    }
+
+    /// The same, for a client whose next request could get no server connection: that
+    /// request is answered with `refusal`.
+    pub fn refusing_next(refusal: Refusal, client_tx: TxStatus) -> Self {
+        let mut d = Self::without_server(refusal, client_tx, String::new());
+        d.next_refused = true;
+        d
+    }
+
+    /// The answer to a request in flight when the server connection was lost: `refusal`,
+    /// then ReadyForQuery; `ends_block` if it was a commit (its block is over, whatever its
+    /// fate), else a block it was in has failed.
+    pub fn lost(&mut self, refusal: &Refusal, ends_block: bool, out: &mut BytesMut) {
+        refusal.write(out);
+        self.after_error(ends_block);
+        backend::write_ready_for_query(out, self.client_tx);
+    }
+
+    /// The client's extended-protocol batch was cut off by a lost connection: `refusal` now,
+    /// ReadyForQuery at its Sync.
+    pub fn lost_open_batch(&mut self, refusal: &Refusal, out: &mut BytesMut) {
+        refusal.write(out);
+        self.after_error(false);
+        self.batch = Some(Batch::Refused);
+    }
+
+    /// Statements from now on get `rest`.
+    pub fn set_rest(&mut self, rest: Refusal) {
+        self.rest = rest;
     }
 
     /// The client is between requests, outside a transaction: the session can follow the
     /// server again once the server's state matches.
     pub fn client_idle(&self) -> bool {
-        self.batch.is_none() && self.client_tx == TxStatus::Idle
+        self.batch.is_none() && self.client_tx == TxStatus::Idle && !self.next_refused
     }
 
     /// The answer to a statement that was in flight when the server stopped answering (one
@@ -96,6 +156,7 @@ impl Detached {
         if tag == frontend::TERMINATE_TAG {
             return Next::Terminate;
         }
+        self.next_refused = false;
         match tag {
             frontend::QUERY_TAG => {
                 self.batch = None;
@@ -200,7 +261,7 @@ impl Detached {
         // (In a failed block, PostgreSQL answers COMMIT with ROLLBACK; outside one, COMMIT.)
         match (control?, self.client_tx) {
             (Control::Rollback, _) => Some("ROLLBACK"),
-            (Control::Commit, TxStatus::Failed) => Some("ROLLBACK"),
+            (Control::Commit, TxStatus::Failed) if !self.lost_block => Some("ROLLBACK"),
             (Control::Commit, TxStatus::Idle) => Some("COMMIT"),
             _ => None,
         }
@@ -209,7 +270,15 @@ impl Detached {
     /// The statement was not sent: the error, and the block (if any) has failed — or ended,
     /// for a COMMIT, which then did not commit.
     fn refuse(&mut self, commit: bool, out: &mut BytesMut) {
-        Refusal::NotSent(self.why.clone()).write(out);
+        if commit && self.lost_block && self.client_tx != TxStatus::Idle {
+            Refusal::LostInTransaction(self.why.clone()).write(out);
+        } else {
+            self.rest.write(out);
+            if matches!(self.rest, Refusal::LostInTransaction(_)) {
+                // Told once why; after that the block is simply aborted, as PostgreSQL says.
+                self.rest = Refusal::AbortedByLoss;
+            }
+        }
         self.after_error(commit);
     }
 
@@ -299,6 +368,72 @@ mod tests {
             query(&mut d, "COMMIT"),
             vec![m('C', "ROLLBACK"), m('Z', "I")]
         );
+    }
+
+    /// Transaction pooling, the server connection lost: the request in flight gets its
+    /// error, the block has failed, and its COMMIT gets an error too: the client may not have
+    /// read the first one (drivers send a Close without reading its answer), and a "ROLLBACK"
+    /// tag would look like success to most of them.
+    #[test]
+    fn after_a_lost_connection_a_commit_of_the_block_is_an_error_not_a_rollback_tag() {
+        let mut d =
+            Detached::without_server(Refusal::AbortedByLoss, TxStatus::InBlock, "gone".into());
+        let mut out = BytesMut::new();
+        d.lost(&Refusal::LostInTransaction("gone".into()), false, &mut out);
+        assert_eq!(messages(&out), vec![m('E', "08006"), m('Z', "E")]);
+        assert_eq!(
+            query(&mut d, "SELECT 1"),
+            vec![m('E', "25P02"), m('Z', "E")]
+        );
+        assert_eq!(query(&mut d, "COMMIT"), vec![m('E', "08006"), m('Z', "I")]);
+        assert!(d.client_idle());
+
+        // Nothing was in flight: the block's next statement is told why, then 25P02.
+        let mut d = Detached::without_server(
+            Refusal::LostInTransaction("gone".into()),
+            TxStatus::InBlock,
+            "gone".into(),
+        );
+        assert_eq!(
+            query(&mut d, "INSERT INTO t VALUES (1)"),
+            vec![m('E', "08006"), m('Z', "E")]
+        );
+        assert_eq!(
+            query(&mut d, "SELECT 1"),
+            vec![m('E', "25P02"), m('Z', "E")]
+        );
+        assert_eq!(
+            query(&mut d, "ROLLBACK"),
+            vec![m('C', "ROLLBACK"), m('Z', "I")]
+        );
+        assert!(d.client_idle());
+
+        // A COMMIT in flight: its fate is unknown, and the block is over either way.
+        let mut d =
+            Detached::without_server(Refusal::AbortedByLoss, TxStatus::InBlock, "gone".into());
+        let mut out = BytesMut::new();
+        d.lost(&Refusal::CommitInDoubt("gone".into()), true, &mut out);
+        assert_eq!(messages(&out), vec![m('E', "40003"), m('Z', "I")]);
+        assert!(d.client_idle());
+    }
+
+    /// No server connection for the next transaction: that request alone is refused, as a
+    /// whole extended batch up to its Sync.
+    #[test]
+    fn a_transaction_that_gets_no_connection_is_refused_up_to_its_sync() {
+        let mut d = Detached::refusing_next(
+            Refusal::NoServerForTransaction("none".into()),
+            TxStatus::Idle,
+        );
+        assert!(!d.client_idle());
+        let mut out = BytesMut::new();
+        let mut parse = BytesMut::new();
+        frontend::write_parse(&mut parse, b"s1", b"SELECT 1");
+        for (tag, body) in [(b'P', &parse[5..]), (b'D', &b"Ss1\0"[..]), (b'S', &b""[..])] {
+            d.answer(tag, body, |_| None, &mut out);
+        }
+        assert_eq!(messages(&out), vec![m('E', "57P03"), m('Z', "I")]);
+        assert!(d.client_idle());
     }
 
     #[test]

@@ -94,6 +94,21 @@ pub enum Refusal {
     /// The server is not answering, so the statement was not sent. ERROR 57P03; the session
     /// stays open.
     NotSent(String),
+    /// Transaction pooling: the server connection was lost while this statement was in
+    /// flight or its transaction open; it did not commit. ERROR 08006; the client's connection
+    /// stays open and its next transaction gets another server connection.
+    LostInTransaction(String),
+    /// Transaction pooling: the server connection was lost while this COMMIT (or autocommit
+    /// write) was in flight: it may or may not have committed. ERROR 40003; the connection
+    /// stays open.
+    CommitInDoubt(String),
+    /// Transaction pooling: a statement in a block whose server connection was lost. ERROR
+    /// 25P02, as PostgreSQL answers in a failed block, until ROLLBACK (answered by bulkhead).
+    AbortedByLoss,
+    /// Transaction pooling: no server connection for the client's next transaction (no
+    /// writable primary within hold_new_connections, or none accepted). ERROR 57P03; the
+    /// connection stays open.
+    NoServerForTransaction(String),
     /// The write circuit is open; retry in `retry_in`. ERROR 57P03.
     CircuitOpen { retry_in: Duration },
     /// A statement in a block that failed because bulkhead refused a write. ERROR 25P02.
@@ -283,6 +298,35 @@ impl Refusal {
                 "57P03",
                 format!("bulkhead: the database server is not answering: {why}; the statement was not sent"),
                 "The connection stays open; retry in a few seconds. Until the server answers, statements are refused at once.",
+            ),
+            Refusal::LostInTransaction(why) => (
+                Severity::Error,
+                "08006",
+                format!("bulkhead: lost the connection to the database server: {why}"),
+                "The transaction did not commit; run it again. This connection stays open: its next transaction \
+                 goes to the current primary, with its settings and prepared statements.",
+            ),
+            Refusal::CommitInDoubt(why) => (
+                Severity::Error,
+                "40003",
+                format!(
+                    "bulkhead: lost the connection to the database server while a commit was in flight: {why}; \
+                     the transaction may or may not have committed"
+                ),
+                "Check whether it took effect before running it again. This connection stays open.",
+            ),
+            Refusal::AbortedByLoss => (
+                Severity::Error,
+                "25P02",
+                "bulkhead: current transaction is aborted, commands ignored until end of transaction block".into(),
+                "The connection to the database server was lost during this transaction. End the block with \
+                 ROLLBACK and run the transaction again.",
+            ),
+            Refusal::NoServerForTransaction(why) => (
+                Severity::Error,
+                "57P03",
+                format!("bulkhead: no database server for this transaction: {why}; the statement was not sent"),
+                "The database is failing over or unreachable. This connection stays open; retry in a few seconds.",
             ),
             Refusal::CircuitOpen { retry_in } => (
                 Severity::Error,

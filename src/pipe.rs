@@ -134,6 +134,26 @@ impl Pipe {
         true
     }
 
+    /// The destination is gone for good (transaction pooling: the server connection was
+    /// lost) and another may take its place: what was framed or injected for it is dropped,
+    /// and the rest of a message that was streaming to it is dropped as it arrives.
+    pub fn destination_lost(&mut self) {
+        self.discard_framed();
+        self.inject.clear();
+        self.discard += std::mem::take(&mut self.streaming);
+        self.unflushed = false;
+    }
+
+    /// The source is gone for good and another may take its place: what it sent of a message
+    /// not yet framed is dropped, and the next source starts at a message boundary. Callers
+    /// check first that no message is part-way out (`is_streaming`).
+    pub fn source_lost(&mut self) {
+        debug_assert_eq!(self.streaming, 0);
+        self.buf.truncate(self.ready);
+        self.discard = 0;
+        self.eof = false;
+    }
+
     /// Drops everything framed and not yet written.
     pub fn discard_framed(&mut self) {
         self.buf.advance(self.ready);

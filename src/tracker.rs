@@ -396,6 +396,30 @@ impl Tracker {
         })
     }
 
+    /// The server connection is gone (transaction pooling): every request in flight is
+    /// forgotten, with its portals and the open batch; named statements stay (the client
+    /// keeps them). Returns each request's class and whether it may have committed: a write
+    /// the server got that is a COMMIT, or any such write when the session was outside a
+    /// block (`in_block` false: autocommit).
+    pub fn abandon(&mut self, in_block: bool, now: Instant) -> Vec<(Class, bool)> {
+        let lost = self
+            .queue
+            .drain(..)
+            .map(|r| {
+                let sent_write = r.class == Class::Write && !matches!(r.effect, Effect::Refused(_));
+                (r.class, sent_write && (r.commit || !in_block))
+            })
+            .collect();
+        self.refused = 0;
+        self.open = false;
+        self.head_started = now;
+        self.copy_in = false;
+        self.tx_wrote = false;
+        self.portals.clear();
+        self.unnamed_portal = Kind::Read;
+        lost
+    }
+
     /// Starts the head request's clock again: its server was frozen and answers again.
     pub fn restart_clock(&mut self, now: Instant) {
         self.head_started = now;

@@ -212,6 +212,18 @@ impl Lending {
         }
     }
 
+    /// The held connection was lost, or is given up on (its host stopped answering or is
+    /// no longer the primary): it is closed, not returned, and its slot freed. Statements the
+    /// request in flight put there are forgotten with it; the client keeps its own.
+    pub fn drop_connection(&mut self) {
+        self.settle_parses(false);
+        self.unconfirmed.clear();
+        self.cancel.set(None);
+        self.retire = false;
+        // Its socket went with the relay; dropping the loan counts it closed.
+        self.lent = None;
+    }
+
     /// At the session's end: the connection back to the pool, reset first if the client
     /// changed it beyond what bulkhead follows (session pooling, or pinned).
     pub async fn finish(mut self, stream: Stream, config: &Config) {

@@ -304,28 +304,27 @@ impl Pool {
         credential: Option<&Credential>,
     ) -> Result<ServerConn, LendError> {
         self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let opened = async {
-            let (stream, addr, host) = crate::session::connect_primary(shared, config)
-                .await
-                .map_err(LendError::Refused)?;
-            let login = server::log_in(stream, addr, host, &self.user, &self.database, credential);
-            match tokio::time::timeout(
-                config.database.connect_timeout + OWN_STATEMENT_TIMEOUT,
-                login,
-            )
-            .await
-            {
-                Ok(Ok(conn)) => Ok(conn),
-                Ok(Err(ServerError::Refused(e))) => Err(LendError::Server(e)),
-                Ok(Err(ServerError::Broken(why))) => {
-                    Err(LendError::Refused(Refusal::NoServer(why)))
+        // A primary shutting down (or one still starting) refuses logins with 57P03 for a
+        // moment: a failover under way, ridden through like a refused connect, for up to
+        // hold_new_connections. The probe is told, and the next try waits for its word.
+        let give_up = Instant::now() + config.circuit.hold_new_connections;
+        let opened = loop {
+            let attempt = self.open_once(shared, config, credential).await;
+            match attempt {
+                Err((LendError::Server(e), Some(host)))
+                    if crate::protocol::backend::error_info(&e[5..]).code == b"57P03"
+                        && Instant::now() < give_up =>
+                {
+                    debug!(user = %self.user, database = %self.database, host, "the primary refused a login with 57P03; waiting for the probe");
+                    shared.topology.connection_lost(host);
+                    let mut primary = shared.topology.watch_primary();
+                    primary.borrow_and_update();
+                    let wait = config.probe.interval.min(give_up - Instant::now());
+                    let _ = tokio::time::timeout(wait, primary.changed()).await;
                 }
-                Err(_) => Err(LendError::Refused(Refusal::NoServer(
-                    "the server did not complete the login in time".into(),
-                ))),
+                attempt => break attempt.map_err(|(e, _)| e),
             }
-        }
-        .await;
+        };
         match &opened {
             Ok(conn) => {
                 self.metrics.logins_ok.increment(1);
@@ -338,6 +337,36 @@ impl Pool {
             }
         }
         opened
+    }
+
+    /// One try at a new connection: to the primary (waiting for one as connect_primary
+    /// does), then the login. A failure says which host refused, if one was reached.
+    async fn open_once(
+        &self,
+        shared: &Shared,
+        config: &Config,
+        credential: Option<&Credential>,
+    ) -> Result<ServerConn, (LendError, Option<usize>)> {
+        let (stream, addr, host) = crate::session::connect_primary(shared, config)
+            .await
+            .map_err(|r| (LendError::Refused(r), None))?;
+        let login = server::log_in(stream, addr, host, &self.user, &self.database, credential);
+        let failed = |e| (e, Some(host));
+        match tokio::time::timeout(
+            config.database.connect_timeout + OWN_STATEMENT_TIMEOUT,
+            login,
+        )
+        .await
+        {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(ServerError::Refused(e))) => Err(failed(LendError::Server(e))),
+            Ok(Err(ServerError::Broken(why))) => {
+                Err(failed(LendError::Refused(Refusal::NoServer(why))))
+            }
+            Err(_) => Err(failed(LendError::Refused(Refusal::NoServer(
+                "the server did not complete the login in time".into(),
+            )))),
+        }
     }
 
     /// Counts a connection closed; dropping its socket closes it.

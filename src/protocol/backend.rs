@@ -61,14 +61,17 @@ pub enum Severity {
 pub struct ErrorInfo<'a> {
     pub severity: Severity,
     pub code: &'a [u8],
+    /// The primary message ('M'), empty if absent.
+    pub message: &'a [u8],
 }
 
-/// Decodes the severity and SQLSTATE of an ErrorResponse body. Prefers the non-localised
+/// Decodes the severity, SQLSTATE and message of an ErrorResponse body. Prefers the non-localised
 /// severity field 'V' (9.6+) over 'S'.
 pub fn error_info(body: &[u8]) -> ErrorInfo<'_> {
     let mut severity_v = None;
     let mut severity_s = None;
     let mut code: &[u8] = b"";
+    let mut message: &[u8] = b"";
     let mut rest = body;
     while let Some((&field, after)) = rest.split_first() {
         if field == 0 {
@@ -81,6 +84,7 @@ pub fn error_info(body: &[u8]) -> ErrorInfo<'_> {
             b'V' => severity_v = Some(value),
             b'S' => severity_s = Some(value),
             b'C' => code = value,
+            b'M' => message = value,
             _ => {}
         }
         rest = after;
@@ -91,7 +95,11 @@ pub fn error_info(body: &[u8]) -> ErrorInfo<'_> {
         Some(b"PANIC") => Severity::Panic,
         _ => Severity::Other,
     };
-    ErrorInfo { severity, code }
+    ErrorInfo {
+        severity,
+        code,
+        message,
+    }
 }
 
 /// An error or notice that bulkhead raises itself.
@@ -277,7 +285,8 @@ mod tests {
             info,
             ErrorInfo {
                 severity: Severity::Fatal,
-                code: b"08P01"
+                code: b"08P01",
+                message: b"bulkhead: bad",
             }
         );
         assert!(out.windows(6).any(|w| w == b"Hfix i"));
@@ -290,7 +299,8 @@ mod tests {
             error_info(body),
             ErrorInfo {
                 severity: Severity::Error,
-                code: b"57014"
+                code: b"57014",
+                message: b"canceled",
             }
         );
         let body = b"SFATAL\0C57P01\0\0";

@@ -45,7 +45,7 @@ impl Relay {
             {
                 return Ok(Hold::Wait);
             }
-            if self.server.is_none() && self.lending.is_some() {
+            if self.server.is_none() && self.lending.is_some() && self.detached.is_none() {
                 // Transaction pooling between transactions: the client's next message needs
                 // a connection (but a goodbye does not).
                 let Some(h) = self

@@ -489,7 +489,7 @@ impl Relay {
                         l.primary = now_primary;
                         // The pooled connection must not go back to the pool.
                         l.retire |= replaced && self.server.is_some();
-                        if l.per_transaction {
+                        if l.per_transaction && l.pinned.is_none() {
                             // The next transaction gets a connection to the new primary.
                             continue;
                         }
@@ -504,11 +504,18 @@ impl Relay {
                 }
                 Event::Alarm => {
                     alarm.borrow_and_update();
-                    if let Some(end) = self.on_alarm(shared) {
+                    if let Some(end) = self.on_alarm(shared)
+                        && let Err(end) = self.survive(shared, end)
+                    {
                         return end;
                     }
                 }
-                Event::End(end) => return end,
+                Event::End(end) => match self.survive(shared, end) {
+                    // Transaction pooling: the client stays; its next transaction gets another
+                    // server connection.
+                    Ok(()) => continue,
+                    Err(end) => return end,
+                },
             }
         }
     }
@@ -583,15 +590,25 @@ impl Relay {
                             return Poll::Ready(end);
                         }
                     }
-                    Poll::Ready(Err(pool::LendError::Refused(refusal))) => {
-                        return Poll::Ready(End::Refused(refusal));
-                    }
-                    Poll::Ready(Err(pool::LendError::Server(error))) => {
-                        let code = String::from_utf8_lossy(backend::error_info(&error[5..]).code)
-                            .into_owned();
-                        let why =
-                            format!("the server refused a connection for this client ({code})");
-                        return Poll::Ready(End::Refused(Refusal::NoServer(why)));
+                    Poll::Ready(Err(e)) => {
+                        let refusal = match e {
+                            pool::LendError::Refused(refusal) => refusal,
+                            pool::LendError::Server(error) => {
+                                let code = backend::error_info(&error[5..]).code;
+                                Refusal::NoServer(format!(
+                                    "the server refused a connection for this client ({})",
+                                    String::from_utf8_lossy(code)
+                                ))
+                            }
+                        };
+                        // Transaction pooling: that transaction fails, the client stays.
+                        if !self.refuse_transaction(&refusal) {
+                            return Poll::Ready(End::Refused(refusal));
+                        }
+                        progress = true;
+                        if let Err(end) = self.frame_client(shared) {
+                            return Poll::Ready(end);
+                        }
                     }
                     Poll::Pending => {}
                 }
@@ -932,6 +949,30 @@ impl Relay {
     /// rolls back a block the server still has open, then follows the server again.
     fn reattach(&mut self, shared: &Shared) -> bool {
         self.follow_host(shared);
+        let Some(client_idle) = self.detached.as_ref().map(Detached::client_idle) else {
+            return false;
+        };
+        if self.lending.as_ref().is_some_and(|l| l.per_transaction) {
+            let moved = self
+                .lending
+                .as_ref()
+                .is_some_and(|l| l.primary != Some(self.host));
+            if self.server.is_none() || (moved && client_idle && self.can_survive_loss()) {
+                // Transaction pooling: once the client is idle it needs no server connection
+                // of its own; one whose host is no longer primary is given up on, not waited
+                // for, and the next transaction goes to the primary.
+                if client_idle {
+                    if let Some(server) = &self.server {
+                        server.close_abortively();
+                        self.drop_server(shared, false);
+                    }
+                    info!(parent: &self.span, "the client is idle and its server connection gone; its next transaction gets another");
+                    self.detached = None;
+                    self.idle_since = Some(Instant::now());
+                }
+                return false;
+            }
+        }
         let Some(d) = &mut self.detached else {
             return false;
         };

@@ -5,8 +5,14 @@
 
 use tokio::time::Instant;
 
+use tracing::info;
+
 use super::{End, Relay};
+use crate::Shared;
 use crate::classify::session_feature;
+use crate::detach::Detached;
+use crate::errors::Refusal;
+use crate::metrics::{Class, Outcome};
 use crate::pool::{self, lending::Lending};
 use crate::protocol::backend::TxStatus;
 use crate::protocol::framing::Header;
@@ -168,5 +174,148 @@ impl Relay {
         self.server = Some(stream);
         self.server_dry = false;
         self.stalled_since = None;
+    }
+
+    /// Transaction pooling, not pinned: whether the server connection can be lost without
+    /// losing the client: nothing of a message is part-way to the client, no COPY, the client
+    /// still there, and the server's own FATAL not passed on.
+    pub(super) fn can_survive_loss(&self) -> bool {
+        self.server.is_some()
+            && self
+                .lending
+                .as_ref()
+                .is_some_and(|l| l.per_transaction && l.pinned.is_none())
+            && self.authenticated()
+            && !self.down.is_streaming()
+            && !self.tracker.in_copy()
+            && self.client_eof_until.is_none()
+            && !self.client_terminated
+            && !self.server_said_fatal
+    }
+
+    /// Transaction pooling: the server connection was lost (`End::ServerLost`) or stopped
+    /// answering (`End::Unresponsive`). The client keeps its connection: each request in
+    /// flight is answered with an error (40003 for a commit whose fate is unknown, else
+    /// 08006), a block it was in has failed (bulkhead answers it until the client's ROLLBACK),
+    /// and its next transaction gets a connection to whichever host is primary then. Any
+    /// other ending, or one that cannot be survived, comes back.
+    pub(super) fn survive(&mut self, shared: &Shared, end: End) -> Result<(), End> {
+        if !self.can_survive_loss() {
+            return Err(end);
+        }
+        let why = match &end {
+            End::ServerLost(why) => {
+                // The probe looks now; a lost connection alone proves nothing about the host.
+                shared.topology.connection_lost(self.host);
+                why.clone()
+            }
+            End::Unresponsive => {
+                let why = shared.topology.circuit(self.host).reason_unresponsive();
+                if let Some(server) = &self.server {
+                    // Nothing of the client's still in the kernel's queue may reach it later.
+                    server.close_abortively();
+                }
+                if self.tracker.in_flight() > 0 {
+                    self.cancel_on_server(shared);
+                }
+                format!("the server stopped answering: {why}")
+            }
+            _ => return Err(end),
+        };
+        let client_tx = self.client_tx();
+        let in_block = client_tx != TxStatus::Idle;
+        let open = self.tracker.is_open();
+        let lost = self.drop_server(shared, in_block);
+        if let Some(d) = &mut self.detached {
+            // Its client was already answered for everything; nothing more is owed.
+            d.owed = 0;
+            d.frozen = false;
+            info!(parent: &self.span, %why, "server connection lost while detached; the next transaction gets another");
+            return Ok(());
+        }
+        let rest = if lost.is_empty() {
+            Refusal::LostInTransaction(why.clone())
+        } else {
+            Refusal::AbortedByLoss
+        };
+        let mut detached = Detached::without_server(rest, client_tx, why.clone());
+        let out = self.down.inject();
+        let answered = lost.len() - usize::from(open);
+        for &(class, in_doubt) in &lost[..answered] {
+            let refusal = if in_doubt {
+                Refusal::CommitInDoubt(why.clone())
+            } else {
+                Refusal::LostInTransaction(why.clone())
+            };
+            detached.lost(&refusal, in_doubt, out);
+            shared
+                .metrics
+                .class(class)
+                .statement(Outcome::Error)
+                .increment(1);
+        }
+        if let Some(&(class, _)) = lost.get(answered) {
+            detached.lost_open_batch(&Refusal::LostInTransaction(why.clone()), out);
+            shared
+                .metrics
+                .class(class)
+                .statement(Outcome::Error)
+                .increment(1);
+        }
+        info!(parent: &self.span, %why, requests = lost.len(), in_block, "server connection lost; the client stays, its next transaction gets another connection");
+        if !detached.client_idle() {
+            self.detached = Some(detached);
+        }
+        Ok(())
+    }
+
+    /// Transaction pooling: lets go of the server connection for good (it is closed, not
+    /// returned): what was on its way to it or from it is dropped, and the requests in flight
+    /// are forgotten. Returns them (class, whether it may have committed) for their answers.
+    pub(super) fn drop_server(&mut self, shared: &Shared, in_block: bool) -> Vec<(Class, bool)> {
+        let now = Instant::now();
+        self.server = None;
+        self.up.destination_lost();
+        self.down.source_lost();
+        let lost = self.tracker.abandon(in_block, now);
+        if let Some(l) = self.lending.as_deref_mut() {
+            l.drop_connection();
+        }
+        self.server_key = None;
+        self.server_dry = false;
+        self.server_said_fatal = false;
+        self.stalled_since = None;
+        self.hello_deadline = None;
+        self.tx = TxStatus::Idle;
+        self.client_tx_failed = false;
+        self.skip_to_sync = false;
+        self.swallow_parse_complete = 0;
+        self.swallow_close_complete = 0;
+        self.head_done();
+        self.release_slots(shared);
+        self.slot_wait = None;
+        self.shed_next = None;
+        self.idle_since = Some(now);
+        lost
+    }
+
+    /// Transaction pooling: no connection could be had for the client's next transaction
+    /// (no writable primary within hold_new_connections, or none accepted): that request is
+    /// answered with an error and the client keeps its connection. False: the refusal ends
+    /// the session (other modes, or a reason a retry will not cure soon).
+    pub(super) fn refuse_transaction(&mut self, refusal: &Refusal) -> bool {
+        let why = match refusal {
+            Refusal::NoPrimary(why) | Refusal::NoServer(why) | Refusal::ServerLost(why, _) => why,
+            _ => return false,
+        };
+        if !self.per_transaction() || self.server.is_some() {
+            return false;
+        }
+        info!(parent: &self.span, %why, "no server connection for the next transaction; answering it with an error");
+        self.detached = Some(Detached::refusing_next(
+            Refusal::NoServerForTransaction(why.clone()),
+            self.client_tx(),
+        ));
+        true
     }
 }

@@ -83,6 +83,21 @@ impl Relay {
                 }
                 backend::ERROR_RESPONSE_TAG => {
                     let info = backend::error_info(self.down.body(&h));
+                    if matches!(info.severity, Severity::Fatal | Severity::Panic)
+                        && self.down.is_whole(&h)
+                        && self.can_survive_loss()
+                    {
+                        // Transaction pooling: the server ends this connection (a shutdown,
+                        // a terminated backend), not the client's. The client is told about
+                        // its transaction, not that its connection is gone.
+                        let why = format!(
+                            "the server ended the connection: {} (SQLSTATE {})",
+                            String::from_utf8_lossy(info.message),
+                            String::from_utf8_lossy(info.code)
+                        );
+                        self.down.skip(&h);
+                        return Ok(Some(End::ServerLost(why)));
+                    }
                     self.server_said_fatal =
                         matches!(info.severity, Severity::Fatal | Severity::Panic);
                     self.head_failed = true;

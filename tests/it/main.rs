@@ -8,6 +8,7 @@ mod failover;
 mod failure_edges;
 mod health;
 mod passthrough;
+mod pooled_failover;
 mod pooling;
 mod scripted_server;
 mod support;

@@ -16,13 +16,13 @@ use crate::support::{Cluster, Proxy, config_for, first_value, sqlstate};
 
 /// A cluster with a table the pooled user may use, a users file for `app` (SCRAM on the
 /// server) and `postgres` (trusted by the server, plain secret for bulkhead).
-struct Setup {
-    pg: Cluster,
+pub(crate) struct Setup {
+    pub pg: Cluster,
     _dir: tempfile::TempDir,
     users_file: std::path::PathBuf,
 }
 
-fn setup() -> Setup {
+pub(crate) fn setup() -> Setup {
     let pg = Cluster::start_with(&["max_connections = 300"]);
     pg.psql_local(
         "SET password_encryption = 'scram-sha-256'; CREATE ROLE app LOGIN PASSWORD 'app-secret'; \
@@ -44,7 +44,7 @@ fn setup() -> Setup {
     }
 }
 
-fn pooled(s: &Setup, size: u32) -> Config {
+pub(crate) fn pooled(s: &Setup, size: u32) -> Config {
     let mut config = config_for(&s.pg);
     config.pool.mode = PoolMode::Transaction;
     config.pool.size = size;
@@ -61,11 +61,11 @@ fn params(proxy: &Proxy, extra: &str) -> String {
     )
 }
 
-async fn connect(proxy: &Proxy, extra: &str) -> Client {
+pub(crate) async fn connect(proxy: &Proxy, extra: &str) -> Client {
     crate::support::connect(&params(proxy, extra)).await
 }
 
-fn metric(proxy: &Proxy, line_start: &str) -> f64 {
+pub(crate) fn metric(proxy: &Proxy, line_start: &str) -> f64 {
     let text = proxy.bulkhead.metrics().render();
     text.lines()
         .find(|l| l.starts_with(line_start))
