@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 use tokio_postgres::error::Severity;
 
-use crate::support::{Cluster, Proxy, eventually, first_value};
+use crate::support::{Cluster, Frozen, Proxy, eventually, first_value};
 use crate::transaction_pooling::{connect, pooled, setup};
 
 /// The SQLSTATE of an error a client got, which must be an ERROR (the connection goes on),
@@ -323,4 +323,69 @@ async fn a_transaction_with_no_primary_in_sight_gets_57p03_and_the_connection_st
     )
     .await;
     assert_eq!(first_value(&c, "SELECT 'back'").await, "back");
+}
+
+/// The primary freezes (every process stopped) with one client's COMMIT in flight and another
+/// client idle in a block, and the standby is promoted. The COMMIT gets 40003 once the probe
+/// confirms the host silent (its write deadline is far off), the idle block's next statement
+/// an error and its ROLLBACK success, and both clients' next transactions run on the new
+/// primary, on the connections they had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_costs_each_client_its_open_transaction_and_nothing_more() {
+    let s = setup();
+    let standby = Cluster::standby_of(&s.pg);
+    let mut config = pooled(&s, 4);
+    config.database.hosts = vec![s.pg.addr(), standby.addr()];
+    config.probe.timeout = Duration::from_millis(400);
+    config.timeouts.write = Duration::from_secs(60);
+    config.circuit.hold_new_connections = Duration::from_secs(30);
+    let proxy = Proxy::start(config).await;
+    let committing = connect(&proxy, "").await;
+    let in_block = connect(&proxy, "").await;
+    for (c, n) in [(&committing, 1), (&in_block, 2)] {
+        c.batch_execute(&format!("BEGIN; INSERT INTO ledger VALUES ({n}, 1)"))
+            .await
+            .unwrap();
+    }
+
+    let frozen = Frozen::freeze(&s.pg);
+    let started = Instant::now();
+    let e = committing.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(error_code(&e), "40003", "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the COMMIT was answered after {:?}",
+        started.elapsed()
+    );
+    let e = in_block
+        .batch_execute("INSERT INTO ledger VALUES (2, 2)")
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&e), "57P03", "{e}");
+    in_block.batch_execute("ROLLBACK").await.unwrap();
+
+    tokio::task::block_in_place(|| standby.promote());
+    for (c, n) in [(&committing, 1), (&in_block, 2)] {
+        eventually(
+            "a transaction on the new primary",
+            Duration::from_secs(30),
+            || async {
+                c.batch_execute(&format!(
+                    "BEGIN; INSERT INTO ledger VALUES ({n}, 3); COMMIT"
+                ))
+                .await
+                .ok()
+            },
+        )
+        .await;
+        assert!(!c.is_closed());
+    }
+    let direct = standby.connect().await;
+    let rows = ledger_rows(&direct).await;
+    assert!(rows.contains(&(1, 3)) && rows.contains(&(2, 3)), "{rows:?}");
+    assert!(
+        !rows.contains(&(2, 1)) && !rows.contains(&(2, 2)),
+        "{rows:?}"
+    );
+    drop(frozen);
 }
