@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listen: Listen,
+    pub listen_readonly: ListenReadonly,
     pub health: Health,
     pub database: Database,
     pub probe: Probe,
@@ -32,6 +33,28 @@ pub struct Listen {
     pub tls: ListenTls,
     pub tls_cert_file: String,
     pub tls_key_file: String,
+}
+
+/// A second listener for reads only (issue 21): sessions go to a standby whose replay lag is
+/// under `max_replica_lag`, or to the primary, read-only, when none qualifies. TLS as on
+/// [listen].
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenReadonly {
+    /// Where read-only clients connect; absent: no such listener.
+    pub address: Option<SocketAddr>,
+    /// A standby further behind than this takes no new read-only sessions.
+    #[serde(deserialize_with = "duration")]
+    pub max_replica_lag: Duration,
+}
+
+impl Default for ListenReadonly {
+    fn default() -> Self {
+        ListenReadonly {
+            address: None,
+            max_replica_lag: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -358,6 +381,11 @@ impl Config {
             ("limits", "queue_timeout", self.limits.queue_timeout),
             ("probe", "heartbeat", self.probe.heartbeat),
             ("pool", "idle_timeout", self.pool.idle_timeout),
+            (
+                "listen_readonly",
+                "max_replica_lag",
+                self.listen_readonly.max_replica_lag,
+            ),
             ("pool", "lifetime", self.pool.lifetime),
         ]);
         for (section, key, value) in every {
@@ -430,6 +458,23 @@ impl Config {
         }
         if self.circuit.failure_threshold == 0 {
             return fail("circuit", "failure_threshold", "must be at least 1".into());
+        }
+        if let Some(address) = self.listen_readonly.address {
+            if address == self.listen.address || address == self.health.address {
+                return fail(
+                    "listen_readonly",
+                    "address",
+                    format!("{address} is already listen.address or health.address"),
+                );
+            }
+            if self.pool.mode != PoolMode::Passthrough {
+                return fail(
+                    "listen_readonly",
+                    "address",
+                    "the read-only listener works with pool.mode = \"passthrough\" only, so far"
+                        .into(),
+                );
+            }
         }
         if self.pool.size == 0 {
             return fail("pool", "size", "must be at least 1".into());
@@ -589,6 +634,31 @@ mod tests {
         assert!(e.contains("probe.heartbeat_timeout (line 2)"), "{e}");
         let off = Config::parse("[probe]\nheartbeat = \"0s\"\n").unwrap();
         assert!(off.probe.heartbeat.is_zero());
+    }
+
+    #[test]
+    fn the_read_only_listener_is_off_by_default_and_checked_when_on() {
+        assert_eq!(Config::parse("").unwrap().listen_readonly.address, None);
+        let c = Config::parse(
+            "[listen_readonly]\naddress = \"127.0.0.1:6433\"\nmax_replica_lag = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.listen_readonly.address,
+            Some(([127, 0, 0, 1], 6433).into())
+        );
+        assert_eq!(c.listen_readonly.max_replica_lag, Duration::from_secs(2));
+        let e = error("[listen_readonly]\naddress = \"127.0.0.1:6432\"\n");
+        assert!(
+            e.contains("listen_readonly.address (line 2): 127.0.0.1:6432 is already"),
+            "{e}"
+        );
+        let e = error(
+            "[pool]\nmode = \"transaction\"\n[auth]\nfile = \"u\"\n[listen_readonly]\naddress = \"127.0.0.1:6433\"\n",
+        );
+        assert!(e.contains("passthrough"), "{e}");
+        let e = error("[listen_readonly]\nmax_lag = \"1s\"\n");
+        assert!(e.contains("max_lag"), "{e}");
     }
 
     #[test]

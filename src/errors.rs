@@ -123,6 +123,10 @@ pub enum Refusal {
     NoPrimary(String),
     /// The session's primary was demoted or replaced. FATAL 57P01.
     Demoted,
+    /// A read-only session's host no longer takes reads: its replay lag passed
+    /// max_replica_lag, it stopped answering, or it is no longer a standby (or the primary
+    /// while no standby qualifies). FATAL 57P01, at a quiet point.
+    Unreadable,
     /// TLS to the server, as [database] tls asks, could not be set up. FATAL 08006.
     ServerTls(String),
     /// A plaintext session on a listener with tls = "require". FATAL 28000.
@@ -370,6 +374,14 @@ impl Refusal {
                 "57P03",
                 format!("bulkhead: no writable primary is available: {why}"),
                 "The database is failing over or unreachable. Retry in a few seconds.",
+            ),
+            Refusal::Unreadable => (
+                Severity::Fatal,
+                "57P01",
+                "bulkhead: terminating connection: this server no longer takes read-only sessions \
+                 (replay lag over max_replica_lag, not answering, or its role changed)"
+                    .into(),
+                "Reconnect: the read-only listener sends the new session to a standby that is current.",
             ),
             Refusal::Demoted => (
                 Severity::Fatal,

@@ -315,6 +315,8 @@ fn report(shared: &Shared) -> Report {
                 "error": h.error,
                 "write_check": write_check_problem(h, config.probe.timeout),
                 "answering": !circuit.is_unresponsive(),
+                "replay_lag_ms": h.lag.map(|l| l.as_millis() as u64),
+                "takes_reads": shared.topology.serves_reads(i),
             })
         })
         .collect();

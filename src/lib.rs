@@ -112,6 +112,7 @@ impl Bulkhead {
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let metrics = Metrics::new();
         let topology = probe::Topology::new(&config.database.hosts, &metrics);
+        topology.set_max_replica_lag(config.listen_readonly.max_replica_lag);
         let admission = Arc::new(admission::Admission::new(&config.limits, &metrics));
         let shared = Arc::new(Shared {
             live: live::Live::new(config),
@@ -160,6 +161,9 @@ impl Bulkhead {
     pub fn reload(&self, config: Config) -> Vec<&'static str> {
         self.shared.admission.configure(&config.limits);
         let needs_restart = self.shared.live.reload(config);
+        self.shared
+            .topology
+            .set_max_replica_lag(self.shared.live.get().listen_readonly.max_replica_lag);
         match tls::Tls::load(&self.shared.live.get()) {
             Ok(tls) => self.shared.tls.replace(tls),
             Err(e) => error!(error = %e, "reload: TLS files unusable; keeping the loaded ones"),
@@ -189,6 +193,17 @@ impl Bulkhead {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
+        self.serve_with_readonly(listener, None, shutdown).await
+    }
+
+    /// As [`Bulkhead::serve`], with the read-only listener ([listen_readonly]) beside the
+    /// main one when there is one.
+    pub async fn serve_with_readonly(
+        &self,
+        listener: TcpListener,
+        readonly: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         let mut background = probe::spawn(&self.shared);
         background.push(tokio::spawn(housekeeping(self.shared.clone())));
@@ -210,48 +225,65 @@ impl Bulkhead {
         let reserve = fds::Reserve::new();
         tokio::pin!(shutdown);
         loop {
-            tokio::select! {
+            let (accepted, from, reads_only) = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((socket, peer)) => {
-                        socket.set_nodelay(true).ok();
-                        next_id += 1;
-                        let admitted = self.shared.admission.client_arrived();
-                        let span = info_span!("session", id = next_id, %peer);
-                        // The socket leaves this runtime's reactor for its worker's.
-                        match socket.into_std() {
-                            Ok(socket) => workers.spawn(
-                                session::serve(self.shared.clone(), socket, admitted, alive.clone(), span),
-                            ),
-                            Err(e) => {
-                                warn!(error = %e, "cannot hand a client to a worker");
-                                self.shared.admission.client_left();
-                            }
+                accepted = listener.accept() => (accepted, &listener, false),
+                accepted = accept_if(readonly.as_ref()) => {
+                    (accepted, readonly.as_ref().expect("accepted on it"), true)
+                }
+            };
+            match accepted {
+                Ok((socket, peer)) => {
+                    socket.set_nodelay(true).ok();
+                    next_id += 1;
+                    let admitted = self.shared.admission.client_arrived();
+                    let span = if reads_only {
+                        info_span!("session", id = next_id, %peer, readonly = true)
+                    } else {
+                        info_span!("session", id = next_id, %peer)
+                    };
+                    // The socket leaves this runtime's reactor for its worker's.
+                    match socket.into_std() {
+                        Ok(socket) => workers.spawn(session::serve(
+                            self.shared.clone(),
+                            socket,
+                            admitted,
+                            reads_only,
+                            alive.clone(),
+                            span,
+                        )),
+                        Err(e) => {
+                            warn!(error = %e, "cannot hand a client to a worker");
+                            self.shared.admission.client_left();
                         }
                     }
-                    Err(e) if fds::exhausted(&e) && reserve.release() => {
-                        // Out of descriptors: the reserve one lets the client waiting be told
-                        // so (53300) rather than hang in the backlog.
-                        match listener.accept().await {
-                            Ok((socket, _)) => {
-                                self.shared.admission.shed_for_descriptors();
-                                tokio::spawn(session::refuse_out_of_descriptors(socket, reserve.clone()));
-                            }
-                            Err(e) => {
-                                reserve.restore();
-                                error!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
+                }
+                Err(e) if fds::exhausted(&e) && reserve.release() => {
+                    // Out of descriptors: the reserve one lets the client waiting be told
+                    // so (53300) rather than hang in the backlog.
+                    match from.accept().await {
+                        Ok((socket, _)) => {
+                            self.shared.admission.shed_for_descriptors();
+                            tokio::spawn(session::refuse_out_of_descriptors(
+                                socket,
+                                reserve.clone(),
+                            ));
+                        }
+                        Err(e) => {
+                            reserve.restore();
+                            error!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        error!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
+        drop(readonly);
         drop(listener);
         let drain = self.shared.live.get().timeouts.drain;
         info!(
@@ -270,6 +302,16 @@ impl Bulkhead {
             task.abort();
         }
         Ok(())
+    }
+}
+
+/// The next client on `listener`, or never when there is none.
+async fn accept_if(
+    listener: Option<&TcpListener>,
+) -> io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -340,6 +382,7 @@ mod tests {
             proxy.shared.clone(),
             client,
             true,
+            false,
             alive,
             tracing::Span::none(),
         );

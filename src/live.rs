@@ -35,7 +35,7 @@ impl Live {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// Takes what SIGHUP may change (timeouts, circuit, limits, pool sizes, auth) from `new`; keeps the rest and
+    /// Takes what SIGHUP may change (timeouts, circuit, limits, pool sizes, auth, max_replica_lag) from `new`; keeps the rest and
     /// returns the names of sections whose changes need a restart.
     pub fn reload(&self, new: Config) -> Vec<&'static str> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -44,6 +44,10 @@ impl Live {
         if new.listen != next.listen {
             ignored.push("listen");
         }
+        if new.listen_readonly.address != next.listen_readonly.address {
+            ignored.push("listen_readonly.address");
+        }
+        next.listen_readonly.max_replica_lag = new.listen_readonly.max_replica_lag;
         if new.health != next.health {
             ignored.push("health");
         }

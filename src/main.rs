@@ -85,6 +85,16 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let readonly = match config.listen_readonly.address {
+        None => None,
+        Some(address) => match tokio::net::TcpListener::bind(address).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(%address, error = %e, "cannot listen for read-only sessions");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let health_listener = match std::net::TcpListener::bind(config.health.address) {
         Ok(l) => l,
         Err(e) => {
@@ -92,7 +102,7 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    info!(address = %config.listen.address, health = %config.health.address, hosts = ?config.database.hosts, "listening");
+    info!(address = %config.listen.address, readonly = ?config.listen_readonly.address, health = %config.health.address, hosts = ?config.database.hosts, "listening");
     let proxy = match Bulkhead::new(config) {
         Ok(proxy) => Arc::new(proxy),
         Err(e) => {
@@ -128,7 +138,10 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             }
         }
     };
-    match proxy.serve(listener, shutdown).await {
+    match proxy
+        .serve_with_readonly(listener, readonly, shutdown)
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "stopped");

@@ -62,7 +62,7 @@ enum Kind {
 
 /// Every metric bulkhead exports through the recorder, with its help text (DESIGN.md §3.7);
 /// the statement latency histogram is rendered by [`Latency`].
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 20] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 21] = [
     (
         "bulkhead_client_connections",
         Kind::Gauge,
@@ -128,6 +128,12 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 20] = [
         Kind::Gauge,
         None,
         "1 if the backend answered its last probe in this role.",
+    ),
+    (
+        "bulkhead_backend_replay_lag_seconds",
+        Kind::Gauge,
+        None,
+        "A standby's replay lag at its last probe (0 when it has replayed all it received, or is not a standby).",
     ),
     (
         "bulkhead_probe_duration_seconds",

@@ -70,6 +70,8 @@ pub struct HostInfo {
     pub check_failing: Option<String>,
     /// When the write check in progress began, if one is.
     pub check_since: Option<Instant>,
+    /// A standby's replay lag at the last probe.
+    pub lag: Option<Duration>,
 }
 
 /// TLS on the probe's last connection to a host.
@@ -109,6 +111,9 @@ pub enum Report {
         in_recovery: bool,
         timeline: i64,
         tls: bool,
+        /// A standby's replay lag: how long ago the last transaction it replayed committed,
+        /// when it has received WAL it has not replayed yet; zero when it has replayed all.
+        lag: Option<Duration>,
     },
     Down(String),
     /// No answer at all within the probe's timeout: the host may be frozen or cut off.
@@ -150,6 +155,14 @@ pub struct Topology {
     failovers: Counter,
     up: Vec<[Gauge; 2]>,
     probe_duration: Vec<Histogram>,
+    lag_gauge: Vec<Gauge>,
+    /// The standbys that take read-only sessions (bit per host): up, answering, replay lag
+    /// within `max_replica_lag`. Read-only sessions follow it.
+    readers: watch::Sender<u64>,
+    /// [listen_readonly] max_replica_lag in milliseconds, as configured now.
+    max_replica_lag_ms: AtomicU64,
+    /// Read-only sessions on each host, to spread new ones.
+    reading: Vec<AtomicU64>,
 }
 
 impl Topology {
@@ -166,6 +179,7 @@ impl Topology {
                 tls: TlsState::Unknown,
                 check_failing: None,
                 check_since: None,
+                lag: None,
             })
             .collect();
         let circuits = addresses
@@ -198,7 +212,89 @@ impl Topology {
             failovers: metrics.counter("bulkhead_failovers_total", &[]),
             up,
             probe_duration,
+            lag_gauge: addresses
+                .iter()
+                .map(|a| metrics.gauge("bulkhead_backend_replay_lag_seconds", &[("backend", a)]))
+                .collect(),
+            readers: watch::channel(0).0,
+            max_replica_lag_ms: AtomicU64::new(10_000),
+            reading: addresses.iter().map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// Sets [listen_readonly] max_replica_lag (at start and on reload).
+    pub fn set_max_replica_lag(&self, lag: Duration) {
+        self.max_replica_lag_ms
+            .store(lag.as_millis() as u64, Ordering::Relaxed);
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        self.choose_readers(&hosts);
+    }
+
+    /// Follows the standbys that take read-only sessions (a bit per host).
+    pub fn watch_readers(&self) -> watch::Receiver<u64> {
+        self.readers.subscribe()
+    }
+
+    /// Where a new read-only session goes: the qualifying standby with the fewest read-only
+    /// sessions, else the primary; `None` if neither is there. Its address and index.
+    pub fn pick_reader(&self) -> Option<(usize, String)> {
+        let bits = *self.readers.borrow();
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let standby = (0..hosts.len())
+            .filter(|&i| bits & (1 << i) != 0 && !self.circuits[i].is_unresponsive())
+            .min_by_key(|&i| self.reading[i].load(Ordering::Relaxed));
+        let chosen = standby.or_else(|| {
+            self.primary
+                .borrow()
+                .as_ref()
+                .map(|p| p.index)
+                .filter(|&i| !self.circuits[i].is_unresponsive())
+        })?;
+        Some((chosen, hosts[chosen].address.clone()))
+    }
+
+    /// Whether host `index` takes read-only sessions now: a qualifying standby, or the
+    /// primary while no standby qualifies.
+    pub fn serves_reads(&self, index: usize) -> bool {
+        let bits = *self.readers.borrow();
+        if bits & (1 << index) != 0 {
+            return true;
+        }
+        bits == 0
+            && self
+                .primary
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| p.index == index)
+    }
+
+    /// Counts a read-only session on host `index` (`started`), or one less.
+    pub fn count_reader(&self, index: usize, started: bool) {
+        if started {
+            self.reading[index].fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reading[index].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The standbys that qualify for reads, published when the set changes.
+    fn choose_readers(&self, hosts: &[HostInfo]) {
+        let max = Duration::from_millis(self.max_replica_lag_ms.load(Ordering::Relaxed));
+        let bits = hosts
+            .iter()
+            .enumerate()
+            .filter(|(i, h)| {
+                *i < 64
+                    && h.role == Role::Standby
+                    && h.lag.is_some_and(|lag| lag <= max)
+                    && !self.circuits[*i].is_unresponsive()
+            })
+            .fold(0u64, |bits, (i, _)| bits | (1 << i));
+        self.readers.send_if_modified(|now| {
+            let changed = *now != bits;
+            *now = bits;
+            changed
+        });
     }
 
     /// Follows the primary: its current value and every change.
@@ -288,7 +384,10 @@ impl Topology {
                 in_recovery,
                 timeline,
                 tls,
+                lag,
             } => {
+                host.lag = lag;
+                self.lag_gauge[index].set(lag.map_or(0.0, |l| l.as_secs_f64()));
                 host.tls = if tls { TlsState::On } else { TlsState::Off };
                 host.role = if in_recovery {
                     Role::Standby
@@ -335,7 +434,11 @@ impl Topology {
             self.up[index][0].set(if host.role == Role::Primary { 1.0 } else { 0.0 });
             self.up[index][1].set(if host.role == Role::Standby { 1.0 } else { 0.0 });
         }
+        if host.role != Role::Standby {
+            host.lag = None;
+        }
         self.choose_primary(&mut hosts);
+        self.choose_readers(&hosts);
     }
 
     /// The fencing rule. A host that claims primary on a lower timeline than the highest any
@@ -876,9 +979,17 @@ async fn status_twice(dial: &Dial, timeout: Duration, silent: &mut u32) -> Repor
 /// now: `pg_control_checkpoint()` keeps the old timeline on a promoted server until its first
 /// checkpoint after promotion completes, which on a busy server takes minutes, and an old
 /// primary restarted meanwhile would tie with it. (A standby's timeline decides nothing.)
+///
+/// A standby's replay lag, in seconds: none while it has replayed all it received; else how
+/// long ago the last transaction it replayed committed on the primary (the usual measure: it
+/// grows while replay is paused or slow and WAL keeps coming, as the probe's own write checks
+/// make it come every interval).
 const STATUS: &str = "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() \
                       THEN (SELECT timeline_id::int8 FROM pg_control_checkpoint()) \
-                      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END";
+                      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END, \
+                      CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+                      WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0::float8 \
+                      ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, 0) END";
 
 /// Reachable? In recovery? Which timeline? On a fresh connection every time: what matters is
 /// whether a new session can be had (a server whose postmaster is stopped still serves the
@@ -890,10 +1001,12 @@ async fn status(dial: &Dial) -> Result<Report, ProbeError> {
         .query_one(STATUS, &[])
         .await
         .map_err(|e| ProbeError::Down(describe(&e)))?;
+    let lag = row.try_get::<_, Option<f64>>(2).ok().flatten();
     Ok(Report::Up {
         in_recovery: row.get(0),
         timeline: row.try_get::<_, Option<i64>>(1).ok().flatten().unwrap_or(0),
         tls,
+        lag: lag.map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 1e9))),
     })
 }
 
@@ -989,6 +1102,7 @@ mod tests {
             in_recovery: false,
             timeline,
             tls: false,
+            lag: None,
         }
     }
 
@@ -997,7 +1111,42 @@ mod tests {
             in_recovery: true,
             timeline,
             tls: false,
+            lag: Some(Duration::ZERO),
         }
+    }
+
+    #[tokio::test]
+    async fn reads_go_to_standbys_within_the_lag_bound_and_to_the_primary_when_none_is() {
+        let t = topology(3);
+        t.set_max_replica_lag(Duration::from_secs(1));
+        let lagging = |secs| Report::Up {
+            in_recovery: true,
+            timeline: 1,
+            tls: false,
+            lag: Some(Duration::from_secs(secs)),
+        };
+        t.report(0, primary(1), MS);
+        t.report(1, standby(1), MS);
+        t.report(2, lagging(5), MS);
+        assert_eq!(*t.watch_readers().borrow(), 0b010);
+        assert!(t.serves_reads(1) && !t.serves_reads(2) && !t.serves_reads(0));
+        assert_eq!(t.pick_reader().map(|(i, _)| i), Some(1));
+        // Sessions spread: the next goes where there are fewer.
+        t.set_max_replica_lag(Duration::from_secs(10));
+        assert_eq!(*t.watch_readers().borrow(), 0b110);
+        t.count_reader(1, true);
+        assert_eq!(t.pick_reader().map(|(i, _)| i), Some(2));
+        // No standby qualifies: the primary.
+        t.set_max_replica_lag(Duration::from_millis(1));
+        t.report(1, lagging(1), MS);
+        assert_eq!(*t.watch_readers().borrow(), 0);
+        assert!(t.serves_reads(0));
+        assert_eq!(t.pick_reader().map(|(i, _)| i), Some(0));
+        // Not answering: out, whatever its lag.
+        t.set_max_replica_lag(Duration::from_secs(10));
+        t.circuit(1).set_unresponsive(true);
+        t.report(1, standby(1), MS);
+        assert_eq!(*t.watch_readers().borrow(), 0b100);
     }
 
     #[tokio::test]

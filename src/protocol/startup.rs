@@ -160,9 +160,50 @@ impl<'a> Params<'a> {
     }
 }
 
+/// The StartupMessage `packet` (whole, as `parse` took it) with parameter `name` set to
+/// `value`: any value the client sent for it is dropped. `None` if it is not a StartupMessage.
+pub fn with_param(packet: &[u8], name: &str, value: &str) -> Option<Vec<u8>> {
+    let (Startup::Start { params, .. }, len) = parse(packet).ok()?? else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(len + name.len() + value.len() + 2);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&packet[4..8]);
+    for (n, v) in params.iter().filter(|(n, _)| *n != name.as_bytes()) {
+        for part in [n, v] {
+            out.extend_from_slice(part);
+            out.push(0);
+        }
+    }
+    for part in [name.as_bytes(), value.as_bytes()] {
+        out.extend_from_slice(part);
+        out.push(0);
+    }
+    out.push(0);
+    let total = out.len() as u32;
+    out[..4].copy_from_slice(&total.to_be_bytes());
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parameter_is_set_in_a_startup_packet_replacing_the_clients() {
+        let body = b"user\0app\0default_transaction_read_only\0off\0database\0db\0\0";
+        let p = packet(0x0003_0000, body);
+        let out = with_param(&p, "default_transaction_read_only", "on").unwrap();
+        let (Startup::Start { params, minor }, len) = parse(&out).unwrap().unwrap() else {
+            panic!("not a startup packet");
+        };
+        assert_eq!((minor, len), (0, out.len()));
+        assert_eq!(params.get("user"), Some("app"));
+        assert_eq!(params.get("database"), Some("db"));
+        assert_eq!(params.get("default_transaction_read_only"), Some("on"));
+        assert_eq!(params.iter().count(), 3);
+        assert!(with_param(&packet(SSL_REQUEST_CODE, b""), "a", "b").is_none());
+    }
 
     fn packet(code: u32, body: &[u8]) -> Vec<u8> {
         let mut v = ((8 + body.len()) as u32).to_be_bytes().to_vec();

@@ -367,12 +367,17 @@ impl Relay {
     /// requests before it (the transaction status the refusal depends on). False in the
     /// healthy steady state, where it costs one atomic load.
     pub(super) fn refusal_possible(&self, shared: &Shared) -> bool {
-        self.client_tx_failed || shared.topology.circuit(self.host).is_troubled()
+        self.client_tx_failed
+            || (!self.readonly && shared.topology.circuit(self.host).is_troubled())
     }
 
     /// Asks the write circuit whether the newest request, a write, may run; marks it refused or
     /// as the trial if not plainly allowed.
     pub(super) fn admit_write(&mut self, shared: &Shared) -> bool {
+        if self.readonly {
+            // The server answers a write with 25006; no circuit has a say.
+            return true;
+        }
         let settings = circuit_settings(self.config.config());
         // Decided only with nothing before it in flight (see `refusal_possible`), so the
         // transaction status is the one this write runs in.

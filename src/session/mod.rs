@@ -57,6 +57,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     client: std::net::TcpStream,
     admitted: bool,
+    readonly: bool,
     _alive: mpsc::Sender<()>,
     span: Span,
 ) {
@@ -65,11 +66,15 @@ pub(crate) async fn serve(
     // Startup and the farewell are boxed: the task of an idle session holds only the relay's
     // state, not room for theirs too (that was 2 KiB more per idle session).
     let Some((mut relay, _server_gauge)) =
-        Box::pin(start(&shared, client, admitted, span.clone()).instrument(span.clone())).await
+        Box::pin(start(&shared, client, admitted, readonly, span.clone()).instrument(span.clone()))
+            .await
     else {
         return;
     };
     let end = relay.run(&shared).await;
+    if relay.readonly {
+        shared.topology.count_reader(relay.host, false);
+    }
     Box::pin(
         async {
             if let Some((pid, secret)) = relay.client_key {
@@ -121,6 +126,9 @@ enum End {
     Drained,
     /// The session's primary was replaced, and the session reached a quiet point.
     Demoted,
+    /// A read-only session's host no longer takes reads (behind, not answering, no longer a
+    /// standby), and the session reached a quiet point.
+    Unreadable,
     /// bulkhead is closing every session now.
     Closing,
     /// The client did not finish startup in time.
@@ -258,6 +266,9 @@ struct Relay {
     lending: Option<Box<Lending>>,
     /// CloseCompletes the server owes for Closes bulkhead added itself (transaction pooling).
     swallow_close_complete: u32,
+    /// A session of the read-only listener: on a standby (or the primary, read-only); writes
+    /// get the server's 25006 and are no evidence for any write circuit.
+    readonly: bool,
     /// The session's span: the relay's log lines name it as their parent.
     span: Span,
 }
@@ -267,6 +278,8 @@ enum Event {
     /// The phase watch changed (false: its sender is gone).
     Phase(bool),
     Primary,
+    /// The standbys that take reads changed (read-only sessions only).
+    Readers,
     /// The host's alarm: its write circuit opened, or it stopped answering.
     Alarm,
     End(End),
@@ -395,6 +408,7 @@ impl Relay {
             detached: None,
             lending: None,
             swallow_close_complete: 0,
+            readonly: false,
             span,
         }
     }
@@ -416,6 +430,9 @@ impl Relay {
         alarm.borrow_and_update();
         let mut alarm_gone = false;
         let mut alarm_host = self.host;
+        // Read-only sessions follow which hosts take reads; others never look.
+        let mut readers = self.readonly.then(|| shared.topology.watch_readers());
+        let mut readers_gone = readers.is_none();
         // The watches are polled only after they woke the session: polling a waiting watch
         // takes its lock, which every session shares, and the relay wakes the task for every
         // message. Likewise each socket is read only after it woke the session.
@@ -436,6 +453,12 @@ impl Relay {
                 let mut phase_changed = pin!(phase.changed());
                 let mut primary_changed = pin!(primary.changed());
                 let mut alarm_raised = pin!(alarm.changed());
+                let mut readers_changed = pin!(async {
+                    match readers.as_mut() {
+                        Some(r) => r.changed().await,
+                        None => std::future::pending().await,
+                    }
+                });
                 poll_fn(|cx| {
                     woke.task.register(cx.waker());
                     let bits = woke.bits.swap(0, Ordering::AcqRel);
@@ -460,6 +483,14 @@ impl Relay {
                             }
                             alarm_gone = true;
                         }
+                        if !readers_gone
+                            && let Poll::Ready(r) = readers_changed.as_mut().poll(&mut watch_cx)
+                        {
+                            if r.is_ok() {
+                                return Poll::Ready(Event::Readers);
+                            }
+                            readers_gone = true;
+                        }
                     }
                     self.poll_relay(cx, &wakers, bits, shared).map(Event::End)
                 })
@@ -479,6 +510,20 @@ impl Relay {
                         Phase::Closing => return End::Closing,
                     }
                 }
+                Event::Primary | Event::Readers if self.readonly => {
+                    primary.borrow_and_update();
+                    if let Some(r) = readers.as_mut() {
+                        r.borrow_and_update();
+                    }
+                    if !shared.topology.serves_reads(self.host) {
+                        info!(parent: &self.span, "this host no longer takes read-only sessions; the session ends at its next quiet point");
+                        if self.is_quiet() {
+                            return End::Unreadable;
+                        }
+                        self.leave_when_quiet = Some(|| End::Unreadable);
+                    }
+                }
+                Event::Readers => {}
                 Event::Primary => {
                     // Another host is primary now: this session's server takes no more writes.
                     // (No primary at all is a failover in progress; the session ends on its own
@@ -849,6 +894,7 @@ impl Relay {
             };
         }
         if circuit.published() == crate::breaker::State::Open
+            && !self.readonly
             && self.cancelling.is_none()
             && self.head_commits()
         {
@@ -1111,6 +1157,7 @@ impl Relay {
             End::ServerSilent(why) => Some(Refusal::NoServer(why.clone())),
             End::Drained | End::Closing => Some(Refusal::ShuttingDown),
             End::Demoted => Some(Refusal::Demoted),
+            End::Unreadable => Some(Refusal::Unreadable),
             End::StartupTimeout => Some(Refusal::StartupTimeout),
             End::Unanswered(deadline) => Some(Refusal::Unanswered {
                 deadline: *deadline,

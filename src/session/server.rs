@@ -231,7 +231,10 @@ impl Relay {
         // Only evidence about the commit path moves the write circuit: a commit confirmed
         // (the request ended outside a transaction, without error) or one that missed its
         // deadline. A write inside a transaction proves nothing about the COMMIT to come.
-        if done.class == Class::Write && !matches!(done.effect, Effect::Refused(_)) {
+        if done.class == Class::Write
+            && !matches!(done.effect, Effect::Refused(_))
+            && !self.readonly
+        {
             let settings = circuit_settings(self.config.config());
             let circuit = shared.topology.circuit(self.host);
             let commits = before == TxStatus::Idle || done.commit;

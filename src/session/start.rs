@@ -31,6 +31,7 @@ pub(super) async fn start(
     shared: &Arc<Shared>,
     client: std::net::TcpStream,
     admitted: bool,
+    readonly: bool,
     span: Span,
 ) -> Option<(Relay, Option<GaugeGuard>)> {
     // Accepted on another runtime: register it with this worker's reactor.
@@ -103,7 +104,12 @@ pub(super) async fn start(
         ))
         .await;
     }
-    let (mut server, addr, host) = match Box::pin(connect_primary(shared, config.config())).await {
+    let connected = if readonly {
+        Box::pin(connect_reader(shared, config.config())).await
+    } else {
+        Box::pin(connect_primary(shared, config.config())).await
+    };
+    let (mut server, addr, host) = match connected {
         Ok(connected) => connected,
         Err(refusal) => {
             if let Refusal::NoPrimary(why) = &refusal {
@@ -115,7 +121,17 @@ pub(super) async fn start(
     };
     let server_gauge = GaugeGuard::new(&shared.metrics.server_connections);
     debug!(server = %addr, "connected to server");
-    let FirstPacket { packet, leftover } = first;
+    let FirstPacket {
+        mut packet,
+        leftover,
+    } = first;
+    if readonly {
+        // On a standby writes fail anyway; on the primary (no standby qualifies) this makes
+        // them fail the same way, with PostgreSQL's own 25006.
+        if let Some(ro) = startup::with_param(&packet, "default_transaction_read_only", "on") {
+            packet = BytesMut::from(&ro[..]);
+        }
+    }
     if let Err(e) = server.write_all(&packet).await {
         refuse(
             &mut client,
@@ -126,7 +142,7 @@ pub(super) async fn start(
     }
     // Not kept for the session's life: it shares its memory with `leftover`, copied below.
     drop(packet);
-    let relay = Relay::new(
+    let mut relay = Relay::new(
         client,
         Some(server),
         addr,
@@ -136,6 +152,10 @@ pub(super) async fn start(
         config,
         span,
     );
+    if readonly {
+        relay.readonly = true;
+        shared.topology.count_reader(host, true);
+    }
     Some((relay, Some(server_gauge)))
 }
 
@@ -261,6 +281,51 @@ pub(crate) async fn connect_primary(
         // Wait for the probe to see a change, but look again at least every probe interval.
         let retry = (Instant::now() + config.probe.interval).min(deadline);
         let _ = tokio::time::timeout_at(retry, primary.changed()).await;
+    }
+}
+
+/// Connects a session of the read-only listener: to the standby within max_replica_lag with
+/// the fewest read-only sessions, else to the primary; waits up to hold_new_connections for
+/// one of them to be known and to accept.
+pub(crate) async fn connect_reader(
+    shared: &Shared,
+    config: &Config,
+) -> Result<(Stream, SocketAddr, usize), Refusal> {
+    let deadline = Instant::now() + config.circuit.hold_new_connections;
+    let mut readers = shared.topology.watch_readers();
+    let mut primary = shared.topology.watch_primary();
+    let mut last_error = String::from("no standby within max_replica_lag, and no primary");
+    loop {
+        readers.borrow_and_update();
+        primary.borrow_and_update();
+        if let Some((index, address)) = shared.topology.pick_reader() {
+            match upstream::connect(&address, config.database.connect_timeout, &shared.tls.get())
+                .await
+            {
+                Ok((stream, addr)) => return Ok((stream, addr, index)),
+                Err(ConnectError::Tls(why)) => return Err(Refusal::ServerTls(why)),
+                Err(ConnectError::NoDescriptors(_)) => return Err(Refusal::OutOfDescriptors),
+                Err(ConnectError::Unreachable(why) | ConnectError::NoAnswer(why)) => {
+                    shared.topology.connection_lost(index);
+                    last_error = why;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Refusal::NoServer(format!(
+                "{last_error} (waited {} for a server that takes reads)",
+                humantime::format_duration(config.circuit.hold_new_connections)
+            )));
+        }
+        // Wait for the probe to see a change, but look again at least every probe interval.
+        let retry = (Instant::now() + config.probe.interval).min(deadline);
+        let _ = tokio::time::timeout_at(retry, async {
+            tokio::select! {
+                _ = readers.changed() => {}
+                _ = primary.changed() => {}
+            }
+        })
+        .await;
     }
 }
 

@@ -10,6 +10,7 @@ mod health;
 mod passthrough;
 mod pooled_failover;
 mod pooling;
+mod readonly;
 mod scripted_server;
 mod support;
 mod tls;

@@ -466,6 +466,8 @@ pub async fn connect(params: &str) -> Client {
 /// A bulkhead running in this process on a port of its own.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The read-only listener, on a port of its own, when the config asks for one.
+    pub readonly_addr: Option<SocketAddr>,
     pub bulkhead: Arc<Bulkhead>,
     /// The health port, on a port of its own.
     pub health: bulkhead::health::HealthServer,
@@ -484,6 +486,11 @@ impl Proxy {
     pub async fn start(config: Config) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let readonly = match config.listen_readonly.address {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        let readonly_addr = readonly.as_ref().map(|l| l.local_addr().unwrap());
         let bulkhead = Arc::new(Bulkhead::new(config).expect("TLS files load"));
         let health = bulkhead
             .start_health(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
@@ -491,13 +498,14 @@ impl Proxy {
         let (stop, stopped) = oneshot::channel::<()>();
         let b = bulkhead.clone();
         let task = tokio::spawn(async move {
-            b.serve(listener, async move {
+            b.serve_with_readonly(listener, readonly, async move {
                 let _ = stopped.await;
             })
             .await
         });
         Proxy {
             addr,
+            readonly_addr,
             bulkhead,
             health,
             stop: Some(stop),

@@ -1,0 +1,231 @@
+//! Issue 21, the read-only listener: sessions go to standbys whose replay lag is within
+//! max_replica_lag, spread across them, to the primary (read-only) when none qualifies, and
+//! away from a standby that falls behind; reads go on with the primary frozen. Real primary
+//! and standby clusters, tokio-postgres.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+use bulkhead::Config;
+
+use crate::support::{Cluster, Frozen, Proxy, config_for, connect, eventually, sqlstate};
+
+fn with_readonly(hosts: &[&Cluster]) -> Config {
+    let mut config = config_for(hosts[0]);
+    config.database.hosts = hosts.iter().map(|c| c.addr()).collect();
+    // Any address turns it on; the test proxy listens on a port of its own.
+    config.listen_readonly.address = Some(([127, 0, 0, 1], 0).into());
+    config.listen_readonly.max_replica_lag = Duration::from_secs(1);
+    config.probe.interval = Duration::from_millis(200);
+    config.probe.timeout = Duration::from_millis(400);
+    config
+}
+
+async fn reader(addr: SocketAddr) -> Client {
+    connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        addr.port()
+    ))
+    .await
+}
+
+/// The port of the server a session is on, and whether it is a standby.
+async fn where_(c: &Client) -> (i32, bool) {
+    let row = c
+        .query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+fn port(c: &Cluster) -> i32 {
+    c.addr().rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Waits until the probe has seen `n` standbys that take reads.
+async fn standbys_taking_reads(proxy: &Proxy, n: usize) {
+    eventually("standbys taking reads", Duration::from_secs(20), || async {
+        let doc = proxy.health_json().await;
+        let taking = doc["backends"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["role"] == "standby" && b["takes_reads"] == true)
+            .count();
+        (taking == n).then_some(())
+    })
+    .await;
+}
+
+/// Read-only sessions go to the standbys, spread evenly; a write there gets PostgreSQL's own
+/// 25006 and leaves the write circuit alone; the main listener still writes to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_sessions_are_spread_over_the_standbys_and_writes_there_get_25006() {
+    let primary = Cluster::start();
+    primary.psql("CREATE TABLE t (n int)");
+    let s1 = Cluster::standby_of(&primary);
+    let s2 = Cluster::standby_of(&primary);
+    let proxy = Proxy::start(with_readonly(&[&primary, &s1, &s2])).await;
+    let ro = proxy.readonly_addr.unwrap();
+    standbys_taking_reads(&proxy, 2).await;
+
+    let mut sessions = Vec::new();
+    let mut per_port: HashMap<i32, usize> = HashMap::new();
+    for _ in 0..6 {
+        let c = reader(ro).await;
+        let (port, standby) = where_(&c).await;
+        assert!(
+            standby,
+            "a read-only session on the primary though standbys qualify"
+        );
+        *per_port.entry(port).or_default() += 1;
+        sessions.push(c);
+    }
+    assert_eq!(per_port.get(&port(&s1)), Some(&3), "{per_port:?}");
+    assert_eq!(per_port.get(&port(&s2)), Some(&3), "{per_port:?}");
+
+    for _ in 0..5 {
+        let e = sessions[0]
+            .batch_execute("INSERT INTO t VALUES (1)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "25006");
+    }
+    let main = proxy.connect().await;
+    main.batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    let health = proxy.health_json().await;
+    for b in health["backends"].as_array().unwrap() {
+        assert_eq!(b["circuit"], "closed", "a write circuit moved: {health}");
+    }
+}
+
+/// With no standby, read-only sessions go to the primary with
+/// default_transaction_read_only on: reads answer, writes get 25006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_standby_read_only_sessions_go_to_the_primary_read_only() {
+    let primary = Cluster::start();
+    primary.psql("CREATE TABLE t (n int)");
+    let proxy = Proxy::start(with_readonly(&[&primary])).await;
+    let c = reader(proxy.readonly_addr.unwrap()).await;
+    assert_eq!(where_(&c).await, (port(&primary), false));
+    let e = c
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25006");
+    assert_eq!(
+        crate::support::first_value(&c, "SELECT count(*) FROM t").await,
+        "0"
+    );
+}
+
+/// A standby whose replay is paused falls past max_replica_lag as the primary keeps
+/// committing: new read-only sessions go to the other standby, and its own sessions are ended
+/// (57P01) so that their clients reconnect to a current one. Resumed, it takes reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_paused_past_the_lag_bound_is_avoided_until_it_catches_up() {
+    let primary = Cluster::start();
+    primary.psql("CREATE TABLE t (n int)");
+    let s1 = Cluster::standby_of(&primary);
+    let s2 = Cluster::standby_of(&primary);
+    let proxy = Proxy::start(with_readonly(&[&primary, &s1, &s2])).await;
+    let ro = proxy.readonly_addr.unwrap();
+    standbys_taking_reads(&proxy, 2).await;
+    let mut on_s1 = None;
+    for _ in 0..2 {
+        let c = reader(ro).await;
+        if where_(&c).await.0 == port(&s1) {
+            on_s1 = Some(c);
+        }
+    }
+    let on_s1 = on_s1.expect("one of two sessions on each standby");
+
+    s1.psql("SELECT pg_wal_replay_pause()");
+    let writer = primary.connect().await;
+    eventually(
+        "s1 no longer taking reads",
+        Duration::from_secs(20),
+        || async {
+            writer
+                .batch_execute("INSERT INTO t VALUES (1)")
+                .await
+                .unwrap();
+            let doc = proxy.health_json().await;
+            let b = doc["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["address"] == s1.addr())?
+                .clone();
+            (b["takes_reads"] == false && b["replay_lag_ms"].as_u64()? > 1000).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..4 {
+        let c = reader(ro).await;
+        assert_eq!(
+            where_(&c).await.0,
+            port(&s2),
+            "a new session on the paused standby"
+        );
+    }
+    // The session on s1 is ended at its quiet point: it is quiet now.
+    eventually(
+        "the session on s1 ended",
+        Duration::from_secs(5),
+        || async { on_s1.is_closed().then_some(()) },
+    )
+    .await;
+
+    s1.psql("SELECT pg_wal_replay_resume()");
+    standbys_taking_reads(&proxy, 2).await;
+}
+
+/// With the primary frozen, and then stopped, reads on the read-only listener go on: every
+/// one of them is answered within a second, on open sessions and new ones alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_on_the_read_only_listener_go_on_with_the_primary_frozen_or_stopped() {
+    let primary = Cluster::start();
+    primary.psql("CREATE TABLE t (n int); INSERT INTO t VALUES (42)");
+    let standby = Cluster::standby_of(&primary);
+    let proxy = Proxy::start(with_readonly(&[&primary, &standby])).await;
+    let ro = proxy.readonly_addr.unwrap();
+    standbys_taking_reads(&proxy, 1).await;
+    let open = reader(ro).await;
+
+    let read_for = |what: &'static str| {
+        let open = &open;
+        async move {
+            let until = Instant::now() + Duration::from_secs(3);
+            let (mut reads, mut slow) = (0, 0);
+            while Instant::now() < until {
+                let started = Instant::now();
+                let n: i32 = open
+                    .query_one("SELECT n FROM t", &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {e}"))
+                    .get(0);
+                assert_eq!(n, 42);
+                let fresh = reader(ro).await;
+                assert!(where_(&fresh).await.1, "{what}: a new session on a standby");
+                reads += 1;
+                if started.elapsed() > Duration::from_secs(1) {
+                    slow += 1;
+                }
+            }
+            assert!(
+                slow * 100 <= reads,
+                "{what}: {slow} of {reads} reads took over a second"
+            );
+        }
+    };
+    let frozen = Frozen::freeze(&primary);
+    read_for("primary frozen").await;
+    drop(frozen);
+    tokio::task::block_in_place(|| primary.stop("fast"));
+    read_for("primary stopped").await;
+}
