@@ -467,14 +467,6 @@ impl Config {
                     format!("{address} is already listen.address or health.address"),
                 );
             }
-            if self.pool.mode != PoolMode::Passthrough {
-                return fail(
-                    "listen_readonly",
-                    "address",
-                    "the read-only listener works with pool.mode = \"passthrough\" only, so far"
-                        .into(),
-                );
-            }
         }
         if self.pool.size == 0 {
             return fail("pool", "size", "must be at least 1".into());
@@ -653,10 +645,6 @@ mod tests {
             e.contains("listen_readonly.address (line 2): 127.0.0.1:6432 is already"),
             "{e}"
         );
-        let e = error(
-            "[pool]\nmode = \"transaction\"\n[auth]\nfile = \"u\"\n[listen_readonly]\naddress = \"127.0.0.1:6433\"\n",
-        );
-        assert!(e.contains("passthrough"), "{e}");
         let e = error("[listen_readonly]\nmax_lag = \"1s\"\n");
         assert!(e.contains("max_lag"), "{e}");
     }

@@ -161,8 +161,9 @@ pub struct Topology {
     readers: watch::Sender<u64>,
     /// [listen_readonly] max_replica_lag in milliseconds, as configured now.
     max_replica_lag_ms: AtomicU64,
-    /// Read-only sessions on each host, to spread new ones.
-    reading: Vec<AtomicU64>,
+    /// Read-only sessions (and read-only pooled connections) on each host, to spread new
+    /// ones.
+    reading: Arc<[AtomicU64]>,
 }
 
 impl Topology {
@@ -266,6 +267,11 @@ impl Topology {
                 .borrow()
                 .as_ref()
                 .is_some_and(|p| p.index == index)
+    }
+
+    /// The per-host counts of read-only sessions, for the pools that keep their own.
+    pub fn reader_counts(&self) -> Arc<[AtomicU64]> {
+        self.reading.clone()
     }
 
     /// Counts a read-only session on host `index` (`started`), or one less.

@@ -49,6 +49,10 @@ pub struct Lending {
     pub retire: bool,
     /// The primary as the session last heard of it.
     pub primary: Option<usize>,
+    /// A client of the read-only listener: its connections come from a read-only pool.
+    pub readonly: bool,
+    /// The standbys that take reads (a bit per host), as the session last heard of them.
+    pub readers: u64,
     /// The client's named statements: name to Parse body, and whether the server took it.
     statements: HashMap<Vec<u8>, (Arc<[u8]>, Taken)>,
     /// The client's Parses in the request in flight (a named Parse waits for earlier requests,
@@ -106,6 +110,7 @@ impl Lending {
         lent: Lent,
         cancel: Arc<Slot>,
         primary: Option<usize>,
+        readers: Option<u64>,
     ) -> Self {
         Lending {
             shared,
@@ -118,6 +123,8 @@ impl Lending {
             pinned: None,
             retire: false,
             primary,
+            readonly: readers.is_some(),
+            readers: readers.unwrap_or(0),
             statements: HashMap::new(),
             parsed: Vec::new(),
             unconfirmed: Vec::new(),
@@ -146,11 +153,27 @@ impl Lending {
         stream
     }
 
+    /// Whether the client's transactions may go to `host`: the primary; for a client of the
+    /// read-only listener, a standby that takes reads, or the primary while none does. From
+    /// what the session last heard, so asking takes no lock.
+    pub fn host_ok(&self, host: usize) -> bool {
+        if !self.readonly {
+            return self.primary == Some(host);
+        }
+        if self.readers != 0 {
+            host < 64 && self.readers & (1 << host) != 0
+        } else {
+            self.primary == Some(host)
+        }
+    }
+
     /// A connection at once, if an idle one with the client's settings is there.
     pub fn try_now(&mut self, config: &Config) -> Option<Stream> {
-        let lent = self
-            .pool
-            .try_lend_now(self.primary, &self.settings, config.pool.lifetime)?;
+        let lent = {
+            let this = &*self;
+            this.pool
+                .try_lend_now(|h| this.host_ok(h), &this.settings, config.pool.lifetime)?
+        };
         Some(self.attached(lent))
     }
 

@@ -99,6 +99,7 @@ pub(crate) async fn log_in(
     config: &Config,
     client: &mut Stream,
     packet: &[u8],
+    readonly: bool,
 ) -> Result<LoggedIn, Failed> {
     let Ok(Some((startup::Startup::Start { minor, params }, _))) = startup::parse(packet) else {
         return Err(Refusal::ClientProtocol("invalid startup packet".into()).into());
@@ -114,7 +115,13 @@ pub(crate) async fn log_in(
         .get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or(user);
-    let wanted = settings(&params)?;
+    let mut wanted = settings(&params)?;
+    if readonly {
+        // On a standby writes fail anyway; on the primary (no standby qualifies) this makes
+        // them fail the same way, with PostgreSQL's own 25006.
+        wanted.retain(|(n, _)| n != "default_transaction_read_only");
+        wanted.push(("default_transaction_read_only".into(), "on".into()));
+    }
     let secret = if !config.auth.file.is_empty() {
         shared.users().get(user).cloned()
     } else {
@@ -131,7 +138,7 @@ pub(crate) async fn log_in(
         authenticate(client, user, secret.as_ref(), &shared.mock_key, binding).await?,
     );
     debug!(user, database, "client authenticated");
-    let pool = shared.pools.get(shared, user, database);
+    let pool = shared.pools.get(shared, user, database, readonly);
     let until = Instant::now() + config.limits.queue_timeout;
     let lent = match pool.lend(shared, config, &credential, &wanted, until).await {
         Ok(lent) => lent,
@@ -205,6 +212,7 @@ pub(crate) async fn log_in(
             lent,
             cancel,
             primary,
+            readonly.then(|| *shared.topology.watch_readers().borrow()),
         ),
         client_key: (client_pid, secret),
     })

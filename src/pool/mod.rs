@@ -33,14 +33,20 @@ const OWN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Pools {
     /// By user, then database: a login looks its pool up with the names it has, copying
-    /// nothing once the pool exists.
-    pools: Mutex<HashMap<String, HashMap<String, Arc<Pool>>>>,
+    /// nothing once the pool exists. The main listener's pools, then the read-only one's.
+    pools: [Mutex<HashMap<String, HashMap<String, Arc<Pool>>>>; 2],
 }
 
 /// One (user, database) pool.
 pub struct Pool {
     pub user: String,
     pub database: String,
+    /// A pool of the read-only listener: its connections go to standbys that take reads (or
+    /// the primary while none does), not to the primary.
+    pub readonly: bool,
+    /// For a read-only pool, the topology's count of read-only connections per host, which
+    /// its connections join while open.
+    reading: Option<Arc<[std::sync::atomic::AtomicU64]>>,
     idle: Mutex<Vec<ServerConn>>,
     /// How many are idle, for /health.
     idle_count: std::sync::atomic::AtomicU32,
@@ -80,6 +86,7 @@ pub enum LendError {
 pub struct PoolInfo {
     pub user: String,
     pub database: String,
+    pub readonly: bool,
     pub idle: usize,
     pub active: u32,
     pub waiting: u32,
@@ -88,8 +95,16 @@ pub struct PoolInfo {
 
 impl Pools {
     /// The pool for (user, database), made on first use.
-    pub(crate) fn get(&self, shared: &Shared, user: &str, database: &str) -> Arc<Pool> {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn get(
+        &self,
+        shared: &Shared,
+        user: &str,
+        database: &str,
+        readonly: bool,
+    ) -> Arc<Pool> {
+        let mut pools = self.pools[usize::from(readonly)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(pool) = pools.get(user).and_then(|by_db| by_db.get(database)) {
             return pool.clone();
         }
@@ -99,37 +114,42 @@ impl Pools {
             .entry(database.to_string())
             .or_insert_with(|| {
                 let size = shared.live.get().pool.size;
-                let labels = [("user", user), ("database", database)];
-                let m = &shared.metrics;
-                let state = |s| {
-                    m.gauge(
-                        "bulkhead_pool_server_connections",
-                        &[("user", user), ("database", database), ("state", s)],
-                    )
+                // A read-only listener's pool is told apart by one more label.
+                let mut base = vec![("user", user), ("database", database)];
+                if readonly {
+                    base.push(("readonly", "true"));
+                }
+                let with = |extra: (&'static str, &'static str)| {
+                    let mut labels = base.clone();
+                    labels.push(extra);
+                    labels
                 };
+                let labels = &base[..];
+                let m = &shared.metrics;
+                let state = |s| m.gauge("bulkhead_pool_server_connections", &with(("state", s)));
                 Arc::new(Pool {
                     user: user.to_string(),
                     database: database.to_string(),
+                    readonly,
+                    reading: readonly.then(|| shared.topology.reader_counts()),
                     idle: Mutex::new(Vec::new()),
                     idle_count: 0.into(),
                     open: 0.into(),
-                    slots: Arc::new(Limit::new(size, m.gauge("bulkhead_pool_size", &labels))),
+                    slots: Arc::new(Limit::new(size, m.gauge("bulkhead_pool_size", labels))),
                     credential: Mutex::new(None),
                     metrics: PoolMetrics {
                         idle: state("idle"),
                         active: state("active"),
-                        waiting: m.gauge("bulkhead_pool_clients_waiting", &labels),
-                        wait: m.histogram("bulkhead_pool_wait_seconds", &labels),
-                        logins_ok: m.counter(
-                            "bulkhead_pool_server_logins_total",
-                            &[("user", user), ("database", database), ("result", "ok")],
-                        ),
+                        waiting: m.gauge("bulkhead_pool_clients_waiting", labels),
+                        wait: m.histogram("bulkhead_pool_wait_seconds", labels),
+                        logins_ok: m
+                            .counter("bulkhead_pool_server_logins_total", &with(("result", "ok"))),
                         logins_failed: m.counter(
                             "bulkhead_pool_server_logins_total",
-                            &[("user", user), ("database", database), ("result", "failed")],
+                            &with(("result", "failed")),
                         ),
                         server_connections: m.server_connections.clone(),
-                        pinned: m.gauge("bulkhead_pool_pinned_clients", &labels),
+                        pinned: m.gauge("bulkhead_pool_pinned_clients", labels),
                     },
                 })
             })
@@ -137,17 +157,20 @@ impl Pools {
     }
 
     fn all(&self) -> Vec<Arc<Pool>> {
-        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools
-            .values()
-            .flat_map(|by_db| by_db.values().cloned())
-            .collect()
+        let mut all = Vec::new();
+        for pools in &self.pools {
+            let pools = pools.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(pools.values().flat_map(|by_db| by_db.values().cloned()));
+        }
+        all
     }
 
     /// Each pool's state, for /health.
     pub fn info(&self) -> Vec<PoolInfo> {
         let mut out: Vec<PoolInfo> = self.all().iter().map(|p| p.info()).collect();
-        out.sort_by(|a, b| (&a.user, &a.database).cmp(&(&b.user, &b.database)));
+        out.sort_by(|a, b| {
+            (a.readonly, &a.user, &a.database).cmp(&(b.readonly, &b.user, &b.database))
+        });
         out
     }
 
@@ -160,7 +183,12 @@ impl Pools {
             if pool.slots.limit() != config.pool.size {
                 pool.slots.set(config.pool.size);
             }
-            pool.prune(&config, primary.as_ref().map(|p| p.index));
+            let primary = primary.as_ref().map(|p| p.index);
+            if pool.readonly {
+                pool.prune(&config, |host| shared.topology.serves_reads(host));
+            } else {
+                pool.prune(&config, |host| Some(host) == primary);
+            }
             pool.keep_min_idle(shared, &config).await;
         }
     }
@@ -173,6 +201,7 @@ impl Pool {
         PoolInfo {
             user: self.user.clone(),
             database: self.database.clone(),
+            readonly: self.readonly,
             idle,
             active: self.slots.held(),
             waiting: self.slots.queued(),
@@ -219,12 +248,19 @@ impl Pool {
             .borrow()
             .as_ref()
             .map(|p| p.index);
+        let wanted = |host| {
+            if self.readonly {
+                shared.topology.serves_reads(host)
+            } else {
+                Some(host) == primary
+            }
+        };
         let now = Instant::now();
         let reused = loop {
             let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match next {
                 Some(conn)
-                    if Some(conn.info.host) == primary
+                    if wanted(conn.info.host)
                         && !conn.info.expired(config.pool.lifetime, now)
                         && conn.stream.still_quiet() =>
                 {
@@ -263,7 +299,7 @@ impl Pool {
     /// the common case in transaction pooling, which then allocates nothing.
     pub fn try_lend_now(
         self: &Arc<Self>,
-        primary: Option<usize>,
+        wanted: impl Fn(usize) -> bool,
         settings: &[(String, String)],
         lifetime: Duration,
     ) -> Option<Lent> {
@@ -278,9 +314,7 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         // The most recently returned first: its memory is warm.
         let at = idle.iter().rposition(|c| {
-            Some(c.info.host) == primary
-                && c.info.settings == settings
-                && !c.info.expired(lifetime, now)
+            wanted(c.info.host) && c.info.settings == settings && !c.info.expired(lifetime, now)
         });
         let conn = idle.swap_remove(at?);
         drop(idle);
@@ -329,6 +363,10 @@ impl Pool {
             Ok(conn) => {
                 self.metrics.logins_ok.increment(1);
                 self.metrics.server_connections.increment(1.0);
+                if let Some(reading) = &self.reading {
+                    // Read-only connections spread over the standbys as sessions do.
+                    reading[conn.info.host].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 debug!(user = %self.user, database = %self.database, server = %conn.info.addr, "pooled connection opened");
             }
             Err(_) => {
@@ -347,9 +385,12 @@ impl Pool {
         config: &Config,
         credential: Option<&Credential>,
     ) -> Result<ServerConn, (LendError, Option<usize>)> {
-        let (stream, addr, host) = crate::session::connect_primary(shared, config)
-            .await
-            .map_err(|r| (LendError::Refused(r), None))?;
+        let connected = if self.readonly {
+            crate::session::connect_reader(shared, config).await
+        } else {
+            crate::session::connect_primary(shared, config).await
+        };
+        let (stream, addr, host) = connected.map_err(|r| (LendError::Refused(r), None))?;
         let login = server::log_in(stream, addr, host, &self.user, &self.database, credential);
         let failed = |e| (e, Some(host));
         match tokio::time::timeout(
@@ -369,21 +410,24 @@ impl Pool {
         }
     }
 
-    /// Counts a connection closed; dropping its socket closes it.
-    fn closed(&self) {
+    /// Counts a connection to `host` closed; dropping its socket closes it.
+    fn closed(&self, host: usize) {
         self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         self.metrics.server_connections.decrement(1.0);
+        if let Some(reading) = &self.reading {
+            reading[host].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn close(&self, conn: ServerConn) {
-        self.closed();
+        self.closed(conn.info.host);
         drop(conn);
     }
 
     /// Closes idle connections that are too old, idle too long (above min_idle), on a host
     /// that is no longer the primary, or ended by the server while idle; and those above a
     /// lowered size.
-    fn prune(&self, config: &Config, primary: Option<usize>) {
+    fn prune(&self, config: &Config, wanted: impl Fn(usize) -> bool) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let before = idle.len();
@@ -394,7 +438,7 @@ impl Pool {
         for (i, conn) in idle.drain(..).enumerate() {
             let stale =
                 now.saturating_duration_since(conn.info.idle_since) >= config.pool.idle_timeout;
-            if Some(conn.info.host) != primary
+            if !wanted(conn.info.host)
                 || conn.info.expired(config.pool.lifetime, now)
                 || !conn.stream.still_quiet()
                 || i < over
@@ -564,10 +608,10 @@ impl Lent {
                 self.pool.metrics.active.decrement(1.0);
                 self.pool.close(conn);
             }
-            Held::Away(_) => {
+            Held::Away(info) => {
                 // Its socket ended with the relay.
                 self.pool.metrics.active.decrement(1.0);
-                self.pool.closed();
+                self.pool.closed(info.host);
             }
             Held::Nothing => {}
         }

@@ -41,7 +41,7 @@ mod pooled;
 mod server;
 mod start;
 
-pub(crate) use start::{connect_primary, refuse_out_of_descriptors};
+pub(crate) use start::{connect_primary, connect_reader, refuse_out_of_descriptors};
 use start::{linger, start};
 
 /// How long bulkhead's last words to a client may take to write before it gives up on them.
@@ -72,7 +72,8 @@ pub(crate) async fn serve(
         return;
     };
     let end = relay.run(&shared).await;
-    if relay.readonly {
+    if relay.readonly && relay.lending.is_none() {
+        // Passthrough: the session was counted on its host (a pool counts its connections).
         shared.topology.count_reader(relay.host, false);
     }
     Box::pin(
@@ -511,9 +512,17 @@ impl Relay {
                     }
                 }
                 Event::Primary | Event::Readers if self.readonly => {
-                    primary.borrow_and_update();
-                    if let Some(r) = readers.as_mut() {
-                        r.borrow_and_update();
+                    let now_primary = primary.borrow_and_update().as_ref().map(|p| p.index);
+                    let now_readers = readers.as_mut().map_or(0, |r| *r.borrow_and_update());
+                    if let Some(l) = self.lending.as_deref_mut() {
+                        l.primary = now_primary;
+                        l.readers = now_readers;
+                        if l.per_transaction && l.pinned.is_none() {
+                            // Its next transaction goes to a host that takes reads; the one it
+                            // holds is closed, not returned, if its host no longer does.
+                            l.retire |= self.server.is_some() && !l.host_ok(self.host);
+                            continue;
+                        }
                     }
                     if !shared.topology.serves_reads(self.host) {
                         info!(parent: &self.span, "this host no longer takes read-only sessions; the session ends at its next quiet point");
@@ -999,10 +1008,7 @@ impl Relay {
             return false;
         };
         if self.lending.as_ref().is_some_and(|l| l.per_transaction) {
-            let moved = self
-                .lending
-                .as_ref()
-                .is_some_and(|l| l.primary != Some(self.host));
+            let moved = self.lending.as_ref().is_some_and(|l| !l.host_ok(self.host));
             if self.server.is_none() || (moved && client_idle && self.can_survive_loss()) {
                 // Transaction pooling: once the client is idle it needs no server connection
                 // of its own; one whose host is no longer primary is given up on, not waited

@@ -100,6 +100,7 @@ pub(super) async fn start(
             first,
             startup_deadline,
             config,
+            readonly,
             span,
         ))
         .await;
@@ -167,6 +168,7 @@ async fn start_pooled(
     first: FirstPacket,
     startup_deadline: Instant,
     config: Snapshot,
+    readonly: bool,
     span: Span,
 ) -> Option<(Relay, Option<GaugeGuard>)> {
     let FirstPacket { packet, leftover } = first;
@@ -176,7 +178,7 @@ async fn start_pooled(
         refuse(&mut client, Refusal::ClientProtocol(why)).await;
         return None;
     }
-    let login = pool::login::log_in(shared, config.config(), &mut client, &packet);
+    let login = pool::login::log_in(shared, config.config(), &mut client, &packet, readonly);
     let logged = match tokio::time::timeout_at(startup_deadline, login).await {
         Ok(Ok(logged)) => logged,
         Ok(Err(pool::login::Failed::Refused(refusal))) => {
@@ -213,6 +215,7 @@ async fn start_pooled(
         span,
     );
     relay.logged_in(server_key, logged.client_key, lending);
+    relay.readonly = readonly;
     if relay.lending.as_ref().is_some_and(|l| l.per_transaction) {
         // Transaction pooling: the connection lent for the login goes back at once.
         relay.release_server();
