@@ -459,14 +459,14 @@ impl Config {
         if self.circuit.failure_threshold == 0 {
             return fail("circuit", "failure_threshold", "must be at least 1".into());
         }
-        if let Some(address) = self.listen_readonly.address {
-            if address == self.listen.address || address == self.health.address {
-                return fail(
-                    "listen_readonly",
-                    "address",
-                    format!("{address} is already listen.address or health.address"),
-                );
-            }
+        if let Some(address) = self.listen_readonly.address
+            && (address == self.listen.address || address == self.health.address)
+        {
+            return fail(
+                "listen_readonly",
+                "address",
+                format!("{address} is already listen.address or health.address"),
+            );
         }
         if self.pool.size == 0 {
             return fail("pool", "size", "must be at least 1".into());

@@ -29,12 +29,15 @@ pub use server::{ServerConn, ServerError};
 /// How long bulkhead's own statements on a pooled connection (settings, the reset) may take.
 const OWN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Pools by user, then database.
+type ByName = HashMap<String, HashMap<String, Arc<Pool>>>;
+
 /// Every pool of one proxy.
 #[derive(Default)]
 pub struct Pools {
     /// By user, then database: a login looks its pool up with the names it has, copying
     /// nothing once the pool exists. The main listener's pools, then the read-only one's.
-    pools: [Mutex<HashMap<String, HashMap<String, Arc<Pool>>>>; 2],
+    pools: [Mutex<ByName>; 2],
 }
 
 /// One (user, database) pool.
