@@ -16,7 +16,10 @@ Errors: 503 with the SQLSTATE in the body for a database error (psycopg's e.sqls
 for a connection error without a SQLSTATE, "pool-timeout" when no pooled connection came within
 the pool's 30 s default.
 
-  python app.py --port P --conninfo '...' (--tx | --autocommit)
+  python app.py --port P --conninfo '...' (--tx | --autocommit) [--read-conninfo '...']
+
+With --read-conninfo, reads use a second pool of 10 connections to that address (a read
+endpoint), and writes the first.
 """
 
 import argparse
@@ -70,7 +73,7 @@ def db_error(e):
     return state if state else "conn"
 
 
-def handle(pool, method, path):
+def handle(pool, read_pool, method, path):
     """Returns (status, body)."""
     route, _, query = path.partition("?")
     params = dict(p.partition("=")[::2] for p in query.split("&") if p)
@@ -78,7 +81,7 @@ def handle(pool, method, path):
         return 200, "ok"
     if route == "/read" and method == "GET":
         try:
-            with pool.connection() as conn:  # tx mode: BEGIN; SELECT; COMMIT on exit
+            with read_pool.connection() as conn:  # tx mode: BEGIN; SELECT; COMMIT on exit
                 row = conn.execute(READ_SQL, (random.randint(1, SEEDED),)).fetchone()
             return 200, str(row[0] if row else "")
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
@@ -97,11 +100,11 @@ def handle(pool, method, path):
     return 404, "no such path"
 
 
-def worker(pool, work):
+def worker(pool, read_pool, work):
     while True:
         sock, method, path = work.get()
         try:
-            status, body = handle(pool, method, path)
+            status, body = handle(pool, read_pool, method, path)
         except Exception as e:  # never lose a worker
             status, body = 503, "app:" + type(e).__name__
         respond(sock, status, body)
@@ -128,6 +131,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--conninfo", required=True)
+    ap.add_argument("--read-conninfo", default="")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--tx", action="store_true", help="autocommit off (psycopg's default)")
     mode.add_argument("--autocommit", action="store_true")
@@ -137,10 +141,15 @@ def main():
     pool = psycopg_pool.ConnectionPool(args.conninfo, min_size=POOL_SIZE, max_size=POOL_SIZE,
                                        kwargs=kwargs, open=True)
     pool.wait(timeout=60)
+    read_pool = pool
+    if args.read_conninfo:
+        read_pool = psycopg_pool.ConnectionPool(args.read_conninfo, min_size=POOL_SIZE, max_size=POOL_SIZE,
+                                                kwargs=kwargs, open=True)
+        read_pool.wait(timeout=60)
 
     work = queue.Queue()
     for _ in range(WORKERS):
-        threading.Thread(target=worker, args=(pool, work), daemon=True).start()
+        threading.Thread(target=worker, args=(pool, read_pool, work), daemon=True).start()
 
     lsock = socket.socket()
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

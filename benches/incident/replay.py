@@ -29,10 +29,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PG_BIN = (sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(re.findall(r"/(\d+)/bin", p)[0]))
           or [""])[-1]
 AS_ROOT = os.geteuid() == 0
-FAULTS = ["stall-tx", "stall-auto", "failover", "frozen"]
+FAULTS = ["stall-tx", "stall-auto", "failover", "frozen", "failover-split", "failover-ro"]
+# Failovers with the app's reads on a pool of their own: on the same address as the writes
+# (failover-split), or on a read endpoint (failover-ro: bulkhead's read-only listener; libpq's
+# target_session_attrs=prefer-standby directly).
+SPLIT = {"failover-split": "main", "failover-ro": "readonly"}
 ALL_FAULTS = FAULTS + ["churn"]
 SYSTEMS = ["direct", "pgbouncer", "bulkhead"]
-APP_MODE = {"stall-tx": "--tx", "stall-auto": "--autocommit", "failover": "--tx", "frozen": "--tx"}
+APP_MODE = {"stall-tx": "--tx", "stall-auto": "--autocommit", "failover": "--tx", "frozen": "--tx",
+            "failover-split": "--tx", "failover-ro": "--tx"}
 FIRST_ID = 1_000_001
 DB = "incident"
 
@@ -339,13 +344,15 @@ class System:
         self.health = None  # bulkhead's health address
         self.port = None
 
-    def start(self, hosts):
+    def start(self, hosts, reads="main"):
+        """Starts the system; returns the app's conninfo, and the one for its reads."""
         if self.name == "direct":
-            self.conninfo = (f"host={','.join(['127.0.0.1'] * len(hosts))} port={','.join(map(str, hosts))} "
-                             f"dbname={DB} user=postgres")
-            if len(hosts) > 1:
-                self.conninfo += " target_session_attrs=read-write"
-            return self.conninfo
+            base = (f"host={','.join(['127.0.0.1'] * len(hosts))} port={','.join(map(str, hosts))} "
+                    f"dbname={DB} user=postgres")
+            self.conninfo = base + (" target_session_attrs=read-write" if len(hosts) > 1 else "")
+            if reads == "readonly":
+                return self.conninfo, base + " target_session_attrs=prefer-standby"
+            return self.conninfo, self.conninfo
         self.port = free_port()
         if self.name == "pgbouncer":
             # PgBouncer takes one host per database: the original primary (it cannot follow a failover).
@@ -374,6 +381,9 @@ class System:
                    "database": {"hosts": [f"127.0.0.1:{p}" for p in hosts]},
                    "probe": {"user": "postgres"},
                    "timeouts": {"write": "2s"}}
+            ro_port = free_port() if reads == "readonly" else None
+            if ro_port:
+                cfg["listen_readonly"] = {"address": f"127.0.0.1:{ro_port}"}
             if self.args.bulkhead_config_extra:
                 with open(self.args.bulkhead_config_extra, "rb") as f:
                     merge(cfg, tomllib.load(f))
@@ -388,7 +398,10 @@ class System:
             wait_port(self.port, "bulkhead", proc=self.proc)
             wait_http(self.health, "/readyz", 20, "bulkhead")
         self.conninfo = f"host=127.0.0.1 port={self.port} dbname={DB} user=postgres"
-        return self.conninfo
+        if self.name == "bulkhead" and ro_port:
+            wait_port(ro_port, "bulkhead's read-only listener", proc=self.proc)
+            return self.conninfo, f"host=127.0.0.1 port={ro_port} dbname={DB} user=postgres"
+        return self.conninfo, self.conninfo
 
     def stop(self):
         if self.proc is not None:
@@ -420,7 +433,7 @@ class Fault:
         p = self.c[0]
         if self.name in ("stall-tx", "stall-auto"):
             sql(p.port, ["ALTER SYSTEM SET synchronous_standby_names = 'missing'", "SELECT pg_reload_conf()"])
-        elif self.name == "failover":
+        elif self.name.startswith("failover"):
             run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", p.data, "-m", "immediate", "-w", "stop"]))
         elif self.name == "frozen":
             n = p.freeze()
@@ -428,7 +441,7 @@ class Fault:
 
     def after_inject(self, fault_start):
         """Anything scheduled inside the fault window (the promotion, ~2 s after the stop)."""
-        if self.name == "failover":
+        if self.name.startswith("failover"):
             time.sleep(max(0.0, fault_start + 2.0 - time.time()))
             self.ev("promote-begin")
             run(as_server_user([f"{PG_BIN}/pg_ctl", "-D", self.c[1].data, "-w", "-t", "60", "promote"]))
@@ -443,7 +456,7 @@ class Fault:
         # failover: nothing; the new primary stays.
 
     def survivor(self):
-        return self.c[1] if self.name == "failover" else self.c[0]
+        return self.c[1] if self.name.startswith("failover") else self.c[0]
 
 
 def read_acked(load_path):
@@ -464,16 +477,19 @@ def run_fault(fault, system, args, pg, procs, outdir):
     root = pg.new_root(f"{fault}-{system}")
     events = []
     clusters = [pg.primary(root)]
-    if fault == "failover":
+    if fault.startswith("failover"):
         clusters.append(pg.standby(root, clusters[0]))
     sysu = System(system, procs, outdir, args, root)
     app = None
     healthy, faulty, healed = args.phases
     try:
-        conninfo = sysu.start([c.port for c in clusters])
+        conninfo, read_conninfo = sysu.start([c.port for c in clusters], SPLIT.get(fault, "main"))
         app_port = free_port()
-        app = procs.spawn([sys.executable, os.path.join(HERE, "app.py"), "--port", str(app_port),
-                           "--conninfo", conninfo, APP_MODE[fault]], os.path.join(outdir, "app.log"))
+        app_cmd = [sys.executable, os.path.join(HERE, "app.py"), "--port", str(app_port),
+                   "--conninfo", conninfo, APP_MODE[fault]]
+        if fault in SPLIT:
+            app_cmd += ["--read-conninfo", read_conninfo]
+        app = procs.spawn(app_cmd, os.path.join(outdir, "app.log"))
         wait_port(app_port, "app", seconds=60, proc=app)
         wait_http(f"127.0.0.1:{app_port}", "/healthz", 10, "app")
 
@@ -522,7 +538,7 @@ def run_fault(fault, system, args, pg, procs, outdir):
         with open(os.path.join(outdir, "writes.json"), "w") as f:
             json.dump(check, f)
         meta = {"fault": fault, "system": system, "phases": args.phases, "t0": t0, "events": events,
-                "conninfo": conninfo, "app_mode": APP_MODE[fault],
+                "conninfo": conninfo, "read_conninfo": read_conninfo, "app_mode": APP_MODE[fault],
                 "ports": {"primary": clusters[0].port, "standby": clusters[1].port if len(clusters) > 1 else None}}
         with open(os.path.join(outdir, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -674,6 +690,9 @@ def main():
         pg = Postgres(args.tmp)
         for f in faults:
             for s in systems:
+                if f == "failover-ro" and s == "pgbouncer":
+                    log("failover-ro through pgbouncer: skipped (PgBouncer has no read routing)")
+                    continue
                 out = os.path.join(args.results, "runs", f, s)
                 try:
                     if f == "churn":

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SYSTEMS = ["direct", "pgbouncer", "bulkhead"]
-FAULTS = ["stall-tx", "stall-auto", "failover", "frozen"]
+FAULTS = ["stall-tx", "stall-auto", "failover", "frozen", "failover-split", "failover-ro"]
 CLIENT_TIMEOUT = 10.0
 NOTES = {
     "stall-tx": "commits wait for a synchronous standby that does not exist (synchronous_standby_names = 'missing'); "
@@ -31,6 +31,11 @@ NOTES = {
                 "App in transactions.",
     "frozen": "the postmaster and all its children are SIGSTOPped for the fault window, SIGCONTinued at the heal; "
               "app in transactions.",
+    "failover-split": "the failover above, with the app's reads on a pool of their own (10 more connections) "
+                      "to the same address as its writes. The baseline for failover-ro.",
+    "failover-ro": "the same failover and app, with the reads' pool on a read endpoint: bulkhead's read-only "
+                   "listener ([listen_readonly]); directly, libpq multi-host with "
+                   "target_session_attrs=prefer-standby. PgBouncer has no read routing and is not run.",
 }
 
 
@@ -113,6 +118,12 @@ def analyse(d):
     wr = [r for r in recs["req"] if r["op"] == "write" and in_fault(r)]
     row = {}
     row["reads_ok"] = pct(sum(ok_within(r, 1.0) for r in reads), len(reads))
+    # Requests sent from the fault start to the end of the run that did not get 200: the
+    # application's failed requests across the fault, reads and writes apart.
+    after = [r for r in recs["req"] if r["t"] >= fs]
+    failed_reads = sum(r["st"] != 200 for r in after if r["op"] == "read")
+    failed_writes = sum(r["st"] != 200 for r in after if r["op"] == "write")
+    row["failed"] = f"{failed_reads} / {failed_writes}"
     lats = [r["lat"] for r in reads]
     row["read_p50"] = fmt_lat(quantile(lats, 0.5))
     row["read_p99"] = fmt_lat(quantile(lats, 0.99))
@@ -130,7 +141,7 @@ def analyse(d):
         row["readyz_first"] = f"{min(r['t'] for r in bad) - fs:.1f} s" if bad else "never"
     else:
         row["readyz_503"] = row["readyz_first"] = "—"
-    ref = fs if meta["fault"] == "failover" else hs
+    ref = fs if meta["fault"].startswith("failover") else hs
     rec = recovery(recs["req"], ref, end)
     row["recovery"] = "not recovered" if rec is None else f"{rec:.0f} s"
     row["missing"] = str(len(writes["acked_missing"]))
@@ -167,6 +178,7 @@ def circuit_summary(d):
 
 COLUMNS = [
     ("reads_ok", "reads OK ≤ 1 s"),
+    ("failed", "failed requests from the fault on (reads / writes)"),
     ("read_p50", "read p50"),
     ("read_p99", "read p99"),
     ("writes_answered", "writes answered ≤ 5 s"),
