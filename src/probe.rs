@@ -72,6 +72,10 @@ pub struct HostInfo {
     pub check_since: Option<Instant>,
     /// A standby's replay lag at the last probe.
     pub lag: Option<Duration>,
+    /// Probes in a row that found its lag over max_replica_lag: it stops taking reads at the
+    /// second, so that one unlucky reading (WAL received a moment before it is replayed)
+    /// does not send its read-only sessions away.
+    pub lag_over: u32,
 }
 
 /// TLS on the probe's last connection to a host.
@@ -181,6 +185,7 @@ impl Topology {
                 check_failing: None,
                 check_since: None,
                 lag: None,
+                lag_over: 0,
             })
             .collect();
         let circuits = addresses
@@ -224,10 +229,15 @@ impl Topology {
     }
 
     /// Sets [listen_readonly] max_replica_lag (at start and on reload).
-    pub fn set_max_replica_lag(&self, lag: Duration) {
+    pub fn set_max_replica_lag(&self, max: Duration) {
         self.max_replica_lag_ms
-            .store(lag.as_millis() as u64, Ordering::Relaxed);
-        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            .store(max.as_millis() as u64, Ordering::Relaxed);
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        for h in hosts.iter_mut() {
+            if h.lag.is_some_and(|lag| lag <= max) {
+                h.lag_over = 0;
+            }
+        }
         self.choose_readers(&hosts);
     }
 
@@ -283,16 +293,17 @@ impl Topology {
         }
     }
 
-    /// The standbys that qualify for reads, published when the set changes.
+    /// The standbys that qualify for reads, published when the set changes: up, answering,
+    /// and not found over max_replica_lag twice in a row.
     fn choose_readers(&self, hosts: &[HostInfo]) {
-        let max = Duration::from_millis(self.max_replica_lag_ms.load(Ordering::Relaxed));
         let bits = hosts
             .iter()
             .enumerate()
             .filter(|(i, h)| {
                 *i < 64
                     && h.role == Role::Standby
-                    && h.lag.is_some_and(|lag| lag <= max)
+                    && h.lag.is_some()
+                    && h.lag_over < 2
                     && !self.circuits[*i].is_unresponsive()
             })
             .fold(0u64, |bits, (i, _)| bits | (1 << i));
@@ -393,6 +404,11 @@ impl Topology {
                 lag,
             } => {
                 host.lag = lag;
+                let max = Duration::from_millis(self.max_replica_lag_ms.load(Ordering::Relaxed));
+                host.lag_over = match lag {
+                    Some(lag) if lag > max => host.lag_over.saturating_add(1),
+                    _ => 0,
+                };
                 self.lag_gauge[index].set(lag.map_or(0.0, |l| l.as_secs_f64()));
                 host.tls = if tls { TlsState::On } else { TlsState::Off };
                 host.role = if in_recovery {
@@ -442,6 +458,7 @@ impl Topology {
         }
         if host.role != Role::Standby {
             host.lag = None;
+            host.lag_over = 0;
         }
         self.choose_primary(&mut hosts);
         self.choose_readers(&hosts);
@@ -1134,6 +1151,9 @@ mod tests {
         t.report(0, primary(1), MS);
         t.report(1, standby(1), MS);
         t.report(2, lagging(5), MS);
+        // One reading over the bound is not enough: it may have caught WAL not yet replayed.
+        assert_eq!(*t.watch_readers().borrow(), 0b110);
+        t.report(2, lagging(5), MS);
         assert_eq!(*t.watch_readers().borrow(), 0b010);
         assert!(t.serves_reads(1) && !t.serves_reads(2) && !t.serves_reads(0));
         assert_eq!(t.pick_reader().map(|(i, _)| i), Some(1));
@@ -1144,7 +1164,10 @@ mod tests {
         assert_eq!(t.pick_reader().map(|(i, _)| i), Some(2));
         // No standby qualifies: the primary.
         t.set_max_replica_lag(Duration::from_millis(1));
-        t.report(1, lagging(1), MS);
+        for _ in 0..2 {
+            t.report(1, lagging(1), MS);
+            t.report(2, lagging(1), MS);
+        }
         assert_eq!(*t.watch_readers().borrow(), 0);
         assert!(t.serves_reads(0));
         assert_eq!(t.pick_reader().map(|(i, _)| i), Some(0));

@@ -389,3 +389,39 @@ async fn a_frozen_primary_costs_each_client_its_open_transaction_and_nothing_mor
     );
     drop(frozen);
 }
+
+/// The primary crashes (`pg_ctl stop -m immediate`: a WARNING, then the socket closes) with a
+/// client idle in a block: its next statement gets 08006, its ROLLBACK succeeds, and once the
+/// server is back its next transaction runs, on the same client connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_costs_a_client_its_open_block_and_not_its_connection() {
+    let s = setup();
+    let proxy = Proxy::start(pooled(&s, 2)).await;
+    let c = connect(&proxy, "").await;
+    c.batch_execute("BEGIN; INSERT INTO ledger VALUES (1, 1)")
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| s.pg.stop("immediate"));
+    let e = c
+        .batch_execute("INSERT INTO ledger VALUES (1, 2)")
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&e), "08006", "{e}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    tokio::task::block_in_place(|| s.pg.start_again());
+    eventually(
+        "a transaction once the server is back",
+        Duration::from_secs(30),
+        || async {
+            c.batch_execute("INSERT INTO ledger VALUES (1, 3)")
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert!(!c.is_closed());
+    assert_eq!(
+        first_value(&c, "SELECT string_agg(n::text, ',' ORDER BY n) FROM ledger").await,
+        "3"
+    );
+}
