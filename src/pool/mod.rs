@@ -356,7 +356,10 @@ impl Pool {
                     shared.topology.connection_lost(host);
                     let mut primary = shared.topology.watch_primary();
                     primary.borrow_and_update();
-                    let wait = config.probe.interval.min(give_up - Instant::now());
+                    let wait = config
+                        .probe
+                        .interval
+                        .min(give_up.saturating_duration_since(Instant::now()));
                     let _ = tokio::time::timeout(wait, primary.changed()).await;
                 }
                 attempt => break attempt.map_err(|(e, _)| e),
