@@ -20,7 +20,7 @@
 //! the probe finds the host not answering, so that statements stuck there are answered at once.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -215,7 +215,16 @@ pub struct Circuit {
     unresponsive: AtomicBool,
     /// The probe's heartbeat has gone unanswered for its timeout: the first, fast sign.
     beat_silent: AtomicBool,
+    /// When a session last had a request answered by the host, in milliseconds from
+    /// `origin` (`u64::MAX`: never). Sessions write it at most every `ANSWER_NOTE_EVERY`.
+    last_answer_ms: AtomicU64,
+    origin: Instant,
 }
+
+/// How often a session notes that its host answered (see `Circuit::saw_answer`): rarely
+/// enough that the shared line costs nothing measurable, often enough for the heartbeat's
+/// hundreds of milliseconds.
+pub const ANSWER_NOTE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Circuit {
     /// A closed circuit for backend `name`, publishing to the metrics of `m`.
@@ -237,7 +246,24 @@ impl Circuit {
             alarm: watch::channel(0).0,
             unresponsive: AtomicBool::new(false),
             beat_silent: AtomicBool::new(false),
+            last_answer_ms: AtomicU64::new(u64::MAX),
+            origin: Instant::now(),
         }
+    }
+
+    /// A session had a request answered by the host at `now`: the host is not frozen, only
+    /// perhaps slow for the probe's own connection (a busy machine).
+    pub fn saw_answer(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+        self.last_answer_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether some session had a request answered by the host within `window`.
+    pub fn answered_within(&self, window: std::time::Duration) -> bool {
+        let at = self.last_answer_ms.load(Ordering::Relaxed);
+        at != u64::MAX
+            && (self.origin.elapsed().as_millis() as u64)
+                <= at.saturating_add(window.as_millis() as u64)
     }
 
     /// Why statements to the host are not sent, while it is unresponsive.

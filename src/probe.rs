@@ -776,13 +776,17 @@ async fn heartbeat(shared: &Shared, config: &Config, dial: &Dial, index: usize, 
         let answered = {
             let beat = c.client.simple_query("");
             tokio::pin!(beat);
-            match tokio::time::timeout(within, &mut beat).await {
-                Ok(result) => result.is_ok(),
-                Err(_) => {
-                    circuit.set_beat_silent(true);
-                    // The answer that ends the silence, or the connection's end (keepalive
-                    // and TCP_USER_TIMEOUT close a dead one).
-                    beat.await.is_ok()
+            loop {
+                match tokio::time::timeout(within, &mut beat).await {
+                    Ok(result) => break result.is_ok(),
+                    Err(_) => {
+                        // Silent for `within`, looked at again every `within` until the answer
+                        // (or the connection's end: keepalive and TCP_USER_TIMEOUT close a dead
+                        // one) comes. A frozen host answers nobody; a machine too busy to
+                        // schedule the heartbeat's backend in time still answers the sessions,
+                        // and their answers keep it from counting as not answering.
+                        circuit.set_beat_silent(!circuit.answered_within(within));
+                    }
                 }
             }
         };
@@ -911,7 +915,11 @@ async fn check_host(
         // the silence is not counted (below).
         let window = probe.heartbeat + probe.heartbeat_timeout;
         let report = match report {
-            Report::Silent(why) if was_up && !circuit.is_beat_silent() && beat.within(window) => {
+            Report::Silent(why)
+                if was_up
+                    && !circuit.is_beat_silent()
+                    && (beat.within(window) || circuit.answered_within(window)) =>
+            {
                 Report::Slow(format!(
                     "{why} on a new connection, while the heartbeat's connection answers"
                 ))

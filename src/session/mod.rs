@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, timeout};
 use tracing::{Instrument, Span, debug, info, warn};
 
-use crate::breaker::{Decision, Success};
+use crate::breaker::{ANSWER_NOTE_EVERY, Decision, Success};
 use crate::cancel::Target;
 use crate::classify::{Control, Kind, Memo, classify, session_feature, transaction_control};
 use crate::detach::{Detached, Next};
@@ -267,6 +267,9 @@ struct Relay {
     lending: Option<Box<Lending>>,
     /// CloseCompletes the server owes for Closes bulkhead added itself (transaction pooling).
     swallow_close_complete: u32,
+    /// When this session last told its host's circuit that the host answered (at most every
+    /// `breaker::ANSWER_NOTE_EVERY`).
+    answer_noted: Option<Instant>,
     /// A session of the read-only listener: on a standby (or the primary, read-only); writes
     /// get the server's 25006 and are no evidence for any write circuit.
     readonly: bool,
@@ -410,6 +413,7 @@ impl Relay {
             lending: None,
             swallow_close_complete: 0,
             readonly: false,
+            answer_noted: None,
             span,
         }
     }

@@ -205,6 +205,14 @@ impl Relay {
     ) -> Option<BytesMut> {
         let now = Instant::now();
         let done = self.tracker.ready(status, now)?;
+        if self
+            .answer_noted
+            .is_none_or(|at| now.saturating_duration_since(at) >= ANSWER_NOTE_EVERY)
+        {
+            // The host answers: evidence the heartbeat weighs before calling it frozen.
+            self.answer_noted = Some(now);
+            shared.topology.circuit(self.host).saw_answer(now);
+        }
         let outcome = match done.effect {
             Effect::Refused(_) => Outcome::Refused,
             _ if self.head_timed_out => Outcome::Timeout,

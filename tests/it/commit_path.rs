@@ -726,3 +726,52 @@ async fn a_primary_slow_to_start_sessions_keeps_its_role_and_its_sessions_go_on(
     );
     assert!(!conn.is_finished());
 }
+
+/// A machine too busy to schedule the heartbeat's backend in time is not a frozen host (a full
+/// benchmark run on two cores once had bulkhead refuse statements for that): while sessions'
+/// requests are answered, an unanswered heartbeat (here its backend alone is stopped) does not
+/// mark the host not answering, and no statement is refused. Once no session is answered
+/// either, the silence counts, as for a frozen host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_unanswered_while_sessions_are_answered_does_not_mark_the_host() {
+    let pg = Cluster::start();
+    let mut config = fast_config(&pg);
+    // Status checks out of the way: they would speak for the host every 5 s.
+    config.probe.interval = Duration::from_secs(5);
+    config.probe.timeout = Duration::from_secs(2);
+    let proxy = Proxy::start(config).await;
+    let c = proxy.connect().await;
+    first_value(&c, "SELECT 1").await;
+    heartbeat_connected(&pg).await;
+    let pid: i32 = pg
+        .psql(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE application_name = 'bulkhead probe' AND query = '' LIMIT 1",
+        )
+        .parse()
+        .unwrap();
+    let stopped = Frozen::stop(vec![pid]);
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut reads = 0;
+    while Instant::now() < until {
+        c.simple_query("SELECT 1")
+            .await
+            .expect("a read while only the heartbeat's backend is stopped");
+        reads += 1;
+        if reads % 50 == 0 {
+            assert_eq!(proxy.health_json().await["backends"][0]["answering"], true);
+        }
+    }
+    assert_eq!(proxy.health_json().await["backends"][0]["answering"], true);
+    // No session traffic now: the heartbeat's silence counts.
+    eventually("the host marked not answering", SECONDS_20, || async {
+        (proxy.health_json().await["backends"][0]["answering"] == false).then_some(())
+    })
+    .await;
+    drop(stopped);
+    eventually("the host answering again", SECONDS_20, || async {
+        (proxy.health_json().await["backends"][0]["answering"] == true).then_some(())
+    })
+    .await;
+    first_value(&c, "SELECT 2").await;
+}
