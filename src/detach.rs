@@ -100,7 +100,7 @@ impl Detached {
         d
     }
 
-    /// The answer to a request in flight when the server connection was lost: `refusal`,
+    /// The answer to a request in flight when the server connection was lost (or stopped answering): `refusal`,
     /// then ReadyForQuery; `ends_block` if it was a commit (its block is over, whatever its
     /// fate), else a block it was in has failed.
     pub fn lost(&mut self, refusal: &Refusal, ends_block: bool, out: &mut BytesMut) {
@@ -117,11 +117,6 @@ impl Detached {
         self.batch = Some(Batch::Refused);
     }
 
-    /// Statements from now on get `rest`.
-    pub fn set_rest(&mut self, rest: Refusal) {
-        self.rest = rest;
-    }
-
     /// The client is between requests, outside a transaction: the session can follow the
     /// server again once the server's state matches.
     pub fn client_idle(&self) -> bool {
@@ -132,9 +127,7 @@ impl Detached {
     /// that cannot commit: a read, or a statement inside a block, which bulkhead rolls back
     /// once the server answers): an error, then ReadyForQuery; a block has failed.
     pub fn abandon(&mut self, out: &mut BytesMut) {
-        Refusal::Abandoned(self.why.clone()).write(out);
-        self.after_error(false);
-        backend::write_ready_for_query(out, self.client_tx);
+        self.lost(&Refusal::Abandoned(self.why.clone()), false, out);
     }
 
     /// The client's extended-protocol batch was cut off mid-way: its error now, and

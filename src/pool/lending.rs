@@ -49,9 +49,8 @@ pub struct Lending {
     pub retire: bool,
     /// The primary as the session last heard of it.
     pub primary: Option<usize>,
-    /// A client of the read-only listener: its connections come from a read-only pool.
-    pub readonly: bool,
-    /// The standbys that take reads (a bit per host), as the session last heard of them.
+    /// The standbys that take reads (a bit per host), as the session last heard of them; for
+    /// a client of the read-only listener (its pool is a read-only one).
     pub readers: u64,
     /// The client's named statements: name to Parse body, and whether the server took it.
     statements: HashMap<Vec<u8>, (Arc<[u8]>, Taken)>,
@@ -110,7 +109,7 @@ impl Lending {
         lent: Lent,
         cancel: Arc<Slot>,
         primary: Option<usize>,
-        readers: Option<u64>,
+        readers: u64,
     ) -> Self {
         Lending {
             shared,
@@ -123,8 +122,7 @@ impl Lending {
             pinned: None,
             retire: false,
             primary,
-            readonly: readers.is_some(),
-            readers: readers.unwrap_or(0),
+            readers,
             statements: HashMap::new(),
             parsed: Vec::new(),
             unconfirmed: Vec::new(),
@@ -157,7 +155,7 @@ impl Lending {
     /// read-only listener, a standby that takes reads, or the primary while none does. From
     /// what the session last heard, so asking takes no lock.
     pub fn host_ok(&self, host: usize) -> bool {
-        if !self.readonly {
+        if !self.pool.readonly {
             return self.primary == Some(host);
         }
         if self.readers != 0 {

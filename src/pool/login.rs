@@ -212,7 +212,7 @@ pub(crate) async fn log_in(
             lent,
             cancel,
             primary,
-            readonly.then(|| *shared.topology.watch_readers().borrow()),
+            *shared.topology.watch_readers().borrow(),
         ),
         client_key: (client_pid, secret),
     })

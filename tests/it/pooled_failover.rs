@@ -13,7 +13,9 @@ use tokio_postgres::Client;
 use tokio_postgres::error::Severity;
 
 use crate::support::{Cluster, Frozen, Proxy, eventually, first_value};
-use crate::transaction_pooling::{connect, pooled, setup};
+use bulkhead::Config;
+
+use crate::transaction_pooling::{Setup, connect, pooled, setup};
 
 /// The SQLSTATE of an error a client got, which must be an ERROR (the connection goes on),
 /// not a FATAL or a closed connection.
@@ -27,6 +29,16 @@ fn error_code(e: &tokio_postgres::Error) -> String {
         "a FATAL would end the connection: {db:?}"
     );
     db.code().code().to_string()
+}
+
+/// Transaction pooling over `size` connections in front of the setup's primary and `standby`,
+/// with a quick probe and a hold long enough for a promotion.
+fn with_standby(s: &Setup, standby: &Cluster, size: u32) -> Config {
+    let mut config = pooled(s, size);
+    config.database.hosts = vec![s.pg.addr(), standby.addr()];
+    config.probe.timeout = Duration::from_millis(400);
+    config.circuit.hold_new_connections = Duration::from_secs(30);
+    config
 }
 
 async fn ledger_rows(c: &Client) -> HashSet<(i32, i32)> {
@@ -48,10 +60,7 @@ async fn through_a_failover_in_transaction_mode_no_client_is_closed_and_no_ackno
  {
     let s = setup();
     let standby = Cluster::standby_of(&s.pg);
-    let mut config = pooled(&s, 10);
-    config.database.hosts = vec![s.pg.addr(), standby.addr()];
-    config.probe.timeout = Duration::from_millis(400);
-    config.circuit.hold_new_connections = Duration::from_secs(30);
+    let mut config = with_standby(&s, &standby, 10);
     config.limits.queue_timeout = Duration::from_secs(30);
     config.limits.max_clients = 1000;
     let probe_interval = config.probe.interval;
@@ -334,11 +343,8 @@ async fn a_transaction_with_no_primary_in_sight_gets_57p03_and_the_connection_st
 async fn a_frozen_primary_costs_each_client_its_open_transaction_and_nothing_more() {
     let s = setup();
     let standby = Cluster::standby_of(&s.pg);
-    let mut config = pooled(&s, 4);
-    config.database.hosts = vec![s.pg.addr(), standby.addr()];
-    config.probe.timeout = Duration::from_millis(400);
+    let mut config = with_standby(&s, &standby, 4);
     config.timeouts.write = Duration::from_secs(60);
-    config.circuit.hold_new_connections = Duration::from_secs(30);
     let proxy = Proxy::start(config).await;
     let committing = connect(&proxy, "").await;
     let in_block = connect(&proxy, "").await;

@@ -60,6 +60,27 @@ async fn standbys_taking_reads(proxy: &Proxy, n: usize) {
     .await;
 }
 
+/// Pauses `standby`'s replay and commits on the primary through `writer` (running `insert`)
+/// until the probe has taken the standby out of reads for being behind.
+async fn pause_until_behind(proxy: &Proxy, standby: &Cluster, writer: &Client, insert: &str) {
+    standby.psql("SELECT pg_wal_replay_pause()");
+    eventually(
+        "the paused standby no longer taking reads",
+        Duration::from_secs(20),
+        || async {
+            writer.batch_execute(insert).await.unwrap();
+            let doc = proxy.health_json().await;
+            let b = doc["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["address"] == standby.addr())?
+                .clone();
+            (b["takes_reads"] == false && b["replay_lag_ms"].as_u64()? > 1000).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Read-only sessions go to the standbys, spread evenly; a write there gets PostgreSQL's own
 /// 25006 and leaves the write circuit alone; the main listener still writes to the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,26 +166,8 @@ async fn a_standby_paused_past_the_lag_bound_is_avoided_until_it_catches_up() {
     }
     let on_s1 = on_s1.expect("one of two sessions on each standby");
 
-    s1.psql("SELECT pg_wal_replay_pause()");
     let writer = primary.connect().await;
-    eventually(
-        "s1 no longer taking reads",
-        Duration::from_secs(20),
-        || async {
-            writer
-                .batch_execute("INSERT INTO t VALUES (1)")
-                .await
-                .unwrap();
-            let doc = proxy.health_json().await;
-            let b = doc["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["address"] == s1.addr())?
-                .clone();
-            (b["takes_reads"] == false && b["replay_lag_ms"].as_u64()? > 1000).then_some(())
-        },
-    )
-    .await;
+    pause_until_behind(&proxy, &s1, &writer, "INSERT INTO t VALUES (1)").await;
     for _ in 0..4 {
         let c = reader(ro).await;
         assert_eq!(
@@ -268,26 +271,8 @@ async fn in_transaction_mode_each_read_only_transaction_goes_to_a_current_standb
         assert_eq!(sqlstate(&e), "25006");
     }
 
-    s1.psql("SELECT pg_wal_replay_pause()");
     let writer = s.pg.connect().await;
-    eventually(
-        "s1 no longer taking reads",
-        Duration::from_secs(20),
-        || async {
-            writer
-                .batch_execute("INSERT INTO ledger VALUES (0, 0)")
-                .await
-                .unwrap();
-            let doc = proxy.health_json().await;
-            let b = doc["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["address"] == s1.addr())?
-                .clone();
-            (b["takes_reads"] == false).then_some(())
-        },
-    )
-    .await;
+    pause_until_behind(&proxy, &s1, &writer, "INSERT INTO ledger VALUES (0, 0)").await;
     for c in &clients {
         for _ in 0..3 {
             assert_eq!(
