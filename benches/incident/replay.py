@@ -577,7 +577,7 @@ def run_churn(system, args, pg, procs, outdir):
     writer_res = {"ok": 0, "refused": {}, "ids": []}
     circuit_samples = []
     try:
-        conninfo = sysu.start([cluster.port])
+        conninfo, _ = sysu.start([cluster.port])
 
         def writer():
             conn = None
