@@ -218,6 +218,9 @@ pub struct Circuit {
     /// When a session last had a request answered by the host, in milliseconds from
     /// `origin` (`u64::MAX`: never). Sessions write it at most every `ANSWER_NOTE_EVERY`.
     last_answer_ms: AtomicU64,
+    /// When a session last saw a commit confirmed there, likewise; written at most every
+    /// `ANSWER_NOTE_EVERY`.
+    last_commit_ms: AtomicU64,
     origin: Instant,
 }
 
@@ -247,6 +250,7 @@ impl Circuit {
             unresponsive: AtomicBool::new(false),
             beat_silent: AtomicBool::new(false),
             last_answer_ms: AtomicU64::new(u64::MAX),
+            last_commit_ms: AtomicU64::new(u64::MAX),
             origin: Instant::now(),
         }
     }
@@ -261,6 +265,25 @@ impl Circuit {
     /// Whether some session had a request answered by the host within `window`.
     pub fn answered_within(&self, window: std::time::Duration) -> bool {
         let at = self.last_answer_ms.load(Ordering::Relaxed);
+        at != u64::MAX
+            && (self.origin.elapsed().as_millis() as u64)
+                <= at.saturating_add(window.as_millis() as u64)
+    }
+
+    /// A session saw a commit confirmed by the host at `now`: the commit path works, and the
+    /// probe need not write to find out. A read of a line written at most every
+    /// `ANSWER_NOTE_EVERY`, and then that write: sessions on every worker call it per commit.
+    pub fn saw_commit(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+        let last = self.last_commit_ms.load(Ordering::Relaxed);
+        if last == u64::MAX || ms >= last + ANSWER_NOTE_EVERY.as_millis() as u64 {
+            self.last_commit_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a session saw a commit confirmed by the host within `window`.
+    pub fn committed_within(&self, window: std::time::Duration) -> bool {
+        let at = self.last_commit_ms.load(Ordering::Relaxed);
         at != u64::MAX
             && (self.origin.elapsed().as_millis() as u64)
                 <= at.saturating_add(window.as_millis() as u64)

@@ -128,6 +128,11 @@ pub struct Probe {
     /// A heartbeat unanswered this long marks the host not answering, at once.
     #[serde(deserialize_with = "duration")]
     pub heartbeat_timeout: Duration,
+    /// How often the status check opens a new connection (a fork and a login on the server)
+    /// to see that the host still starts sessions, unless one of bulkhead's own sessions
+    /// logged in there within that time. Between them it runs on a kept connection.
+    #[serde(deserialize_with = "duration")]
+    pub new_session_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -282,6 +287,7 @@ impl Default for Probe {
             timeout: Duration::from_secs(1),
             heartbeat: Duration::from_millis(100),
             heartbeat_timeout: Duration::from_millis(400),
+            new_session_interval: Duration::from_secs(60),
         }
     }
 }
@@ -358,6 +364,11 @@ impl Config {
             ("probe", "interval", self.probe.interval),
             ("probe", "timeout", self.probe.timeout),
             ("probe", "heartbeat_timeout", self.probe.heartbeat_timeout),
+            (
+                "probe",
+                "new_session_interval",
+                self.probe.new_session_interval,
+            ),
             ("timeouts", "read", self.timeouts.read),
             ("timeouts", "write", self.timeouts.write),
             ("timeouts", "cancel_grace", self.timeouts.cancel_grace),
@@ -407,6 +418,7 @@ impl Config {
             ("interval", self.probe.interval),
             ("timeout", self.probe.timeout),
             ("heartbeat_timeout", self.probe.heartbeat_timeout),
+            ("new_session_interval", self.probe.new_session_interval),
         ] {
             if value < MIN_PROBE {
                 return fail(

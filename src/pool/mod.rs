@@ -367,6 +367,7 @@ impl Pool {
         };
         match &opened {
             Ok(conn) => {
+                shared.topology.saw_login(conn.info.host);
                 self.metrics.logins_ok.increment(1);
                 self.metrics.server_connections.increment(1.0);
                 if let Some(reading) = &self.reading {
@@ -399,6 +400,12 @@ impl Pool {
         let (stream, addr, host) = connected.map_err(|r| (LendError::Refused(r), None))?;
         let login = server::log_in(stream, addr, host, &self.user, &self.database, credential);
         let failed = |e| (e, Some(host));
+        // A host that accepted the connection and then did not complete the login: the probe
+        // looks through a new connection of its own now.
+        let broken = |why| {
+            shared.topology.look_now(host);
+            failed(LendError::Refused(Refusal::NoServer(why)))
+        };
         match tokio::time::timeout(
             config.database.connect_timeout + OWN_STATEMENT_TIMEOUT,
             login,
@@ -407,12 +414,10 @@ impl Pool {
         {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(ServerError::Refused(e))) => Err(failed(LendError::Server(e))),
-            Ok(Err(ServerError::Broken(why))) => {
-                Err(failed(LendError::Refused(Refusal::NoServer(why))))
-            }
-            Err(_) => Err(failed(LendError::Refused(Refusal::NoServer(
+            Ok(Err(ServerError::Broken(why))) => Err(broken(why)),
+            Err(_) => Err(broken(
                 "the server did not complete the login in time".into(),
-            )))),
+            )),
         }
     }
 

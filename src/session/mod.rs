@@ -1210,6 +1210,9 @@ impl Relay {
             // terminated on a healthy server): the probe looks now, and counts a failure if
             // the host is down.
             End::ServerLost(_) => shared.topology.connection_lost(self.host),
+            // A server that accepts connections but starts no session: the probe, which
+            // opens new connections only now and then, looks through one now.
+            End::ServerSilent(_) => shared.topology.look_now(self.host),
             _ => {}
         }
         if matches!(

@@ -180,6 +180,8 @@ impl Relay {
                     };
                     self.server_key = Some((pid, bytes::Bytes::copy_from_slice(key)));
                     let (client_pid, secret) = shared.cancels.register(target);
+                    // The host starts sessions: the probe need not fork one to know.
+                    shared.topology.saw_login(self.host);
                     self.client_key = Some((client_pid, secret));
                     let mut own = BytesMut::with_capacity(13);
                     backend::write_backend_key_data(&mut own, client_pid, &secret);
@@ -259,6 +261,7 @@ impl Relay {
                     Success::Commit
                 };
                 circuit.success(&settings, how);
+                circuit.saw_commit(now);
             }
         }
         self.head_done();

@@ -252,6 +252,8 @@ pub(crate) async fn connect_primary(
                 Err(ConnectError::Tls(why)) => return Err(Refusal::ServerTls(why)),
                 Err(ConnectError::NoDescriptors(_)) => return Err(Refusal::OutOfDescriptors),
                 Err(ConnectError::Unreachable(why) | ConnectError::NoAnswer(why)) => {
+                    // The probe may not have looked through a new connection for a while.
+                    shared.topology.look_now(p.index);
                     last_error = why
                 }
             }

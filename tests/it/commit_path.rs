@@ -13,7 +13,8 @@ use bulkhead::Config;
 
 use crate::support::raw::{Raw, msg};
 use crate::support::{
-    Cluster, Frozen, Proxy, config_for, connect, connect_watched, eventually, first_value, sqlstate,
+    Cluster, Frozen, Proxy, config_for, connect, connect_watched, eventually, first_value,
+    heartbeat_connected, sqlstate,
 };
 
 const SECONDS_20: Duration = Duration::from_secs(20);
@@ -348,19 +349,6 @@ async fn readyz_turns_503_within_two_seconds_of_commits_stalling_and_200_within_
     assert_eq!(circuit_state(&proxy), 0.0);
 }
 
-/// Waits until the probe's heartbeat connection (an idle session whose last query was empty)
-/// is open.
-async fn heartbeat_connected(pg: &Cluster) {
-    eventually("the heartbeat connection", SECONDS_20, || async {
-        let beats = pg.psql(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE application_name = 'bulkhead probe' AND query = ''",
-        );
-        (beats != "0").then_some(())
-    })
-    .await;
-}
-
 /// The error a statement got, and how long it took to get it.
 async fn refused_in(c: &tokio_postgres::Client, sql: &str) -> (String, Duration) {
     let started = Instant::now();
@@ -651,10 +639,11 @@ async fn a_batch_waiting_after_flush_on_a_frozen_host_gets_its_error_at_once() {
 }
 
 /// An overload that slows new sessions must not look like an outage. With the postmaster
-/// stopped, no new session can start (the status checks, each on a new connection, get no
-/// answer) while the backends that exist answer, the heartbeat's among them: the primary
-/// keeps its role, its sessions go on reading and writing, nothing is answered in their
-/// place, and a new client gets an error within connect_timeout instead of a hang.
+/// stopped, no new session can start while the backends that exist answer, the heartbeat's
+/// among them. A new client gets an error within connect_timeout instead of a hang, and its
+/// failed start makes the probe look through a new connection at once (it opens one only
+/// every new_session_interval otherwise), which gets no answer either: the primary keeps its
+/// role, its sessions go on reading and writing, and nothing is answered in their place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_slow_to_start_sessions_keeps_its_role_and_its_sessions_go_on() {
     let pg = Cluster::start();
@@ -666,6 +655,21 @@ async fn a_primary_slow_to_start_sessions_keeps_its_role_and_its_sessions_go_on(
     heartbeat_connected(&pg).await;
 
     let stopped = Frozen::stop(vec![pg.postmaster_pid()]);
+    // A new client: the server cannot start its session; it is told so, promptly.
+    let started = Instant::now();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(&params, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("a new client is answered");
+    let err = refused.err().expect("a session on a stopped postmaster");
+    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000 + 1000),
+        "{:?}",
+        started.elapsed()
+    );
     eventually("a status check to find no answer", SECONDS_20, || async {
         let health = proxy.health_json().await;
         let error = health["backends"][0]["error"]
@@ -702,21 +706,6 @@ async fn a_primary_slow_to_start_sessions_keeps_its_role_and_its_sessions_go_on(
         "{health}"
     );
     assert_eq!(proxy.get("/readyz").await.status, 200);
-    // A new client: the server cannot start its session; it is told so, promptly.
-    let started = Instant::now();
-    let refused = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_postgres::connect(&params, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("a new client is answered");
-    let err = refused.err().expect("a session on a stopped postmaster");
-    assert_eq!(sqlstate(&err), "57P03", "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_millis(1000 + 1000),
-        "{:?}",
-        started.elapsed()
-    );
 
     drop(stopped);
     let fresh = connect(&params).await;

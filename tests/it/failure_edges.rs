@@ -20,6 +20,8 @@ async fn a_full_server_keeps_its_role_and_new_clients_get_its_own_53300_at_once(
     let mut config = config_for(&pg);
     config.probe.interval = Duration::from_millis(200);
     config.probe.timeout = Duration::from_millis(400);
+    // Only a new connection finds the server full; the probe opens one every interval here.
+    config.probe.new_session_interval = Duration::from_millis(200);
     config.circuit.hold_new_connections = Duration::from_secs(10);
     let proxy = Proxy::start(config).await;
     eventually("ready", SECONDS_20, || async {

@@ -10,6 +10,7 @@ mod health;
 mod passthrough;
 mod pooled_failover;
 mod pooling;
+mod probe_cost;
 mod readonly;
 mod scripted_server;
 mod support;
