@@ -84,6 +84,24 @@ pub struct Database {
     pub ca_file: String,
     pub cert_file: String,
     pub key_file: String,
+    /// Where the hosts' roles come from: bulkhead's own probe, or Patroni.
+    pub discovery: Discovery,
+    /// Patroni REST API base URLs (`http://host:port`), tried in turn for `/cluster`.
+    pub patroni: Vec<String>,
+    /// How often Patroni's `/cluster` is read.
+    #[serde(deserialize_with = "duration")]
+    pub patroni_interval: Duration,
+}
+
+/// `[database] discovery`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Discovery {
+    /// The probe's status checks decide which host is the primary.
+    Probe,
+    /// Patroni's leader is the only host that may be the primary while Patroni answers; the
+    /// probe's checks still guard it. Without an answer from Patroni, the probe decides.
+    Patroni,
 }
 
 /// libpq's sslmode values.
@@ -273,6 +291,9 @@ impl Default for Database {
             ca_file: String::new(),
             cert_file: String::new(),
             key_file: String::new(),
+            discovery: Discovery::Probe,
+            patroni: Vec::new(),
+            patroni_interval: Duration::from_millis(500),
         }
     }
 }
@@ -391,6 +412,7 @@ impl Config {
             ),
             ("limits", "queue_timeout", self.limits.queue_timeout),
             ("probe", "heartbeat", self.probe.heartbeat),
+            ("database", "patroni_interval", self.database.patroni_interval),
             ("pool", "idle_timeout", self.pool.idle_timeout),
             (
                 "listen_readonly",
@@ -448,6 +470,25 @@ impl Config {
             if let Err(why) = check_host_port(host) {
                 return fail("database", "hosts", format!("{host:?}: {why}"));
             }
+        }
+        if self.database.discovery == Discovery::Patroni && self.database.patroni.is_empty() {
+            return fail(
+                "database",
+                "patroni",
+                "discovery = \"patroni\" needs at least one Patroni REST API URL".into(),
+            );
+        }
+        for url in &self.database.patroni {
+            if let Err(why) = crate::probe::patroni::Endpoint::parse(url) {
+                return fail("database", "patroni", format!("{url:?}: {why}"));
+            }
+        }
+        if self.database.patroni_interval < MIN_PROBE {
+            return fail(
+                "database",
+                "patroni_interval",
+                format!("must be at least {}", humantime::format_duration(MIN_PROBE)),
+            );
         }
         for (key, value) in [
             ("max_clients", self.limits.max_clients),

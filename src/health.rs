@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::breaker::State;
-use crate::probe::{HostInfo, Role};
+use crate::probe::{HostInfo, PatroniView, Role};
 use crate::{Phase, Shared};
 
 /// How often the data-path runtime proves it is alive.
@@ -321,11 +321,23 @@ fn report(shared: &Shared) -> Report {
         })
         .collect();
     let conflict = shared.topology.conflict();
+    let patroni = shared.topology.patroni();
     let not_ready = match &primary {
         _ if draining => Some("bulkhead is draining".to_string()),
-        None => Some(match &conflict {
-            Some(why) => format!("no writable primary: {why}"),
-            None => "no writable primary is known".to_string(),
+        None => Some(match (&conflict, patroni.as_ref().filter(|v| v.following)) {
+            (_, Some(v)) => match v.members.iter().find(|m| m.role == "leader") {
+                None => "no writable primary: Patroni reports no leader".to_string(),
+                Some(m) if v.leader.is_none() => format!(
+                    "no writable primary: Patroni's leader {} is not in [database] hosts",
+                    m.address
+                ),
+                Some(m) => format!(
+                    "no writable primary: Patroni's leader {} is not writable to the probe yet",
+                    m.address
+                ),
+            },
+            (Some(why), None) => format!("no writable primary: {why}"),
+            (None, None) => "no writable primary is known".to_string(),
         }),
         Some(p) => {
             let circuit = shared.topology.circuit(p.index).published();
@@ -373,10 +385,43 @@ fn report(shared: &Shared) -> Report {
         "clients": shared.admission.clients(),
         "inflight": shared.admission.all.held(),
         "inflight_writes": shared.admission.writes.held(),
+        "discovery": discovery(patroni.as_ref(), &hosts),
         "pool_mode": config_mode(shared),
         "pools": shared.pools.info(),
     });
     Report { not_ready, json }
+}
+
+/// Where roles come from: the probe alone, or Patroni (and whether it answers).
+fn discovery(patroni: Option<&PatroniView>, hosts: &[HostInfo]) -> serde_json::Value {
+    let Some(v) = patroni else {
+        return json!({ "source": "probe" });
+    };
+    let members: Vec<_> = v
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "role": m.role,
+                "state": m.state,
+                "address": m.address,
+                "timeline": m.timeline,
+                "lag_bytes": m.lag,
+                "listed": hosts.iter().any(|h| h.address == m.address),
+            })
+        })
+        .collect();
+    json!({
+        "source": "patroni",
+        "following": v.following,
+        "decided_by": if v.following { "patroni" } else { "probe (Patroni does not answer)" },
+        "endpoint": v.endpoint,
+        "error": v.error,
+        "leader": v.leader.map(|i| hosts[i].address.clone()),
+        "read_age_ms": v.read_at.map(|t| t.elapsed().as_millis() as u64),
+        "members": members,
+    })
 }
 
 fn config_mode(shared: &Shared) -> &'static str {

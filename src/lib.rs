@@ -113,6 +113,9 @@ impl Bulkhead {
         let metrics = Metrics::new();
         let topology = probe::Topology::new(&config.database.hosts, &metrics);
         topology.set_max_replica_lag(config.listen_readonly.max_replica_lag);
+        if config.database.discovery == config::Discovery::Patroni {
+            topology.follow_patroni();
+        }
         let admission = Arc::new(admission::Admission::new(&config.limits, &metrics));
         let shared = Arc::new(Shared {
             live: live::Live::new(config),

@@ -62,7 +62,7 @@ enum Kind {
 
 /// Every metric bulkhead exports through the recorder, with its help text (DESIGN.md §3.7);
 /// the statement latency histogram is rendered by [`Latency`].
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 21] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 22] = [
     (
         "bulkhead_client_connections",
         Kind::Gauge,
@@ -128,6 +128,12 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 21] = [
         Kind::Gauge,
         None,
         "1 if the backend answered its last probe in this role.",
+    ),
+    (
+        "bulkhead_patroni_following",
+        Kind::Gauge,
+        None,
+        "1 while Patroni's /cluster answers and its leader decides the primary; 0 while bulkhead's own probes decide ([database] discovery = \"patroni\" only).",
     ),
     (
         "bulkhead_backend_replay_lag_seconds",

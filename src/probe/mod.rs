@@ -26,19 +26,24 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::Shared;
 use crate::breaker::{Settings, State, Success};
-use crate::config::Config;
+use crate::config::{Config, Discovery};
 use crate::upstream::{self, ConnectError};
 
+pub mod patroni;
 mod topology;
 
-pub use topology::{HostInfo, Primary, Report, Role, TlsState, Topology};
+pub use topology::{HostInfo, PatroniMember, PatroniView, Primary, Report, Role, TlsState, Topology};
 
 /// Starts one probe task per host; they run until aborted.
 pub(crate) fn spawn(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
     let config = shared.live.get();
-    (0..config.database.hosts.len())
+    let mut tasks: Vec<JoinHandle<()>> = (0..config.database.hosts.len())
         .map(|index| tokio::spawn(probe_host(shared.clone(), config.clone(), index)))
-        .collect()
+        .collect();
+    if config.database.discovery == Discovery::Patroni {
+        tasks.push(tokio::spawn(patroni::follow(shared.clone())));
+    }
+    tasks
 }
 
 /// A write check in progress.

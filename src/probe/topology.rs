@@ -154,6 +154,39 @@ pub struct Topology {
     /// Read-only sessions (and read-only pooled connections) on each host, to spread new
     /// ones.
     reading: Arc<[AtomicU64]>,
+    /// What Patroni says, with [database] discovery = "patroni"; `None` otherwise.
+    patroni: Mutex<Option<PatroniView>>,
+    patroni_gauge: Gauge,
+}
+
+/// Patroni's view of the cluster, as last read from its /cluster.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PatroniView {
+    /// Patroni answered at the last read: its leader decides the primary.
+    pub following: bool,
+    /// The API that answered last.
+    pub endpoint: Option<String>,
+    /// Why the last read failed, if it did.
+    pub error: Option<String>,
+    /// The index of the host Patroni calls the leader, if there is one and it is listed in
+    /// [database] hosts.
+    pub leader: Option<usize>,
+    pub members: Vec<PatroniMember>,
+    pub read_at: Option<Instant>,
+}
+
+/// One member of the Patroni cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatroniMember {
+    pub name: String,
+    /// "leader", "replica", "sync_standby", "standby_leader", …
+    pub role: String,
+    pub state: String,
+    /// `host:port` as Patroni gives it.
+    pub address: String,
+    pub timeline: Option<i64>,
+    /// Bytes behind the leader, as Patroni reports it.
+    pub lag: Option<i64>,
 }
 
 impl Topology {
@@ -213,7 +246,94 @@ impl Topology {
             readers: watch::channel(0).0,
             max_replica_lag_ms: AtomicU64::new(10_000),
             reading: addresses.iter().map(|_| AtomicU64::new(0)).collect(),
+            patroni: Mutex::new(None),
+            patroni_gauge: metrics.gauge("bulkhead_patroni_following", &[]),
         }
+    }
+
+    /// Takes the primary from Patroni from now on, once it has answered
+    /// ([database] discovery = "patroni").
+    pub fn follow_patroni(&self) {
+        *self.patroni.lock().unwrap_or_else(|e| e.into_inner()) = Some(PatroniView::default());
+    }
+
+    /// Patroni's view, if bulkhead follows Patroni.
+    pub fn patroni(&self) -> Option<PatroniView> {
+        self.patroni
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Patroni answered with `members` (from `endpoint`): its leader, if listed among the
+    /// hosts, is the only host that may be the primary. When the leader changes, the probes
+    /// of the old and the new leader look at once.
+    pub fn patroni_seen(&self, members: Vec<PatroniMember>, endpoint: String) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let leader_member = members.iter().find(|m| m.role == "leader");
+        let leader = leader_member.and_then(|m| hosts.iter().position(|h| h.address == m.address));
+        {
+            let mut guard = self.patroni.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(view) = guard.as_mut() else {
+                return;
+            };
+            if !view.following {
+                info!(%endpoint, "Patroni answers: its leader decides the primary");
+            }
+            for m in &members {
+                if !hosts.iter().any(|h| h.address == m.address)
+                    && !view.members.iter().any(|k| k.address == m.address)
+                {
+                    warn!(member = %m.name, address = %m.address, "Patroni lists a member that is not in [database] hosts: bulkhead will not use it");
+                }
+            }
+            if leader != view.leader || !view.following {
+                match (leader_member, leader) {
+                    (Some(m), Some(_)) => info!(leader = %m.name, address = %m.address, "Patroni's leader"),
+                    (Some(m), None) => warn!(leader = %m.name, address = %m.address, "Patroni's leader is not in [database] hosts: no writes"),
+                    (None, _) => warn!("Patroni reports no leader: no writes"),
+                }
+                for i in [view.leader, leader].into_iter().flatten() {
+                    self.look_now(i);
+                }
+            }
+            *view = PatroniView {
+                following: true,
+                endpoint: Some(endpoint),
+                error: None,
+                leader,
+                members,
+                read_at: Some(Instant::now()),
+            };
+        }
+        self.patroni_gauge.set(1.0);
+        self.choose_primary(&mut hosts);
+        self.choose_readers(&hosts);
+    }
+
+    /// No Patroni API answered: the probe's own rules decide the primary until one does.
+    pub fn patroni_unreachable(&self, why: String) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut guard = self.patroni.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(view) = guard.as_mut() else {
+                return;
+            };
+            if view.following || view.read_at.is_none() && view.error.is_none() {
+                warn!(%why, "Patroni does not answer: bulkhead's own probes decide the primary");
+            }
+            view.following = false;
+            view.error = Some(why);
+        }
+        self.patroni_gauge.set(0.0);
+        self.choose_primary(&mut hosts);
+        self.choose_readers(&hosts);
+    }
+
+    /// While Patroni is followed: the one host that may be the primary, if any.
+    fn patroni_leader(&self) -> Option<Option<usize>> {
+        let guard = self.patroni.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().filter(|v| v.following).map(|v| v.leader)
     }
 
     /// Sets [listen_readonly] max_replica_lag (at start and on reload).
@@ -511,14 +631,22 @@ impl Topology {
                 h.superseded = true;
             }
         }
+        // While Patroni answers, only its leader may be the primary: it settles who holds
+        // the writes, and a host it has demoted gets none, whatever it says of itself.
+        let patroni = self.patroni_leader();
         let mut claimants: Vec<usize> = hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.role == Role::Primary && !h.superseded)
+            .filter(|(i, h)| {
+                h.role == Role::Primary
+                    && !h.superseded
+                    && patroni.is_none_or(|leader| leader == Some(*i))
+            })
             .map(|(i, _)| i)
             .collect();
         // The holder, unreachable now, still claims its timeline.
         if let Some(h) = *holder
+            && patroni.is_none()
             && !claimants.contains(&h)
             && !claimants.is_empty()
         {
@@ -781,6 +909,56 @@ mod tests {
         );
         t.report(0, standby(3), MS);
         assert_eq!(chosen(&t), Some(1));
+    }
+
+    fn members(leader: Option<usize>, n: usize) -> Vec<PatroniMember> {
+        (0..n)
+            .map(|i| PatroniMember {
+                name: format!("pg{i}"),
+                role: if leader == Some(i) { "leader" } else { "replica" }.into(),
+                state: "running".into(),
+                address: format!("h{i}:5432"),
+                timeline: Some(1),
+                lag: None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn while_patroni_answers_only_its_leader_gets_writes_and_without_it_the_probe_decides() {
+        let t = topology(2);
+        t.follow_patroni();
+        t.report(0, primary(1), MS);
+        t.report(1, standby(1), MS);
+        // Before Patroni's first answer, the probe decides.
+        assert_eq!(chosen(&t), Some(0));
+        t.patroni_seen(members(Some(0), 2), "api".into());
+        assert_eq!(chosen(&t), Some(0));
+        // Switchover: Patroni names host 1 while host 0 still says it is a primary. Host 0
+        // gets no writes from that moment; host 1 gets them once the probe finds it writable.
+        t.patroni_seen(members(Some(1), 2), "api".into());
+        assert_eq!(chosen(&t), None);
+        t.report(0, primary(1), MS);
+        assert_eq!(chosen(&t), None, "demoted by Patroni, whatever it says");
+        t.report(1, primary(2), MS);
+        assert_eq!(chosen(&t), Some(1));
+        // No leader in Patroni (a failover under way): no writes.
+        t.patroni_seen(members(None, 2), "api".into());
+        assert_eq!(chosen(&t), None);
+        // Patroni unreachable: the probe's rules again (host 1 on the highest timeline; host 0
+        // is fenced as an old primary).
+        t.patroni_unreachable("no answer".into());
+        assert_eq!(chosen(&t), Some(1));
+        assert!(t.hosts()[0].superseded);
+        let v = t.patroni().unwrap();
+        assert!(!v.following && v.error.as_deref() == Some("no answer"));
+        // A leader that is not among the hosts: no writes.
+        let mut stranger = members(None, 2);
+        stranger[1].role = "leader".into();
+        stranger[1].address = "elsewhere:5432".into();
+        t.patroni_seen(stranger, "api".into());
+        assert_eq!(chosen(&t), None);
+        assert_eq!(t.patroni().unwrap().leader, None);
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ mod failover;
 mod failure_edges;
 mod health;
 mod passthrough;
+mod patroni;
 mod pooled_failover;
 mod pooling;
 mod probe_cost;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod patroni;
 pub mod raw;
 pub mod tls;
 
