@@ -412,7 +412,11 @@ impl Config {
             ),
             ("limits", "queue_timeout", self.limits.queue_timeout),
             ("probe", "heartbeat", self.probe.heartbeat),
-            ("database", "patroni_interval", self.database.patroni_interval),
+            (
+                "database",
+                "patroni_interval",
+                self.database.patroni_interval,
+            ),
             ("pool", "idle_timeout", self.pool.idle_timeout),
             (
                 "listen_readonly",

@@ -324,21 +324,23 @@ fn report(shared: &Shared) -> Report {
     let patroni = shared.topology.patroni();
     let not_ready = match &primary {
         _ if draining => Some("bulkhead is draining".to_string()),
-        None => Some(match (&conflict, patroni.as_ref().filter(|v| v.following)) {
-            (_, Some(v)) => match v.members.iter().find(|m| m.role == "leader") {
-                None => "no writable primary: Patroni reports no leader".to_string(),
-                Some(m) if v.leader.is_none() => format!(
-                    "no writable primary: Patroni's leader {} is not in [database] hosts",
-                    m.address
-                ),
-                Some(m) => format!(
-                    "no writable primary: Patroni's leader {} is not writable to the probe yet",
-                    m.address
-                ),
+        None => Some(
+            match (&conflict, patroni.as_ref().filter(|v| v.following)) {
+                (_, Some(v)) => match v.members.iter().find(|m| m.role == "leader") {
+                    None => "no writable primary: Patroni reports no leader".to_string(),
+                    Some(m) if v.leader.is_none() => format!(
+                        "no writable primary: Patroni's leader {} is not in [database] hosts",
+                        m.address
+                    ),
+                    Some(m) => format!(
+                        "no writable primary: Patroni's leader {} is not writable to the probe yet",
+                        m.address
+                    ),
+                },
+                (Some(why), None) => format!("no writable primary: {why}"),
+                (None, None) => "no writable primary is known".to_string(),
             },
-            (Some(why), None) => format!("no writable primary: {why}"),
-            (None, None) => "no writable primary is known".to_string(),
-        }),
+        ),
         Some(p) => {
             let circuit = shared.topology.circuit(p.index).published();
             let age = hosts[p.index].last_probe.map(|t| t.elapsed());

@@ -14,7 +14,6 @@
 //! standby. Sessions learn the primary from a watch channel, read only when they connect and
 //! when it changes.
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +31,9 @@ use crate::upstream::{self, ConnectError};
 pub mod patroni;
 mod topology;
 
-pub use topology::{HostInfo, PatroniMember, PatroniView, Primary, Report, Role, TlsState, Topology};
+pub use topology::{
+    HostInfo, PatroniMember, PatroniView, Primary, Report, Role, TlsState, Topology,
+};
 
 /// Starts one probe task per host; they run until aborted.
 pub(crate) fn spawn(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
@@ -297,15 +298,16 @@ async fn heartbeat(shared: &Shared, config: &Config, index: usize, link: &HostLi
     }
 }
 
-/// A duration between `lo` and `hi` times `period`, at random: probes of a fleet started
-/// together drift apart instead of arriving in lockstep.
-fn jitter(period: Duration, lo: f64, hi: f64) -> Duration {
+/// A random fraction of `period`: where in its period a probe starts, so that the probes of
+/// a fleet started together are spread over the period instead of arriving in lockstep. The
+/// period itself is kept exactly, so detection bounds and per-minute costs stay as configured.
+fn phase(period: Duration) -> Duration {
     let mut bytes = [0u8; 4];
     let r = match getrandom::fill(&mut bytes) {
         Ok(()) => u32::from_le_bytes(bytes) as f64 / (u32::MAX as f64 + 1.0),
         Err(_) => 0.5,
     };
-    period.mul_f64(lo + (hi - lo) * r)
+    period.mul_f64(r)
 }
 
 /// The status check every [probe] interval (role, timeline, lag, whether the host answers at
@@ -317,7 +319,7 @@ fn jitter(period: Duration, lo: f64, hi: f64) -> Duration {
 /// logged in there meanwhile, and at once when something looks wrong: the host is not known
 /// up, the kept connection or the heartbeat failed, a session lost its connection, or a
 /// write check timed out. The write check is skipped while sessions are confirming commits
-/// on a closed circuit. Intervals are shortened at random by up to a fifth, never lengthened.
+/// on a closed circuit. After the first check, at once, the checks keep a random phase.
 async fn check_host(
     shared: &Arc<Shared>,
     config: &Config,
@@ -328,8 +330,10 @@ async fn check_host(
     let probe = &config.probe;
     let topology = &shared.topology;
     let circuit = topology.circuit(index);
-    let mut next_tick = Instant::now();
-    let mut next_new_session = Instant::now() + jitter(probe.new_session_interval, 0.8, 1.0);
+    let start = Instant::now();
+    // The first status check at once; the next at a random point of the first interval.
+    let mut next_tick = start;
+    let mut next_new_session = start + phase(probe.new_session_interval);
     let mut write_conn: Option<Conn> = None;
     let mut write_used = Instant::now();
     let mut check: Option<WriteCheck> = None;
@@ -348,7 +352,15 @@ async fn check_host(
             }
         });
         let wake = tokio::select! {
-            _ = tokio::time::sleep_until(next_tick) => Wake::Tick,
+            _ = tokio::time::sleep_until(next_tick) => {
+                next_tick = if next_tick == start {
+                    start + phase(probe.interval)
+                } else {
+                    // As MissedTickBehavior::Delay: a late tick does not bring a burst.
+                    (next_tick + probe.interval).max(Instant::now())
+                };
+                Wake::Tick
+            }
             _ = topology.wake[index].notified() => Wake::Look,
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Wake::CheckDue,
             done = async { (&mut check.as_mut().expect("guarded").task).await }, if check.is_some() => Wake::CheckDone(Box::new(done)),
@@ -422,19 +434,16 @@ async fn check_host(
         }
         let lost = topology.lost[index].swap(false, Ordering::Relaxed);
         let started = Instant::now();
-        next_tick = started + jitter(probe.interval, 0.8, 1.0);
         let was_up = topology.is_up(index);
         // Proof that the host still starts sessions: a session logged in there lately, or
         // the last new connection of our own.
-        if started >= next_new_session && topology.logged_in_within(index, probe.new_session_interval)
+        if started >= next_new_session
+            && topology.logged_in_within(index, probe.new_session_interval)
         {
-            next_new_session = started + jitter(probe.new_session_interval, 0.8, 1.0);
+            next_new_session = started + probe.new_session_interval;
         }
-        let new_session = suspect
-            || lost
-            || !was_up
-            || circuit.is_beat_silent()
-            || started >= next_new_session;
+        let new_session =
+            suspect || lost || !was_up || circuit.is_beat_silent() || started >= next_new_session;
         suspect = false;
         let on_kept = if new_session {
             None
@@ -456,7 +465,7 @@ async fn check_host(
         let report = match on_kept {
             Some(report) => report,
             None => {
-                next_new_session = started + jitter(probe.new_session_interval, 0.8, 1.0);
+                next_new_session = started + probe.new_session_interval;
                 // One failed check does not demote a host that was up (one lost SYN under
                 // packet loss would make the primary unknown for an interval): ask twice,
                 // and believe two in a row.
@@ -585,7 +594,6 @@ async fn status_twice(dial: &Dial, timeout: Duration, silent: &mut u32) -> (Repo
     second
 }
 
-
 /// In recovery, and on which timeline. A primary's timeline is read from the WAL it writes
 /// now: `pg_control_checkpoint()` keeps the old timeline on a promoted server until its first
 /// checkpoint after promotion completes, which on a busy server takes minutes, and an old
@@ -623,7 +631,6 @@ async fn status_on(conn: &Conn) -> Result<Report, tokio_postgres::Error> {
         lag: lag.map(|secs| Duration::from_secs_f64(secs.clamp(0.0, 1e9))),
     })
 }
-
 
 /// The write check's statement. The WHERE clause makes it write nothing and return no row on
 /// a server that is up and not in recovery but takes no writes (`default_transaction_read_only`
@@ -696,4 +703,3 @@ pub(crate) fn circuit_settings(config: &Config) -> Settings {
         trial_timeout: config.timeouts.write + config.timeouts.cancel_grace,
     }
 }
-

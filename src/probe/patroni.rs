@@ -1,6 +1,6 @@
 //! Topology from Patroni (`[database] discovery = "patroni"`).
 //!
-//! Every `patroni_interval` (shortened at random by up to a fifth), `GET /cluster` from one of
+//! Every `patroni_interval` (from a random phase), `GET /cluster` from one of
 //! the configured Patroni REST APIs: the one that answered last, else the others in turn
 //! (each instance starts at a random one, so a fleet spreads over them). While Patroni
 //! answers, only the member it calls the leader may be the primary, and only once bulkhead's
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tracing::debug;
 
-use super::jitter;
+use super::phase;
 use super::topology::PatroniMember;
 use crate::Shared;
 
@@ -143,7 +143,10 @@ pub(crate) async fn follow(shared: Arc<Shared>) {
     let every = config.database.patroni_interval;
     // Each read may take up to the probe's timeout per API before the next is tried.
     let within = config.probe.timeout;
-    let mut first = (jitter(Duration::from_secs(1), 0.0, 1.0).as_micros() as usize) % endpoints.len();
+    let mut first = (phase(Duration::from_secs(1)).as_micros() as usize) % endpoints.len();
+    // The first read at once; the next at a random point of the first interval.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + phase(every), every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut errors = Vec::new();
         let mut found = None;
@@ -178,7 +181,7 @@ pub(crate) async fn follow(shared: Arc<Shared>) {
             }
             None => shared.topology.patroni_unreachable(errors.join("; ")),
         }
-        tokio::time::sleep(jitter(every, 0.8, 1.0)).await;
+        ticks.tick().await;
     }
 }
 
@@ -196,10 +199,18 @@ mod tests {
             Endpoint::parse("http://patroni:8008/pg/").unwrap().url(),
             "http://patroni:8008/pg/cluster"
         );
-        assert!(Endpoint::parse("https://a:8008").unwrap_err().contains("https"));
+        assert!(
+            Endpoint::parse("https://a:8008")
+                .unwrap_err()
+                .contains("https")
+        );
         assert!(Endpoint::parse("a:8008").unwrap_err().contains("http://"));
         assert!(Endpoint::parse("http://a").unwrap_err().contains("port"));
-        assert!(Endpoint::parse("http://a:x").unwrap_err().contains("bad port"));
+        assert!(
+            Endpoint::parse("http://a:x")
+                .unwrap_err()
+                .contains("bad port")
+        );
     }
 
     #[test]

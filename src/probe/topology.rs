@@ -289,8 +289,12 @@ impl Topology {
             }
             if leader != view.leader || !view.following {
                 match (leader_member, leader) {
-                    (Some(m), Some(_)) => info!(leader = %m.name, address = %m.address, "Patroni's leader"),
-                    (Some(m), None) => warn!(leader = %m.name, address = %m.address, "Patroni's leader is not in [database] hosts: no writes"),
+                    (Some(m), Some(_)) => {
+                        info!(leader = %m.name, address = %m.address, "Patroni's leader")
+                    }
+                    (Some(m), None) => {
+                        warn!(leader = %m.name, address = %m.address, "Patroni's leader is not in [database] hosts: no writes")
+                    }
                     (None, _) => warn!("Patroni reports no leader: no writes"),
                 }
                 for i in [view.leader, leader].into_iter().flatten() {
@@ -330,10 +334,16 @@ impl Topology {
         self.choose_readers(&hosts);
     }
 
-    /// While Patroni is followed: the one host that may be the primary, if any.
+    /// While Patroni is followed: the one host that may be the primary, if any. Before its
+    /// first answer (or first failure), none: a host Patroni has demoted must not get writes
+    /// because bulkhead has just started.
     fn patroni_leader(&self) -> Option<Option<usize>> {
         let guard = self.patroni.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().filter(|v| v.following).map(|v| v.leader)
+        let view = guard.as_ref()?;
+        if view.read_at.is_none() && view.error.is_none() {
+            return Some(None);
+        }
+        view.following.then_some(view.leader)
     }
 
     /// Sets [listen_readonly] max_replica_lag (at start and on reload).
@@ -460,7 +470,8 @@ impl Topology {
     pub fn logged_in_within(&self, index: usize, window: Duration) -> bool {
         let at = self.logins[index].load(Ordering::Relaxed);
         at != u64::MAX
-            && self.origin.elapsed().as_millis() as u64 <= at.saturating_add(window.as_millis() as u64)
+            && self.origin.elapsed().as_millis() as u64
+                <= at.saturating_add(window.as_millis() as u64)
     }
 
     /// Two or more hosts claim primary on the same, highest timeline: what they are.
@@ -915,7 +926,12 @@ mod tests {
         (0..n)
             .map(|i| PatroniMember {
                 name: format!("pg{i}"),
-                role: if leader == Some(i) { "leader" } else { "replica" }.into(),
+                role: if leader == Some(i) {
+                    "leader"
+                } else {
+                    "replica"
+                }
+                .into(),
                 state: "running".into(),
                 address: format!("h{i}:5432"),
                 timeline: Some(1),
@@ -930,8 +946,8 @@ mod tests {
         t.follow_patroni();
         t.report(0, primary(1), MS);
         t.report(1, standby(1), MS);
-        // Before Patroni's first answer, the probe decides.
-        assert_eq!(chosen(&t), Some(0));
+        // Before Patroni's first answer (or failure), no primary.
+        assert_eq!(chosen(&t), None);
         t.patroni_seen(members(Some(0), 2), "api".into());
         assert_eq!(chosen(&t), Some(0));
         // Switchover: Patroni names host 1 while host 0 still says it is a primary. Host 0

@@ -35,7 +35,11 @@ fn primary_of(proxy: &Proxy) -> Option<String> {
 
 /// Writers through bulkhead, each a connection per write (the shape that finds the primary
 /// anew every time): every row records the server's port and when it was written.
-fn start_writers(proxy: &Proxy, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) -> Vec<tokio::task::JoinHandle<()>> {
+fn start_writers(
+    proxy: &Proxy,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..2)
         .map(|_| {
             let params = proxy.params("postgres");
@@ -43,14 +47,15 @@ fn start_writers(proxy: &Proxy, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) -> Ve
             let ok = ok.clone();
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((c, conn)) = tokio_postgres::connect(&params, tokio_postgres::NoTls).await {
+                    if let Ok((c, conn)) =
+                        tokio_postgres::connect(&params, tokio_postgres::NoTls).await
+                    {
                         tokio::spawn(conn);
-                        if c
-                            .batch_execute(
-                                "INSERT INTO written SELECT inet_server_port(), clock_timestamp()",
-                            )
-                            .await
-                            .is_ok()
+                        if c.batch_execute(
+                            "INSERT INTO written SELECT inet_server_port(), clock_timestamp()",
+                        )
+                        .await
+                        .is_ok()
                         {
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
@@ -82,7 +87,11 @@ async fn bulkhead_follows_a_patroni_switchover_and_falls_back_to_its_probes_when
     assert_eq!(h["discovery"]["source"], "patroni", "{h}");
     assert_eq!(h["discovery"]["following"], true, "{h}");
     assert_eq!(h["discovery"]["leader"], cluster.node("pg0").addr(), "{h}");
-    assert_eq!(h["discovery"]["members"].as_array().unwrap().len(), 2, "{h}");
+    assert_eq!(
+        h["discovery"]["members"].as_array().unwrap().len(),
+        2,
+        "{h}"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
@@ -102,7 +111,10 @@ async fn bulkhead_follows_a_patroni_switchover_and_falls_back_to_its_probes_when
             if c3.leader().as_deref() == Some("pg1") {
                 return Instant::now();
             }
-            assert!(Instant::now() < deadline, "Patroni never reported pg1 as leader");
+            assert!(
+                Instant::now() < deadline,
+                "Patroni never reported pg1 as leader"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     })
@@ -129,19 +141,29 @@ async fn bulkhead_follows_a_patroni_switchover_and_falls_back_to_its_probes_when
 
     // Patroni's APIs stop answering: bulkhead's own probes decide, and /health says so.
     let frozen = Frozen::stop(cluster.nodes.iter().map(|n| n.patroni_pid()).collect());
-    eventually("bulkhead to fall back to its probes", SECONDS_30, || async {
-        let h = proxy.health_json().await;
-        (h["discovery"]["following"] == false).then_some(h)
-    })
+    eventually(
+        "bulkhead to fall back to its probes",
+        SECONDS_30,
+        || async {
+            let h = proxy.health_json().await;
+            (h["discovery"]["following"] == false).then_some(h)
+        },
+    )
     .await;
     let h = proxy.health_json().await;
-    assert_eq!(h["discovery"]["decided_by"], "probe (Patroni does not answer)", "{h}");
-    assert!(h["discovery"]["error"].as_str().unwrap().contains("no answer"), "{h}");
-    assert_eq!(h["primary"], new, "{h}");
     assert_eq!(
-        proxy.metric("bulkhead_patroni_following "),
-        0.0
+        h["discovery"]["decided_by"], "probe (Patroni does not answer)",
+        "{h}"
     );
+    assert!(
+        h["discovery"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer"),
+        "{h}"
+    );
+    assert_eq!(h["primary"], new, "{h}");
+    assert_eq!(proxy.metric("bulkhead_patroni_following "), 0.0);
     let before = ok.load(Ordering::Relaxed);
     eventually("writes while Patroni is gone", SECONDS_30, || async {
         (ok.load(Ordering::Relaxed) > before + 10).then_some(())
@@ -174,7 +196,10 @@ async fn bulkhead_follows_a_patroni_switchover_and_falls_back_to_its_probes_when
     assert_eq!(late, "0", "writes on the old leader after the switchover");
     let on_new = cluster.psql(
         "pg1",
-        &format!("SELECT count(*) FROM written WHERE port = {}", cluster.node("pg1").pg_port),
+        &format!(
+            "SELECT count(*) FROM written WHERE port = {}",
+            cluster.node("pg1").pg_port
+        ),
     );
     assert_ne!(on_new, "0");
 }
@@ -249,7 +274,10 @@ async fn a_primary_patroni_has_replaced_gets_no_write_even_while_it_still_claims
             cluster.node("pg0").pg_port
         ),
     );
-    assert_eq!(late, "0", "writes on the replaced primary after Patroni named the new leader");
+    assert_eq!(
+        late, "0",
+        "writes on the replaced primary after Patroni named the new leader"
+    );
     assert!(
         followed <= Duration::from_secs(2) + Duration::from_secs(1),
         "followed {followed:?} after Patroni reported the new leader"

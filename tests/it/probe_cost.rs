@@ -63,7 +63,9 @@ async fn while_sessions_commit_the_probe_forks_no_session_and_writes_no_wal_and_
     let proxy = Proxy::start(busy_probe(&pg)).await;
     let direct = pg.connect().await;
     let c = proxy.connect().await;
-    c.batch_execute("INSERT INTO cost_t VALUES (0)").await.unwrap();
+    c.batch_execute("INSERT INTO cost_t VALUES (0)")
+        .await
+        .unwrap();
     // The probe has its kept connection and its write check's by now.
     eventually("the probe's first checks", SECONDS_20, || async {
         (probe_logins(&pg) >= 2).then_some(())
@@ -146,11 +148,11 @@ async fn a_commit_path_that_stalls_under_traffic_is_found_within_two_intervals_a
     pg.psql("ALTER SYSTEM SET synchronous_standby_names = 'missing'");
     let stalled = Instant::now();
     pg.psql("SELECT pg_reload_conf()");
-    eventually("the probe to find the commit path stuck", SECONDS_20, || async {
-        proxy.bulkhead.topology().hosts()[0]
-            .check_failing
-            .clone()
-    })
+    eventually(
+        "the probe to find the commit path stuck",
+        SECONDS_20,
+        || async { proxy.bulkhead.topology().hosts()[0].check_failing.clone() },
+    )
     .await;
     let took = stalled.elapsed();
     assert!(took <= bound, "found after {took:?}, bound {bound:?}");

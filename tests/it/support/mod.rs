@@ -810,12 +810,16 @@ impl Drop for Frozen {
 /// Waits until the probe's heartbeat connection (an idle session whose last query was empty)
 /// is open.
 pub async fn heartbeat_connected(pg: &Cluster) {
-    eventually("the heartbeat connection", Duration::from_secs(20), || async {
-        let beats = pg.psql(
-            "SELECT count(*) FROM pg_stat_activity \
+    eventually(
+        "the heartbeat connection",
+        Duration::from_secs(20),
+        || async {
+            let beats = pg.psql(
+                "SELECT count(*) FROM pg_stat_activity \
              WHERE application_name = 'bulkhead probe' AND query = ''",
-        );
-        (beats != "0").then_some(())
-    })
+            );
+            (beats != "0").then_some(())
+        },
+    )
     .await;
 }

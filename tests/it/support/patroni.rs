@@ -50,7 +50,10 @@ fn server_ids() -> Option<(u32, u32)> {
             .args([flag, SERVER_USER])
             .output()
             .expect("id runs");
-        String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().expect("a numeric id")
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .expect("a numeric id")
     };
     Some((id("-u"), id("-g")))
 }
@@ -89,7 +92,9 @@ impl PatroniCluster {
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
             .arg(format!("--initial-cluster=e1=http://127.0.0.1:{peer}"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
@@ -138,9 +143,8 @@ impl PatroniCluster {
         cluster.wait_for("every replica to run", Duration::from_secs(90), |c| {
             c.cluster().is_some_and(|m| {
                 m.len() == n
-                    && m.iter().all(|m| {
-                        m["state"] == "running" || m["state"] == "streaming"
-                    })
+                    && m.iter()
+                        .all(|m| m["state"] == "running" || m["state"] == "streaming")
             })
         });
         cluster
@@ -148,7 +152,8 @@ impl PatroniCluster {
 
     fn start_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", node.name))).unwrap();
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{}.log", node.name))).unwrap();
         let mut cmd = Command::new("patroni");
         cmd.arg(&node.config)
             .stdout(log.try_clone().unwrap())
@@ -185,7 +190,10 @@ impl PatroniCluster {
     }
 
     pub fn node(&self, name: &str) -> &Node {
-        self.nodes.iter().find(|n| n.name == name).expect("a node by that name")
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("a node by that name")
     }
 
     /// Asks Patroni for a switchover to `candidate`; returns once Patroni says it is done.
@@ -194,7 +202,9 @@ impl PatroniCluster {
             .args(["-s", "-m", "60", "-XPOST"])
             .arg(format!("{}/switchover", self.node(leader).api()))
             .arg("-d")
-            .arg(format!("{{\"leader\":\"{leader}\",\"candidate\":\"{candidate}\"}}"))
+            .arg(format!(
+                "{{\"leader\":\"{leader}\",\"candidate\":\"{candidate}\"}}"
+            ))
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&out.stdout).to_string();
@@ -231,7 +241,16 @@ impl PatroniCluster {
     /// psql as the superuser on node `name`'s PostgreSQL.
     pub fn psql(&self, name: &str, sql: &str) -> String {
         let out = Command::new(pg_bin_dir().join("psql"))
-            .args(["-XAtq", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
+            .args([
+                "-XAtq",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-p",
+            ])
             .arg(self.node(name).pg_port.to_string())
             .args(["-c", sql])
             .output()
@@ -322,7 +341,9 @@ impl Drop for PatroniCluster {
             }
             if n.data.join("postmaster.pid").exists() {
                 let mut stop = Command::new(pg_bin_dir().join("pg_ctl"));
-                stop.arg("-D").arg(&n.data).args(["stop", "-m", "immediate"]);
+                stop.arg("-D")
+                    .arg(&n.data)
+                    .args(["stop", "-m", "immediate"]);
                 as_server_user(&mut stop);
                 let _ = stop.output();
             }
