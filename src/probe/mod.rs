@@ -1,18 +1,17 @@
-//! The prober and the topology it publishes.
+//! The prober: one task per host, on its own connections, never through the data path.
 //!
-//! One task per host checks it every [probe] interval on its own connections, never through
-//! the data path: is it reachable, is it a primary or a standby, on which timeline, and — on a
-//! primary — does a write commit within [probe] timeout? The write check writes WAL and commits
-//! (`pg_logical_emit_message(true, …)`), so a commit path that hangs while reads work (a
-//! synchronous standby that is gone, a full disk) is caught, and it fails on a primary that has
-//! been made read-only (`default_transaction_read_only`). At most one write check per host is
-//! outstanding: a stuck one is cancelled and not followed by another until it ends.
+//! Every [probe] interval a status check asks the host whether it is in recovery, on which
+//! timeline and how far behind, on a connection kept open (shared with the heartbeat); on a
+//! primary, a write check writes WAL and commits (`pg_logical_emit_message(true, …)`), so a
+//! commit path that hangs while reads work (a synchronous standby that is gone, a full disk) is
+//! caught, and it fails on a primary that has been made read-only. At most one write check per
+//! host is outstanding: a stuck one is cancelled and not followed by another until it ends.
 //!
-//! From the hosts' reports the topology picks the writable primary: among hosts that say they
-//! are primary and have not been superseded, the highest timeline wins. A primary seen beside
-//! one on a higher timeline is superseded and gets no writes again until it reports as a
-//! standby. Sessions learn the primary from a watch channel, read only when they connect and
-//! when it changes.
+//! The probe costs the server only what traffic has not already shown (issue 22): no write
+//! check while sessions confirm commits on a closed circuit, and a new connection (a fork and
+//! a login) only every [probe] new_session_interval unless a session logged in there, or at
+//! once when something looks wrong. What the checks find goes to the [`Topology`], which picks
+//! the primary (see `topology`); with Patroni, its leader decides (see `patroni`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -191,12 +190,17 @@ impl Kept {
         kept.clone()
     }
 
-    /// Keeps `conn` unless a connection is kept already.
-    fn offer(&self, conn: Conn) {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.as_ref().is_none_or(|c| c.client.is_closed()) {
-            *kept = Some(Arc::new(conn));
-        }
+    /// Keeps `conn`, a new connection that just answered a status check, instead of the one
+    /// kept so far (which may be the reason a new one was needed: a beat stuck on one backend
+    /// is let go, see `heartbeat`).
+    fn replace(&self, conn: Conn) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(conn));
+    }
+
+    /// Whether `conn` is still the kept connection.
+    fn holds(&self, conn: &Arc<Conn>) -> bool {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn))
     }
 
     /// Drops the kept connection if it is still `conn`.
@@ -244,7 +248,8 @@ impl LastBeat {
 /// answers an empty query on an idle backend in well under a millisecond: it forks nothing,
 /// takes no lock and writes nothing, so commits stuck on the commit path do not delay it.
 /// When the kept connection is lost, the status checks are asked to look at once (a stopped
-/// server ends its backends: this is how a stop is seen within a heartbeat).
+/// server ends its backends: this is how a stop is seen within a heartbeat). While sessions'
+/// requests are being answered there, no beat is sent: their answers say the same.
 async fn heartbeat(shared: &Shared, config: &Config, index: usize, link: &HostLink) {
     let every = config.probe.heartbeat;
     if every.is_zero() {
@@ -270,12 +275,21 @@ async fn heartbeat(shared: &Shared, config: &Config, index: usize, link: &HostLi
             continue;
         };
         had = true;
+        if circuit.answered_within(every) {
+            // A session's request was answered there within the period: the host is not
+            // frozen, and the beat would only add a query. The next tick looks again, so a
+            // host that freezes is still found within a period and the timeout.
+            continue;
+        }
         let answered = {
             let beat = c.client.simple_query("");
             tokio::pin!(beat);
             loop {
                 match tokio::time::timeout(within, &mut beat).await {
-                    Ok(result) => break result.is_ok(),
+                    Ok(result) => break Some(result.is_ok()),
+                    // A status check replaced the connection: it found the host answering on
+                    // a new one (one stuck backend is not a frozen host). The beat is let go.
+                    Err(_) if !link.kept.holds(&c) => break None,
                     Err(_) => {
                         // Silent for `within`, looked at again every `within` until the answer
                         // (or the connection's end: keepalive and TCP_USER_TIMEOUT close a dead
@@ -288,12 +302,14 @@ async fn heartbeat(shared: &Shared, config: &Config, index: usize, link: &HostLi
             }
         };
         circuit.set_beat_silent(false);
-        if answered {
-            link.beat.answered();
-        } else {
-            link.kept.drop_if(&c);
-            had = false;
-            topology.look_now(index);
+        match answered {
+            Some(true) => link.beat.answered(),
+            Some(false) => {
+                link.kept.drop_if(&c);
+                had = false;
+                topology.look_now(index);
+            }
+            None => {}
         }
     }
 }
@@ -475,7 +491,7 @@ async fn check_host(
                     status_within(dial, probe.timeout).await
                 };
                 if let Some(conn) = conn {
-                    link.kept.offer(conn);
+                    link.kept.replace(conn);
                 }
                 // Until a new connection works again, every check uses one.
                 suspect = !matches!(report, Report::Up { .. });
