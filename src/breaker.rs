@@ -262,6 +262,16 @@ impl Circuit {
         self.last_answer_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// How long ago a session last had a request answered by the host, if ever.
+    pub fn answered_ago(&self) -> Option<std::time::Duration> {
+        let at = self.last_answer_ms.load(Ordering::Relaxed);
+        (at != u64::MAX).then(|| {
+            std::time::Duration::from_millis(
+                (self.origin.elapsed().as_millis() as u64).saturating_sub(at),
+            )
+        })
+    }
+
     /// Whether some session had a request answered by the host within `window`.
     pub fn answered_within(&self, window: std::time::Duration) -> bool {
         let at = self.last_answer_ms.load(Ordering::Relaxed);

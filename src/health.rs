@@ -133,6 +133,7 @@ pub(crate) fn spawn(
                 // cannot use them up.
                 let reserve = crate::fds::Reserve::new();
                 let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+                tokio::spawn(publish_readiness(shared.clone()));
                 loop {
                     let accepted = tokio::select! {
                         _ = &mut stopped => return,
@@ -425,6 +426,28 @@ fn discovery(patroni: Option<&PatroniView>, hosts: &[HostInfo]) -> serde_json::V
         "members": members,
     })
 }
+
+/// Readiness as a metric, for alerts (a scrape every 15 s or more would miss most flaps
+/// of /readyz): `bulkhead_ready` and `bulkhead_readiness_changes_total`, worked out as /readyz
+/// does, every `READINESS_EVERY`.
+async fn publish_readiness(shared: Arc<Shared>) {
+    let ready = shared.metrics.gauge("bulkhead_ready", &[]);
+    let changes = shared.metrics.counter("bulkhead_readiness_changes_total", &[]);
+    let mut was: Option<bool> = None;
+    let mut ticks = tokio::time::interval(READINESS_EVERY);
+    loop {
+        ticks.tick().await;
+        let now = report(&shared).not_ready.is_none();
+        ready.set(if now { 1.0 } else { 0.0 });
+        if was.is_some_and(|w| w != now) {
+            changes.increment(1);
+        }
+        was = Some(now);
+    }
+}
+
+/// How often readiness is worked out for the metrics.
+const READINESS_EVERY: Duration = Duration::from_millis(250);
 
 fn config_mode(shared: &Shared) -> &'static str {
     match shared.live.get().pool.mode {

@@ -62,7 +62,7 @@ enum Kind {
 
 /// Every metric bulkhead exports through the recorder, with its help text (DESIGN.md §3.7);
 /// the statement latency histogram is rendered by [`Latency`].
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 22] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 25] = [
     (
         "bulkhead_client_connections",
         Kind::Gauge,
@@ -128,6 +128,24 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 22] = [
         Kind::Gauge,
         None,
         "1 if the backend answered its last probe in this role.",
+    ),
+    (
+        "bulkhead_writable_primary",
+        Kind::Gauge,
+        None,
+        "1 while a writable primary is known (sessions that write have somewhere to go), else 0.",
+    ),
+    (
+        "bulkhead_ready",
+        Kind::Gauge,
+        None,
+        "1 while /readyz answers 200, else 0 (worked out four times a second).",
+    ),
+    (
+        "bulkhead_readiness_changes_total",
+        Kind::Counter,
+        None,
+        "Times readiness changed (ready to not ready or back), for alerts on flapping.",
     ),
     (
         "bulkhead_patroni_following",
@@ -402,6 +420,126 @@ fn gauge(r: &PrometheusRecorder, name: &'static str, pairs: &[(&'static str, &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `name` is a series bulkhead exports: a described metric, or a histogram's
+    /// `_bucket`, `_sum` or `_count`.
+    fn exported(name: &str) -> bool {
+        let histograms = DESCRIPTIONS
+            .iter()
+            .filter(|d| matches!(d.1, Kind::Histogram))
+            .map(|d| d.0)
+            .chain([DURATION_NAME]);
+        DESCRIPTIONS.iter().any(|d| d.0 == name)
+            || name == DURATION_NAME
+            || histograms.into_iter().any(|h| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| name.strip_suffix(suffix) == Some(h))
+            })
+    }
+
+    /// Every metric name in a PromQL expression: identifiers followed by a selector `{`, and
+    /// every identifier that starts with `bulkhead_`.
+    fn metric_names(expr: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let bytes = expr.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let c = bytes[i];
+            if c.is_ascii_alphabetic() || c == b'_' {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                let word = &expr[start..i];
+                let quoted = start > 0 && matches!(bytes[start - 1], b'"' | b'$' | b'{' | b',');
+                if word.starts_with("bulkhead_") || (bytes.get(i) == Some(&b'{') && !quoted) {
+                    names.push(word.to_string());
+                }
+            } else if c == b'"' {
+                // Skip label values and strings.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            } else {
+                i += 1;
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alerts_use_only_metrics_bulkhead_exports() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../config/grafana-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let mut exprs = Vec::new();
+        fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        match (k.as_str(), v) {
+                            ("expr" | "definition", serde_json::Value::String(e)) => {
+                                out.push(e.clone())
+                            }
+                            _ => walk(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+                _ => {}
+            }
+        }
+        walk(&dashboard, &mut exprs);
+        assert!(exprs.len() > 20, "{} expressions found", exprs.len());
+        let mut used = std::collections::BTreeSet::new();
+        for e in &exprs {
+            for name in metric_names(e) {
+                assert!(exported(&name), "the dashboard uses {name}, not exported: {e}");
+                used.insert(name);
+            }
+        }
+        // The alert rules: every expression line.
+        let rules = include_str!("../config/alerts.yml");
+        let mut alerts = 0;
+        for line in rules.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            let expr = line.trim_start().strip_prefix("expr:").unwrap_or(line);
+            if line.contains("expr:") {
+                alerts += 1;
+            }
+            if line.contains("description:") || line.contains("summary:") {
+                continue;
+            }
+            for name in metric_names(expr) {
+                assert!(
+                    name == "up" || exported(&name),
+                    "an alert uses {name}, not exported: {line}"
+                );
+            }
+        }
+        assert!(alerts >= 10, "{alerts} alert expressions");
+        // A name that is not exported is caught.
+        assert!(!exported("bulkhead_statement_latency_bucket"));
+        assert_eq!(
+            metric_names(r#"sum(rate(foo_total{instance=~"$instance", x="a{b"}[1m]))"#),
+            ["foo_total"]
+        );
+        // The panels cover what an operator looks at.
+        for must in [
+            "bulkhead_statements_total",
+            "bulkhead_statement_duration_seconds_bucket",
+            "bulkhead_circuit_state",
+            "bulkhead_backend_up",
+            "bulkhead_inflight_statements",
+            "bulkhead_concurrency_limit",
+            "bulkhead_shed_total",
+            "bulkhead_pool_server_connections",
+        ] {
+            assert!(used.contains(must), "no panel shows {must}");
+        }
+    }
 
     #[test]
     fn registered_metrics_render_with_help_and_labels() {

@@ -261,6 +261,8 @@ async fn heartbeat(shared: &Shared, config: &Config, index: usize, link: &HostLi
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut had = false;
+    // The last tick sent no beat because sessions' requests were being answered.
+    let mut skipped = false;
     loop {
         ticks.tick().await;
         // Only a host that is up has a heartbeat; the status checks speak for the others.
@@ -277,15 +279,27 @@ async fn heartbeat(shared: &Shared, config: &Config, index: usize, link: &HostLi
         had = true;
         if circuit.answered_within(every) {
             // A session's request was answered there within the period: the host is not
-            // frozen, and the beat would only add a query. The next tick looks again, so a
-            // host that freezes is still found within a period and the timeout.
+            // frozen, and the beat would only add a query.
+            skipped = true;
             continue;
+        }
+        // After beats skipped for sessions' answers, the silence is counted from the last of
+        // them (but the beat gets at least half its timeout): a host that froze just after
+        // answering is found as soon as when every beat was sent.
+        let mut wait = within;
+        if std::mem::take(&mut skipped)
+            && let Some(ago) = circuit.answered_ago()
+        {
+            // (10 ms past the timeout, so that the last answer is older than it by then.)
+            wait = (within.saturating_sub(ago) + Duration::from_millis(10)).max(within / 2);
         }
         let answered = {
             let beat = c.client.simple_query("");
             tokio::pin!(beat);
             loop {
-                match tokio::time::timeout(within, &mut beat).await {
+                let waited = tokio::time::timeout(wait, &mut beat).await;
+                wait = within;
+                match waited {
                     Ok(result) => break Some(result.is_ok()),
                     // A status check replaced the connection: it found the host answering on
                     // a new one (one stuck backend is not a frozen host). The beat is let go.

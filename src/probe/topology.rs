@@ -157,6 +157,8 @@ pub struct Topology {
     /// What Patroni says, with [database] discovery = "patroni"; `None` otherwise.
     patroni: Mutex<Option<PatroniView>>,
     patroni_gauge: Gauge,
+    /// bulkhead_writable_primary.
+    primary_gauge: Gauge,
 }
 
 /// Patroni's view of the cluster, as last read from its /cluster.
@@ -248,6 +250,11 @@ impl Topology {
             reading: addresses.iter().map(|_| AtomicU64::new(0)).collect(),
             patroni: Mutex::new(None),
             patroni_gauge: metrics.gauge("bulkhead_patroni_following", &[]),
+            primary_gauge: {
+                let g = metrics.gauge("bulkhead_writable_primary", &[]);
+                g.set(0.0);
+                g
+            },
         }
     }
 
@@ -730,6 +737,8 @@ impl Topology {
             if let Some(p) = &next {
                 *last = Some(p.index);
             }
+            self.primary_gauge
+                .set(if next.is_some() { 1.0 } else { 0.0 });
             self.primary.send_replace(next);
         }
     }
