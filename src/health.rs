@@ -432,7 +432,9 @@ fn discovery(patroni: Option<&PatroniView>, hosts: &[HostInfo]) -> serde_json::V
 /// does, every `READINESS_EVERY`.
 async fn publish_readiness(shared: Arc<Shared>) {
     let ready = shared.metrics.gauge("bulkhead_ready", &[]);
-    let changes = shared.metrics.counter("bulkhead_readiness_changes_total", &[]);
+    let changes = shared
+        .metrics
+        .counter("bulkhead_readiness_changes_total", &[]);
     let mut was: Option<bool> = None;
     let mut ticks = tokio::time::interval(READINESS_EVERY);
     loop {

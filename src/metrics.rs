@@ -497,7 +497,10 @@ mod tests {
         let mut used = std::collections::BTreeSet::new();
         for e in &exprs {
             for name in metric_names(e) {
-                assert!(exported(&name), "the dashboard uses {name}, not exported: {e}");
+                assert!(
+                    exported(&name),
+                    "the dashboard uses {name}, not exported: {e}"
+                );
                 used.insert(name);
             }
         }

@@ -2,6 +2,7 @@
 //! process (or as the real binary where signals matter).
 
 mod admission;
+mod alerts;
 mod commit_path;
 mod deadlines;
 mod failover;
