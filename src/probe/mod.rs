@@ -197,10 +197,11 @@ impl Kept {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(conn));
     }
 
-    /// Whether `conn` is still the kept connection.
-    fn holds(&self, conn: &Arc<Conn>) -> bool {
+    /// Whether another connection than `conn` is kept now: a new one that answered a status
+    /// check. (Merely dropped, because a check on it got no answer, is not replaced.)
+    fn replaced(&self, conn: &Arc<Conn>) -> bool {
         let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        kept.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn))
+        kept.as_ref().is_some_and(|c| !Arc::ptr_eq(c, conn))
     }
 
     /// Drops the kept connection if it is still `conn`.
@@ -303,7 +304,7 @@ async fn heartbeat(shared: &Shared, config: &Config, index: usize, link: &HostLi
                     Ok(result) => break Some(result.is_ok()),
                     // A status check replaced the connection: it found the host answering on
                     // a new one (one stuck backend is not a frozen host). The beat is let go.
-                    Err(_) if !link.kept.holds(&c) => break None,
+                    Err(_) if link.kept.replaced(&c) => break None,
                     Err(_) => {
                         // Silent for `within`, looked at again every `within` until the answer
                         // (or the connection's end: keepalive and TCP_USER_TIMEOUT close a dead

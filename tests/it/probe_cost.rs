@@ -184,3 +184,37 @@ async fn a_stopped_server_is_marked_unreachable_within_two_seconds_with_default_
         "seen after {took:?}"
     );
 }
+
+/// A frozen server stays "not answering" for as long as it is frozen. (A status check on the
+/// kept connection that got no answer dropped it, and the heartbeat took that for a working
+/// replacement and called the host answering again 400 ms later: sessions then sent statements
+/// into the frozen server. Found by the incident replay.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_stays_not_answering_for_as_long_as_it_is_frozen() {
+    let pg = Cluster::start();
+    let proxy = Proxy::start(busy_probe(&pg)).await;
+    let c = proxy.connect().await;
+    first_value(&c, "SELECT 1").await;
+    heartbeat_connected(&pg).await;
+    let frozen = Frozen::freeze(&pg);
+    let circuit = || proxy.bulkhead.topology().circuit(0);
+    eventually("the host marked not answering", SECONDS_20, || async {
+        circuit().is_unresponsive().then_some(())
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(
+            circuit().is_unresponsive(),
+            "called answering while frozen, {:?} before the end of the check",
+            until - Instant::now()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(frozen);
+    eventually("the host answering again", SECONDS_20, || async {
+        (!circuit().is_unresponsive()).then_some(())
+    })
+    .await;
+    assert_eq!(first_value(&c, "SELECT 2").await, "2");
+}
