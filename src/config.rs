@@ -68,8 +68,14 @@ pub enum ListenTls {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Health {
-    /// Where /livez, /readyz, /health and /metrics answer.
+    /// Where /livez, /readyz, /health, /metrics and /sessions answer.
     pub address: SocketAddr,
+    /// Whether GET /sessions lists the client sessions (peer, user, database, state; no
+    /// statement text unless `show_statements`).
+    pub sessions: bool,
+    /// Whether /sessions shows each session's last statement text (truncated). Off: it may
+    /// carry personal data, and the health port may be reachable from a whole pod network.
+    pub show_statements: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -278,6 +284,8 @@ impl Default for Health {
     fn default() -> Self {
         Health {
             address: ([127, 0, 0, 1], 9930).into(),
+            sessions: true,
+            show_statements: false,
         }
     }
 }

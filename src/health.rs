@@ -214,14 +214,9 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             None => text(StatusCode::OK, "ready\n".into()),
             Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
-        "/health" => {
-            let body = report(shared).json.to_string();
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                "application/json".parse().expect("static header"),
-            );
-            r
+        "/health" => json(report(shared).json),
+        "/sessions" if shared.sessions.enabled() => {
+            json(shared.sessions.report(&shared.live.get().database.hosts))
         }
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
@@ -235,9 +230,18 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /livez, /readyz, /health or /metrics\n".into(),
+            "not found: try /livez, /readyz, /health, /metrics or /sessions\n".into(),
         ),
     }
+}
+
+fn json(body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/json".parse().expect("static header"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

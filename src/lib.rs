@@ -32,6 +32,7 @@ pub mod pool;
 pub mod probe;
 pub mod protocol;
 mod session;
+pub mod sessions;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;
@@ -80,6 +81,8 @@ pub(crate) struct Shared {
     pub auth_query: auth::query::AuthQuery,
     pub mock_key: [u8; 32],
     pub pools: pool::Pools,
+    /// What each client session is doing, for /sessions.
+    pub sessions: Arc<sessions::Registry>,
 }
 
 impl Shared {
@@ -117,6 +120,7 @@ impl Bulkhead {
             topology.follow_patroni();
         }
         let admission = Arc::new(admission::Admission::new(&config.limits, &metrics));
+        let health = config.health.clone();
         let shared = Arc::new(Shared {
             live: live::Live::new(config),
             cancels: cancel::Registry::default(),
@@ -130,6 +134,10 @@ impl Bulkhead {
             auth_query: auth::query::AuthQuery::default(),
             mock_key,
             pools: pool::Pools::default(),
+            sessions: Arc::new(sessions::Registry::new(
+                health.sessions,
+                health.show_statements,
+            )),
         });
         Ok(Bulkhead {
             shared,
@@ -250,6 +258,7 @@ impl Bulkhead {
                         Ok(socket) => workers.spawn(session::serve(
                             self.shared.clone(),
                             socket,
+                            next_id,
                             admitted,
                             reads_only,
                             alive.clone(),
@@ -384,6 +393,7 @@ mod tests {
         let session = session::serve(
             proxy.shared.clone(),
             client,
+            1,
             true,
             false,
             alive,

@@ -318,6 +318,11 @@ impl Tracker {
         self.queue.front().map(|r| r.class)
     }
 
+    /// When the clock of the request the server is working on started.
+    pub fn head_started(&self) -> Instant {
+        self.head_started
+    }
+
     /// Whether the request the server is working on is a COMMIT of a transaction that wrote.
     pub fn head_is_commit(&self) -> bool {
         self.queue.front().is_some_and(|r| r.commit)

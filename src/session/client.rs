@@ -132,6 +132,9 @@ impl Relay {
                         return Ok(Hold::Wait);
                     }
                     let text = frontend::query_text(self.up.body(&h));
+                    if let Some(view) = &self.view {
+                        view.statement(text);
+                    }
                     if let Some(l) = self.lending.as_deref_mut()
                         && l.per_transaction
                         && l.pinned.is_none()
@@ -188,6 +191,9 @@ impl Relay {
                     }
                     let (name, text) =
                         frontend::parse_message(self.up.body(&h)).unwrap_or((b"", b""));
+                    if let Some(view) = &self.view {
+                        view.statement(text);
+                    }
                     let kind = self.memo.classify(text, self.up.is_whole(&h));
                     if kind != Kind::Write
                         && !name.is_empty()
@@ -331,6 +337,9 @@ impl Relay {
         } else {
             &shared.admission.all
         };
+        if let Some(view) = &self.view {
+            view.waiting(write);
+        }
         self.slot_wait = Some(SlotWait {
             write,
             wait: Box::pin(limit.acquire_until(until)),

@@ -53,9 +53,11 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Startup and the farewell run inside `span`. The relay in between does not enter it on every
 /// wake-up (that was about 8% of the relay's user CPU); its few log lines name `span` as
 /// their parent instead.
+#[allow(clippy::too_many_arguments)] // each is one thing the accept loop knows
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     client: std::net::TcpStream,
+    id: u64,
     admitted: bool,
     readonly: bool,
     _alive: mpsc::Sender<()>,
@@ -63,11 +65,16 @@ pub(crate) async fn serve(
 ) {
     let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
     let _client_count = ClientCount(&shared.admission);
+    let registered = shared
+        .sessions
+        .register(id, client.peer_addr().ok(), readonly);
+    let view = registered.as_ref().map(|r| r.view.clone());
     // Startup and the farewell are boxed: the task of an idle session holds only the relay's
     // state, not room for theirs too (that was 2 KiB more per idle session).
-    let Some((mut relay, _server_gauge)) =
-        Box::pin(start(&shared, client, admitted, readonly, span.clone()).instrument(span.clone()))
-            .await
+    let Some((mut relay, _server_gauge)) = Box::pin(
+        start(&shared, client, admitted, readonly, view, span.clone()).instrument(span.clone()),
+    )
+    .await
     else {
         return;
     };
@@ -275,6 +282,9 @@ struct Relay {
     readonly: bool,
     /// The session's span: the relay's log lines name it as their parent.
     span: Span,
+    /// What /sessions shows of this session, published once per wake-up (`None` with
+    /// [health] sessions off).
+    view: Option<Arc<crate::sessions::View>>,
 }
 
 /// What woke a session's relay loop, as far as it must act on it.
@@ -415,11 +425,28 @@ impl Relay {
             readonly: false,
             answer_noted: None,
             span,
+            view: None,
         }
     }
 
     fn authenticated(&self) -> bool {
         self.startup_deadline.is_none()
+    }
+
+    /// Tells /sessions what the session is doing: a few relaxed stores into its own view.
+    fn publish(&self) {
+        if let Some(view) = &self.view {
+            view.publish(
+                self.server.as_ref().map(|_| self.host),
+                self.authenticated().then(|| self.client_tx()),
+                self.tracker
+                    .head()
+                    .map(|class| (class, self.tracker.head_started())),
+            );
+            if self.slot_wait.is_none() {
+                view.not_waiting();
+            }
+        }
     }
 
     /// Relays until the session has to end, and says why.
@@ -497,7 +524,9 @@ impl Relay {
                             readers_gone = true;
                         }
                     }
-                    self.poll_relay(cx, &wakers, bits, shared).map(Event::End)
+                    let polled = self.poll_relay(cx, &wakers, bits, shared);
+                    self.publish();
+                    polled.map(Event::End)
                 })
                 .await
             };

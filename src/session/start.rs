@@ -32,6 +32,7 @@ pub(super) async fn start(
     client: std::net::TcpStream,
     admitted: bool,
     readonly: bool,
+    view: Option<Arc<crate::sessions::View>>,
     span: Span,
 ) -> Option<(Relay, Option<GaugeGuard>)> {
     // Accepted on another runtime: register it with this worker's reactor.
@@ -87,6 +88,16 @@ pub(super) async fn start(
             }
         }
     };
+    if let Some(view) = &view
+        && let Ok(Some((startup::Startup::Start { params, .. }, _))) = startup::parse(&first.packet)
+    {
+        let param = |name| Box::from(params.get(name).unwrap_or(""));
+        view.set_identity(crate::sessions::Identity {
+            user: param("user"),
+            database: param("database"),
+            application_name: param("application_name"),
+        });
+    }
     if !admitted {
         // Refused after the first packet, as PostgreSQL does, so every client can read it.
         let max = shared.admission.max_clients();
@@ -103,7 +114,11 @@ pub(super) async fn start(
             readonly,
             span,
         ))
-        .await;
+        .await
+        .map(|(mut relay, gauge)| {
+            relay.view = view;
+            (relay, gauge)
+        });
     }
     let connected = if readonly {
         Box::pin(connect_reader(shared, config.config())).await
@@ -153,6 +168,7 @@ pub(super) async fn start(
         config,
         span,
     );
+    relay.view = view;
     if readonly {
         relay.readonly = true;
         shared.topology.count_reader(host, true);

@@ -15,6 +15,7 @@ mod pooling;
 mod probe_cost;
 mod readonly;
 mod scripted_server;
+mod sessions;
 mod support;
 mod tls;
 mod transaction_pooling;

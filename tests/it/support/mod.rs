@@ -413,12 +413,23 @@ impl Drop for Cluster {
 
 /// A port nobody listens on right now. Another process could take it before we do; callers
 /// that bind it retry.
+/// A port free now, and never handed out before in this test run: the kernel may give the
+/// same port to two binds in a row once the first is closed, and a server not yet started
+/// does not hold its port (two Patroni members were once both given one).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Connects with tokio-postgres and returns the client and the task driving its connection,
