@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -12,18 +12,51 @@ use std::sync::Arc;
 use bulkhead::{Bulkhead, Config};
 
 /// A resilient PostgreSQL connection proxy.
+///
+/// `bulkhead --config FILE` runs it; `bulkhead status` shows a running one; `bulkhead demo`
+/// starts a throwaway primary and standby with a bulkhead in front, to try it.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    config: Option<PathBuf>,
     /// Validate the configuration and exit: 0 if it is valid, 1 if not.
     #[arg(long)]
     check: bool,
     /// How log lines are written to stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a running bulkhead's hosts, circuits, pools and busiest sessions (from its health
+    /// port).
+    Status {
+        /// The health port to read, host:port.
+        #[arg(
+            long,
+            value_name = "ADDR",
+            default_value = "127.0.0.1:9930",
+            conflicts_with = "config"
+        )]
+        health: String,
+        /// Read the health port's address from this configuration file instead.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Redraw every interval (e.g. 1s, 500ms) until interrupted.
+        #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "1s", value_parser = humantime::parse_duration)]
+        watch: Option<std::time::Duration>,
+        /// Sessions listed at most, the longest-running first.
+        #[arg(long, default_value_t = 20)]
+        sessions: usize,
+    },
+    /// Start a throwaway primary and streaming standby with bulkhead in front of them, and
+    /// optionally play one of the incidents bulkhead exists for. Ctrl-C removes everything.
+    Demo(bulkhead::demo::Options),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -34,6 +67,40 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    match args.command {
+        Some(Command::Status {
+            health,
+            config,
+            watch,
+            sessions,
+        }) => {
+            let health = match config {
+                None => health,
+                Some(path) => match Config::load(&path) {
+                    Ok(c) => c.health.address.to_string(),
+                    Err(e) => {
+                        eprintln!("bulkhead: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let options = bulkhead::status::Options {
+                health,
+                watch,
+                sessions,
+            };
+            return if bulkhead::status::run(&options) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Some(Command::Demo(options)) => return bulkhead::demo::run(options),
+        None => {}
+    }
+    let path = args
+        .config
+        .expect("clap requires --config without a subcommand");
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -45,7 +112,7 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
     }
 
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("bulkhead: {e}");
@@ -54,11 +121,11 @@ fn main() -> ExitCode {
     };
     // The TLS files are read here too, so --check catches a missing or mismatched one.
     if let Err(e) = bulkhead::tls::Tls::load(&config) {
-        eprintln!("bulkhead: {}: {e}", args.config.display());
+        eprintln!("bulkhead: {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
     if args.check {
-        println!("{}: valid", args.config.display());
+        println!("{}: valid", path.display());
         return ExitCode::SUCCESS;
     }
     // This runtime accepts, probes and keeps house; sessions run on the worker threads that
@@ -73,7 +140,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config, args.config))
+    runtime.block_on(serve(config, path))
 }
 
 async fn serve(config: Config, path: PathBuf) -> ExitCode {

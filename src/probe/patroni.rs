@@ -12,10 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tracing::debug;
 
@@ -87,45 +83,18 @@ struct Cluster {
 
 /// Reads /cluster from `endpoint` within `within`.
 async fn read_cluster(endpoint: &Endpoint, within: Duration) -> Result<Vec<Member>, String> {
-    let fetch = async {
-        let tcp = tokio::net::TcpStream::connect(&endpoint.authority)
-            .await
-            .map_err(|e| e.to_string())?;
-        tcp.set_nodelay(true).ok();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
-        let request = Request::get(format!("{}/cluster", endpoint.prefix))
-            .header(hyper::header::HOST, &endpoint.authority)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(format!("HTTP {status}"));
-        }
-        let body = Limited::new(response.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        serde_json::from_slice::<Cluster>(&body)
-            .map(|c| c.members)
-            .map_err(|e| format!("not a Patroni /cluster answer: {e}"))
-    };
-    match tokio::time::timeout(within, fetch).await {
-        Ok(Ok(members)) => Ok(members),
-        Ok(Err(why)) => Err(format!("{}: {why}", endpoint.url())),
-        Err(_) => Err(format!(
-            "{}: no answer within {}",
-            endpoint.url(),
-            humantime::format_duration(within)
-        )),
-    }
+    let path = format!("{}/cluster", endpoint.prefix);
+    let read = crate::http_get::get(&endpoint.authority, &path, within, MAX_BODY)
+        .await
+        .and_then(|(status, body)| {
+            if !status.is_success() {
+                return Err(format!("HTTP {status}"));
+            }
+            serde_json::from_slice::<Cluster>(&body)
+                .map(|c| c.members)
+                .map_err(|e| format!("not a Patroni /cluster answer: {e}"))
+        });
+    read.map_err(|why| format!("{}: {why}", endpoint.url()))
 }
 
 /// Follows Patroni until aborted.

@@ -8,6 +8,7 @@ mod deadlines;
 mod failover;
 mod failure_edges;
 mod health;
+mod operator;
 mod passthrough;
 mod patroni;
 mod pooled_failover;
