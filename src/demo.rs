@@ -91,6 +91,22 @@ pub fn run(options: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Ctrl-C and SIGTERM are caught from here on, so one that comes while the servers are
+    // being made still lets the demo remove them (it is acted on once they are up).
+    use tokio::signal::unix::{SignalKind, signal};
+    let signals = {
+        let _in_runtime = runtime.enter();
+        (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        )
+    };
+    let (Ok(mut interrupt), Ok(mut terminate)) = signals else {
+        eprintln!(
+            "bulkhead demo: cannot catch Ctrl-C, so could not clean up after it; not starting"
+        );
+        return ExitCode::FAILURE;
+    };
     let mut demo = match runtime.block_on(Demo::set_up(bin, &options)) {
         Ok(demo) => demo,
         Err(e) => {
@@ -98,7 +114,12 @@ pub fn run(options: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(demo.play(&options));
+    let result = runtime.block_on(demo.play(&options, async {
+        tokio::select! {
+            _ = interrupt.recv() => println!("\nbulkhead demo: stopping"),
+            _ = terminate.recv() => println!("bulkhead demo: SIGTERM: stopping"),
+        }
+    }));
     demo.tear_down();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -431,7 +452,11 @@ impl Demo {
 
     /// Waits for bulkhead to be ready, tells the user how to use it, then plays the traffic and
     /// the fault until Ctrl-C, SIGTERM or `stop_after`.
-    async fn play(&mut self, options: &Options) -> Result<(), String> {
+    async fn play(
+        &mut self,
+        options: &Options,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(Ok(Some(status))) = self.bulkhead.as_mut().map(Child::try_wait) {
@@ -484,11 +509,8 @@ impl Demo {
             tasks.push(tokio::spawn(traffic_loop(traffic.clone(), port, false)));
         }
         let stop = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => println!("\nbulkhead demo: stopping"),
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                () = stop => {}
                 _ = async { match options.stop_after { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
             }
         };

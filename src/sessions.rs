@@ -27,12 +27,19 @@ const SHARDS: usize = 16;
 /// transactions, or before one is lent).
 const NO_HOST: usize = usize::MAX;
 
-/// Who the client said it is, from its startup packet.
+/// Who the client said it is, from its startup packet: user, database and application_name,
+/// in one allocation (NUL cannot occur in them).
 #[derive(Debug)]
-pub struct Identity {
-    pub user: Box<str>,
-    pub database: Box<str>,
-    pub application_name: Box<str>,
+pub struct Identity(Box<str>);
+
+impl Identity {
+    pub fn new(user: &str, database: &str, application_name: &str) -> Self {
+        Identity(format!("{user}\0{database}\0{application_name}").into_boxed_str())
+    }
+
+    fn part(&self, i: usize) -> &str {
+        self.0.split('\0').nth(i).unwrap_or("")
+    }
 }
 
 /// One session, as the health thread sees it.
@@ -162,9 +169,9 @@ impl View {
             "id": self.id,
             "client": self.peer.map(|p| p.to_string()),
             "listener": if self.readonly { "readonly" } else { "primary" },
-            "user": identity.map(|i| &*i.user),
-            "database": identity.map(|i| &*i.database),
-            "application_name": identity.map(|i| &*i.application_name),
+            "user": identity.map(|i| i.part(0)),
+            "database": identity.map(|i| i.part(1)),
+            "application_name": identity.map(|i| i.part(2)),
             "connected_at": rfc3339(self.connected),
             "connected_seconds": round_ms(now.saturating_duration_since(self.connected_at)),
             "host": hosts.get(host),

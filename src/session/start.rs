@@ -91,12 +91,12 @@ pub(super) async fn start(
     if let Some(view) = &view
         && let Ok(Some((startup::Startup::Start { params, .. }, _))) = startup::parse(&first.packet)
     {
-        let param = |name| Box::from(params.get(name).unwrap_or(""));
-        view.set_identity(crate::sessions::Identity {
-            user: param("user"),
-            database: param("database"),
-            application_name: param("application_name"),
-        });
+        let param = |name| params.get(name).unwrap_or("");
+        view.set_identity(crate::sessions::Identity::new(
+            param("user"),
+            param("database"),
+            param("application_name"),
+        ));
     }
     if !admitted {
         // Refused after the first packet, as PostgreSQL does, so every client can read it.

@@ -142,7 +142,8 @@ async fn with_show_statements_a_waiting_write_shows_its_slot_wait_and_its_text_c
     let long = format!("INSERT INTO waits VALUES ('{}')", "x".repeat(600));
     let waiter = connect(&params(&proxy, "waiter")).await;
     let sql = long.clone();
-    let waiting = tokio::spawn(async move { waiter.batch_execute(&sql).await });
+    // The client is handed back, so its session stays for the test to look at.
+    let waiting = tokio::spawn(async move { waiter.batch_execute(&sql).await.map(|()| waiter) });
 
     let e = eventually(
         "the second write to wait for a slot",
@@ -165,7 +166,7 @@ async fn with_show_statements_a_waiting_write_shows_its_slot_wait_and_its_text_c
     );
 
     holder.batch_execute("COMMIT").await.unwrap();
-    waiting.await.unwrap().expect("the write got the slot");
+    let _waiter = waiting.await.unwrap().expect("the write got the slot");
     let e = eventually("the wait to be over", SECONDS_20, || async {
         let e = entry(&sessions(&proxy).await, "waiter")?;
         (e["state"] == "idle").then_some(e)
