@@ -46,6 +46,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY = os.path.join(ROOT, "target/release/bulkhead")
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 AS_ROOT = os.geteuid() == 0
@@ -191,7 +192,7 @@ class Systems:
         if mode != "passthrough":
             open(users, "w").write(f'"{USER}" "{scram_verifier(PASSWORD)}"\n')
         write_bulkhead_config(conf, port, self.pg_port, tls, idle_clients + 200, mode, size, users)
-        self.spawn(name, [os.path.join(ROOT, "target/release/bulkhead"), "--config", conf], port)
+        self.spawn(name, [BINARY, "--config", conf], port)
 
     def start_pgbouncer(self, name, tls, idle_clients, mode="session", pool_size=None, scram=False, prepared=0):
         """PgBouncer with trust for its clients (scram: SCRAM-SHA-256 against PASSWORD), a pool
@@ -361,11 +362,15 @@ def main():
     ap.add_argument("--only", default="", help="run only the workloads whose name contains this "
                     "(or one of several, separated by commas)")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the proxies' and PostgreSQL's logs to DIR at the end")
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/bulkhead"),
+                    help="the bulkhead to run (e.g. an older build, to compare)")
     ap.add_argument("--no-alloc", action="store_true", help="skip benches/alloc.rs (cargo bench builds it first)")
     ap.add_argument("--floor", action="store_true",
                     help="also run the plain workloads through benches/floor.rs, a bare relay, for scale "
                          "(as it is, and with --uring)")
     args = ap.parse_args()
+    global BINARY
+    BINARY = args.binary
     built_from = commit()  # before the run, which takes a while
     work = tempfile.mkdtemp(prefix="bulkhead-compare-")
     systems = Systems(work, args.idle_clients)
