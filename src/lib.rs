@@ -15,6 +15,7 @@
 //! State is passed, never global: [`Bulkhead`] owns everything one proxy needs, so a test can
 //! run several in one process.
 
+mod accept;
 pub mod admission;
 pub mod auth;
 pub mod breaker;
@@ -44,11 +45,10 @@ pub mod workers;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tracing::{error, info, info_span, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 pub use metrics::Metrics;
@@ -233,73 +233,44 @@ impl Bulkhead {
         }
         background.push(tokio::spawn(health::heartbeat(self.shared.clone(), 0)));
         let shared = self.shared.clone();
-        let workers =
-            workers::Workers::start(self.workers, |i| health::heartbeat(shared.clone(), i + 1))?;
-        let mut next_id: u64 = 0;
-        let reserve = fds::Reserve::new();
+        let workers = Arc::new(workers::Workers::start(self.workers, |i| {
+            health::heartbeat(shared.clone(), i + 1)
+        })?);
+        let acceptor = accept::Acceptor {
+            shared: self.shared.clone(),
+            workers: workers.clone(),
+            alive: alive.clone(),
+        };
+        // Both listeners leave this runtime's reactor for the accept loop's.
+        let main = listener.into_std()?;
+        let readonly = readonly.map(TcpListener::into_std).transpose()?;
+        let (stop, stopped) = oneshot::channel();
+        let accepting = acceptor.run(main, readonly, stopped);
+        let mut accepting = if workers.count() == 1 {
+            workers.run_on(0, accepting)
+        } else {
+            tokio::spawn(accepting)
+        };
         tokio::pin!(shutdown);
-        loop {
-            let (accepted, from, reads_only) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => (accepted, &listener, false),
-                accepted = accept_if(readonly.as_ref()) => {
-                    (accepted, readonly.as_ref().expect("accepted on it"), true)
-                }
-            };
-            match accepted {
-                Ok((socket, peer)) => {
-                    socket.set_nodelay(true).ok();
-                    next_id += 1;
-                    let admitted = self.shared.admission.client_arrived();
-                    let span = if reads_only {
-                        info_span!("session", id = next_id, %peer, readonly = true)
-                    } else {
-                        info_span!("session", id = next_id, %peer)
-                    };
-                    // The socket leaves this runtime's reactor for its worker's.
-                    match socket.into_std() {
-                        Ok(socket) => workers.spawn(session::serve(
-                            self.shared.clone(),
-                            socket,
-                            next_id,
-                            admitted,
-                            reads_only,
-                            alive.clone(),
-                            span,
-                        )),
-                        Err(e) => {
-                            warn!(error = %e, "cannot hand a client to a worker");
-                            self.shared.admission.client_left();
-                        }
-                    }
-                }
-                Err(e) if fds::exhausted(&e) && reserve.release() => {
-                    // Out of descriptors: the reserve one lets the client waiting be told
-                    // so (53300) rather than hang in the backlog.
-                    match from.accept().await {
-                        Ok((socket, _)) => {
-                            self.shared.admission.shed_for_descriptors();
-                            tokio::spawn(session::refuse_out_of_descriptors(
-                                socket,
-                                reserve.clone(),
-                            ));
-                        }
-                        Err(e) => {
-                            reserve.restore();
-                            error!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        let ended = tokio::select! {
+            () = &mut shutdown => None,
+            ended = &mut accepting => Some(ended),
+        };
+        let ended = match ended {
+            Some(ended) => ended,
+            None => {
+                let _ = stop.send(());
+                accepting.await
             }
+        };
+        // The accept loop ends by itself only when a listener cannot be used at all.
+        let failed = match ended {
+            Ok(ended) => ended.err(),
+            Err(e) => Some(io::Error::other(format!("the accept loop failed: {e}"))),
+        };
+        if let Some(e) = &failed {
+            error!(error = %e, "no longer accepting clients");
         }
-        drop(readonly);
-        drop(listener);
         let drain = self.shared.live.get().timeouts.drain;
         info!(
             ?drain,
@@ -316,17 +287,7 @@ impl Bulkhead {
         for task in background {
             task.abort();
         }
-        Ok(())
-    }
-}
-
-/// The next client on `listener`, or never when there is none.
-async fn accept_if(
-    listener: Option<&TcpListener>,
-) -> io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
-    match listener {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -393,9 +354,11 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (alive, _ended) = mpsc::channel(1);
+        let peer = client.local_addr().unwrap();
         let session = session::serve(
             proxy.shared.clone(),
             client,
+            peer,
             1,
             true,
             false,

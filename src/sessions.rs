@@ -425,7 +425,11 @@ mod tests {
     /// budget per idle pooled client.
     #[test]
     fn a_view_is_at_most_112_bytes() {
-        assert!(std::mem::size_of::<View>() <= 112, "{}", std::mem::size_of::<View>());
+        assert!(
+            std::mem::size_of::<View>() <= 112,
+            "{}",
+            std::mem::size_of::<View>()
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! worker ever wakes another to steal work (tokio's multi-threaded scheduler does both, and on
 //! a small machine that cross-thread signalling costs more CPU than the relay itself).
 //!
-//! The accept loop, the probes and housekeeping stay on the runtime that calls
-//! [`crate::Bulkhead::serve`].
+//! The probes and housekeeping stay on the runtime that calls [`crate::Bulkhead::serve`]; so
+//! does the accept loop when there are several workers (with one, it runs on the worker: see
+//! [`crate::accept`]).
 
 use std::future::Future;
 use std::io;
@@ -78,6 +79,20 @@ impl Workers {
             });
         }
         Ok(Workers { workers })
+    }
+
+    /// How many workers there are.
+    pub fn count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Runs `task` on worker `i`'s runtime (not counted as a session).
+    pub fn run_on<T: Send + 'static>(
+        &self,
+        i: usize,
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.workers[i].handle.spawn(task)
     }
 
     /// Runs `session` on the least busy worker. A socket it uses must be moved there as a

@@ -62,28 +62,65 @@ async fn send(stream: &mut (impl AsyncWrite + Unpin), out: &[u8]) -> Result<(), 
         .map_err(|e| Refusal::ClientProtocol(format!("connection ended during login: {e}")))
 }
 
-/// Reads a PasswordMessage (or SASL response) into `body`.
+/// Reads a PasswordMessage (or SASL response) into `body`. What the client sends is read into
+/// `incoming` as it arrives, a whole message in one read where its header and its body took
+/// two (and a third that found nothing, tokio's readiness not being cleared by an exact read);
+/// whatever follows the message stays there for the relay, as PostgreSQL keeps what a
+/// client sent ahead.
 async fn password_message(
     stream: &mut (impl AsyncRead + Unpin),
+    incoming: &mut BytesMut,
     body: &mut BytesMut,
 ) -> Result<(), Refusal> {
-    match read_message(stream, MAX_PASSWORD_MESSAGE, body).await {
-        Ok(b'p') => Ok(()),
-        Ok(tag) => Err(Refusal::ClientProtocol(format!(
+    let len = loop {
+        if let Some(header) = incoming.get(..5) {
+            let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+            if !(4..=MAX_PASSWORD_MESSAGE + 4).contains(&len) {
+                return Err(Refusal::ClientProtocol(format!(
+                    "message '{}' of {len} bytes during login",
+                    crate::protocol::framing::printable(header[0])
+                )));
+            }
+            if incoming.len() > len {
+                break len;
+            }
+            incoming.reserve(1 + len - incoming.len());
+        }
+        match stream.read_buf(incoming).await {
+            Ok(0) => {
+                return Err(Refusal::ClientProtocol(
+                    "connection ended during login: early eof".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Refusal::ClientProtocol(format!(
+                    "connection ended during login: {e}"
+                )));
+            }
+        }
+    };
+    let tag = incoming[0];
+    body.clear();
+    body.extend_from_slice(&incoming[5..1 + len]);
+    bytes::Buf::advance(incoming, 1 + len);
+    if tag != b'p' {
+        return Err(Refusal::ClientProtocol(format!(
             "expected a password message during login, got '{}'",
             crate::protocol::framing::printable(tag)
-        ))),
-        Err(why) => Err(Refusal::ClientProtocol(why)),
+        )));
     }
+    Ok(())
 }
 
 /// Authenticates `user` with `secret` (`None`: no such user; the exchange runs to its end
 /// against a mock verifier and fails as a wrong password does). `binding` is the
 /// tls-server-end-point data when the client is on TLS: SCRAM-SHA-256-PLUS is offered then.
 /// Sends nothing on success: the caller sends AuthenticationOk once a server connection is
-/// ready.
+/// ready. What the client sent after its last login message is left in `incoming`.
 pub async fn authenticate(
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    incoming: &mut BytesMut,
     user: &str,
     secret: Option<&Secret>,
     mock_key: &[u8; 32],
@@ -98,7 +135,7 @@ pub async fn authenticate(
         getrandom::fill(&mut salt).expect("the system's random source works");
         write_authentication(&mut out, MD5, &salt);
         send(stream, &out).await?;
-        password_message(stream, &mut body).await?;
+        password_message(stream, incoming, &mut body).await?;
         let (answer, _) = cstr(&body)
             .ok_or_else(|| Refusal::ClientProtocol("malformed password message".into()))?;
         return if secret.md5_matches(user, salt, answer) {
@@ -118,7 +155,7 @@ pub async fn authenticate(
     };
     write_authentication(&mut out, SASL, offer);
     send(stream, &out).await?;
-    password_message(stream, &mut body).await?;
+    password_message(stream, incoming, &mut body).await?;
     let (mechanism, first) = frontend::sasl_initial_response(&body)
         .ok_or_else(|| Refusal::ClientProtocol("malformed SASLInitialResponse".into()))?;
     let failed = |f: Failure| match f {
@@ -130,7 +167,7 @@ pub async fn authenticate(
     out.clear();
     write_authentication(&mut out, SASL_CONTINUE, exchange.server_first().as_bytes());
     send(stream, &out).await?;
-    password_message(stream, &mut body).await?;
+    password_message(stream, incoming, &mut body).await?;
     let proven = exchange.finish(&body).map_err(failed)?;
     if secret.is_none() {
         // A mock verifier cannot be matched, but never let it through.

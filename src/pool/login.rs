@@ -23,6 +23,8 @@ pub struct LoggedIn {
     pub lending: Lending,
     /// The key the client was given (its backend's pid, bulkhead's secret).
     pub client_key: (i32, [u8; 4]),
+    /// What the client sent after its last login message, for the relay.
+    pub leftover: BytesMut,
 }
 
 /// Why a pooled login failed: bulkhead's refusal, or the server's own error to pass on.
@@ -134,8 +136,17 @@ pub(crate) async fn log_in(
         }
     };
     let binding = binding_for(client.is_tls(), &shared.tls.get());
+    let mut incoming = BytesMut::with_capacity(512);
     let credential = std::sync::Arc::new(
-        authenticate(client, user, secret.as_ref(), &shared.mock_key, binding).await?,
+        authenticate(
+            client,
+            &mut incoming,
+            user,
+            secret.as_ref(),
+            &shared.mock_key,
+            binding,
+        )
+        .await?,
     );
     debug!(user, database, "client authenticated");
     let pool = shared.pools.get(shared, user, database, readonly);
@@ -215,6 +226,7 @@ pub(crate) async fn log_in(
             *shared.topology.watch_readers().borrow(),
         ),
         client_key: (client_pid, secret),
+        leftover: incoming,
     })
 }
 

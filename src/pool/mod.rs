@@ -7,6 +7,7 @@
 //!
 //! The pool's lock is taken when a connection is lent and returned, not per message.
 
+mod answers;
 pub mod lending;
 pub mod login;
 pub mod server;

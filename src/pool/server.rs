@@ -10,7 +10,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::auth::client::read_message;
+use super::answers::Answers;
 use crate::auth::scram::KeyedClient;
 use crate::auth::{Credential, md5_salted};
 use crate::protocol::backend::{self, Severity};
@@ -127,6 +127,7 @@ pub async fn log_in(
         .map_err(|e| broken(e.to_string()))?;
     let mut out = BytesMut::new();
     let mut body = BytesMut::new();
+    let mut answers = Answers::default();
     let mut scram: Option<Scram> = None;
     let (mut pid, mut secret) = (0, bytes::Bytes::new());
     let mut params = Vec::new();
@@ -136,7 +137,8 @@ pub async fn log_in(
         ))
     };
     loop {
-        let tag = read_message(&mut stream, MAX_MESSAGE, &mut body)
+        let tag = answers
+            .next(&mut stream, MAX_MESSAGE, &mut body)
             .await
             .map_err(broken)?;
         match tag {
@@ -317,8 +319,10 @@ impl ServerConn {
                 .map_err(|e| broken(e.to_string()))?;
             let mut error = None;
             let mut body = out;
+            let mut answers = Answers::default();
             loop {
-                let tag = read_message(&mut self.stream, MAX_MESSAGE, &mut body)
+                let tag = answers
+                    .next(&mut self.stream, MAX_MESSAGE, &mut body)
                     .await
                     .map_err(broken)?;
                 match tag {

@@ -57,6 +57,7 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     client: std::net::TcpStream,
+    peer: std::net::SocketAddr,
     id: u64,
     admitted: bool,
     readonly: bool,
@@ -65,9 +66,7 @@ pub(crate) async fn serve(
 ) {
     let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
     let _client_count = ClientCount(&shared.admission);
-    let registered = shared
-        .sessions
-        .register(id, client.peer_addr().ok(), readonly);
+    let registered = shared.sessions.register(id, Some(peer), readonly);
     let view = registered.as_ref().map(|r| r.view.clone());
     // Startup and the farewell are boxed: the task of an idle session holds only the relay's
     // state, not room for theirs too (that was 2 KiB more per idle session).

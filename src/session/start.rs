@@ -225,7 +225,7 @@ async fn start_pooled(
         Some(stream),
         addr,
         host,
-        leftover,
+        logged.leftover,
         startup_deadline,
         config,
         span,
@@ -519,7 +519,14 @@ pub(super) async fn linger(client: &mut (impl AsyncRead + Unpin)) -> io::Result<
 /// Answers a client accepted on the reserve descriptor when there were none left: FATAL 53300
 /// after its first packet (or at once, if none comes quickly), then closes and gives the
 /// descriptor back to the reserve.
-pub(crate) async fn refuse_out_of_descriptors(client: TcpStream, reserve: crate::fds::Reserve) {
+pub(crate) async fn refuse_out_of_descriptors(
+    client: std::net::TcpStream,
+    reserve: crate::fds::Reserve,
+) {
+    let Ok(client) = TcpStream::from_std(client) else {
+        reserve.restore();
+        return;
+    };
     let mut client = Stream::Plain(client);
     let mut first = [0u8; 1024];
     let _ = timeout(Duration::from_millis(200), client.read(&mut first)).await;

@@ -454,6 +454,27 @@ async fn a_backend_ended_while_idle_in_the_pool_does_not_fail_the_next_transacti
     );
 }
 
+/// bulkhead reads a client's login messages as they arrive, several at once when the client
+/// sends ahead: a query sent with the last SASL message, before the login is confirmed (as
+/// PostgreSQL allows, since it reads a client's bytes in bulk too), is answered after the
+/// login, not lost or taken for part of the login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_sent_with_the_last_login_message_is_answered_after_the_login() {
+    use crate::support::raw::{Raw, msg};
+    let s = setup();
+    let proxy = Proxy::start(pooled(&s, 1)).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    let login = raw
+        .login_scram_sending_ahead("app", "app-secret", &msg(b'Q', b"SELECT 41 + 1\0"))
+        .await;
+    assert_eq!(login.last().map(|m| m.0), Some(b'Z'), "{login:?}");
+    let answer = raw.recv_until(b'Z').await;
+    let tags: String = answer.iter().map(|m| m.0 as char).collect();
+    assert_eq!(tags, "TDCZ", "{answer:?}");
+    let row = &answer[1].1;
+    assert_eq!(&row[6..], b"42");
+}
+
 /// Protocol-level statements as PostgreSQL has them, though the client's connection changes
 /// under it and other clients use the same names: a name Parsed a second time gets 42P05 and
 /// the client keeps its first statement; a Parse the server refused leaves the name free; a

@@ -134,6 +134,17 @@ impl Raw {
     /// Logs in as `user` with SCRAM-SHA-256 (bulkhead's own authentication in the pooled
     /// modes) and waits for ReadyForQuery.
     pub async fn login_scram(&mut self, user: &str, password: &str) -> Vec<(u8, Vec<u8>)> {
+        self.login_scram_sending_ahead(user, password, &[]).await
+    }
+
+    /// As [`Raw::login_scram`], with `ahead` sent in the same write as the last SASL message,
+    /// before the server has said the login succeeded.
+    pub async fn login_scram_sending_ahead(
+        &mut self,
+        user: &str,
+        password: &str,
+        ahead: &[u8],
+    ) -> Vec<(u8, Vec<u8>)> {
         use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
         self.send(&startup_packet(
             0,
@@ -154,7 +165,8 @@ impl Raw {
         let cont = self.recv().await.expect("SASLContinue");
         auth_code(&cont, 11);
         scram.update(&cont.1[4..]).unwrap();
-        self.send(&msg(b'p', scram.message())).await;
+        self.send(&[msg(b'p', scram.message()), ahead.to_vec()].concat())
+            .await;
         let fin = self.recv().await.expect("SASLFinal");
         auth_code(&fin, 12);
         scram.finish(&fin.1[4..]).unwrap();
