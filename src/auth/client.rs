@@ -26,13 +26,7 @@ pub async fn read_message(
         .read_exact(&mut header)
         .await
         .map_err(|e| format!("connection ended during login: {e}"))?;
-    let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
-    if !(4..=max + 4).contains(&len) {
-        return Err(format!(
-            "message '{}' of {len} bytes during login",
-            crate::protocol::framing::printable(header[0])
-        ));
-    }
+    let len = login_message_length(&header, max)?;
     body.clear();
     body.resize(len - 4, 0);
     stream
@@ -40,6 +34,20 @@ pub async fn read_message(
         .await
         .map_err(|e| format!("connection ended during login: {e}"))?;
     Ok(header[0])
+}
+
+/// The length field of a login message's 5-byte `header` (it counts itself and the body, not
+/// the tag), or why the message cannot be taken: shorter than the field itself, or a body
+/// longer than `max`.
+pub fn login_message_length(header: &[u8], max: usize) -> Result<usize, String> {
+    let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+    if !(4..=max + 4).contains(&len) {
+        return Err(format!(
+            "message '{}' of {len} bytes during login",
+            crate::protocol::framing::printable(header[0])
+        ));
+    }
+    Ok(len)
 }
 
 /// Appends an Authentication message: its code and data.
@@ -74,13 +82,8 @@ async fn password_message(
 ) -> Result<(), Refusal> {
     let len = loop {
         if let Some(header) = incoming.get(..5) {
-            let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
-            if !(4..=MAX_PASSWORD_MESSAGE + 4).contains(&len) {
-                return Err(Refusal::ClientProtocol(format!(
-                    "message '{}' of {len} bytes during login",
-                    crate::protocol::framing::printable(header[0])
-                )));
-            }
+            let len = login_message_length(header, MAX_PASSWORD_MESSAGE)
+                .map_err(Refusal::ClientProtocol)?;
             if incoming.len() > len {
                 break len;
             }

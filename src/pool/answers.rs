@@ -12,7 +12,7 @@
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
-use crate::auth::client::read_message;
+use crate::auth::client::{login_message_length, read_message};
 use crate::protocol::backend;
 use crate::tls::Stream;
 
@@ -69,13 +69,7 @@ impl Answers {
 fn whole_messages(seen: &[u8], max: usize) -> Result<usize, String> {
     let mut at = 0;
     while let Some(header) = seen.get(at..at + 5) {
-        let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
-        if !(4..=max + 4).contains(&len) {
-            return Err(format!(
-                "message '{}' of {len} bytes during login",
-                crate::protocol::framing::printable(header[0])
-            ));
-        }
+        let len = login_message_length(header, max)?;
         if seen.len() < at + 1 + len {
             break;
         }
