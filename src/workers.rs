@@ -96,7 +96,8 @@ impl Workers {
     }
 
     /// Runs `session` on the least busy worker. A socket it uses must be moved there as a
-    /// `std::net::TcpStream` (see `TcpStream::into_std`) and registered again on arrival.
+    /// `std::net::TcpStream` registered with no reactor yet (the accept loop takes sockets so)
+    /// and registered on arrival.
     pub fn spawn(&self, session: impl Future<Output = ()> + Send + 'static) {
         let worker = self
             .workers

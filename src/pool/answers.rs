@@ -111,6 +111,48 @@ mod tests {
         assert_eq!(whole_messages(&two, 1 << 20), Ok(two.len()));
     }
 
+    /// Over a real socket: everything up to the ReadyForQuery comes out message by message,
+    /// and what the server sent after it is still in the socket for the next reader.
+    #[tokio::test]
+    async fn answers_are_taken_up_to_the_ready_for_query_and_what_follows_stays_in_the_socket() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut server = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut stream = Stream::Plain(listener.accept().await.unwrap().0);
+        let after = message(b'N', b"for the relay");
+        let all = [
+            message(b'C', b"DISCARD ALL\0"),
+            message(b'S', b"application_name\0\0"),
+            message(b'Z', b"I"),
+            after.clone(),
+        ]
+        .concat();
+        server.write_all(&all).await.unwrap();
+        let mut answers = Answers::default();
+        let mut body = BytesMut::new();
+        let mut tags = Vec::new();
+        loop {
+            let tag = answers.next(&mut stream, 1 << 20, &mut body).await.unwrap();
+            tags.push(tag);
+            if tag == b'Z' {
+                assert_eq!(&body[..], b"I");
+                break;
+            }
+        }
+        assert_eq!(tags, b"CSZ");
+        let Stream::Plain(tcp) = &mut stream else {
+            unreachable!()
+        };
+        let mut rest = vec![0; after.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_exact(&mut rest))
+            .await
+            .expect("what followed the ReadyForQuery was taken from the socket")
+            .unwrap();
+        assert_eq!(rest, after);
+    }
+
     #[test]
     fn a_length_read_message_would_refuse_is_an_error_here_too() {
         let mut bad = message(b'S', b"x");
