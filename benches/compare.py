@@ -357,7 +357,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--idle-clients", type=int, default=1000)
+    ap.add_argument("--idle-clients", type=int, default=1000, help="idle clients for the RSS measurement (0: none)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="run only the workloads whose name contains this "
                     "(or one of several, separated by commas)")
@@ -425,7 +425,7 @@ def main():
                     print(f"round {r + 1} {name:32} {system:21} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
                           f"cpu/100k {cpu:.2f} (user {user:.2f}) all {busy * per:.2f} failed {failed}", flush=True)
         rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients)
-               for s in ("bulkhead", "bulkhead-tls", "pgbouncer", "bulkhead-tx", "pgbouncer-tx")}
+               for s in ("bulkhead", "bulkhead-tls", "pgbouncer", "bulkhead-tx", "pgbouncer-tx")} if args.idle_clients else {}
     finally:
         systems.stop()
         if args.keep_logs:
@@ -458,8 +458,10 @@ def main():
     if not systems.pgbouncer_prepared and any(name.startswith("tx -S -M prepared") for name, _, _ in workloads):
         lines += ["", f"PgBouncer {'.'.join(map(str, pgbouncer_version()))} has no max_prepared_statements (1.21 and later): "
                   "it is left out of `tx -S -M prepared -c 100`."]
-    lines += ["", f"RSS growth per idle client ({args.idle_clients} clients): "
-              + ", ".join(f"{s} {v:.1f} KiB" for s, v in rss.items()), "", "Allocations (benches/alloc.rs):", "",
+    if rss:
+        lines += ["", f"RSS growth per idle client ({args.idle_clients} clients): "
+                  + ", ".join(f"{s} {v:.1f} KiB" for s, v in rss.items())]
+    lines += ["", "Allocations (benches/alloc.rs):", "",
               *("    " + l for l in alloc_report.splitlines())]
     report = "\n".join(lines)
     print("\n" + report)
