@@ -87,23 +87,24 @@ impl View {
     }
 
     /// What the relay publishes once per wake-up: the host it holds, the transaction status
-    /// its client was last told, and the request the server is working on.
+    /// its client was last told, and the class of the request the server is working on.
+    /// `head_since` is when that request's clock started, given only when it moved: turning a
+    /// time into microseconds on every wake-up cost 2% of the relay's instructions.
     pub fn publish(
         &self,
         host: Option<usize>,
         tx: Option<TxStatus>,
-        head: Option<(Class, tokio::time::Instant)>,
+        head: Option<Class>,
+        head_since: Option<tokio::time::Instant>,
     ) {
         self.host.store(host.unwrap_or(NO_HOST), Ordering::Relaxed);
         self.tx.store(tx.map_or(0, tx_byte), Ordering::Relaxed);
-        match head {
-            Some((class, since)) => {
-                self.head_since
-                    .store(micros(since.into_std()), Ordering::Relaxed);
-                self.head.store(1 + class as u8, Ordering::Relaxed);
-            }
-            None => self.head.store(0, Ordering::Relaxed),
+        if let Some(since) = head_since {
+            self.head_since
+                .store(micros(since.into_std()), Ordering::Relaxed);
         }
+        self.head
+            .store(head.map_or(0, |class| 1 + class as u8), Ordering::Relaxed);
     }
 
     /// The session waits for a concurrency slot (a write slot if `write`) from now.
@@ -398,13 +399,14 @@ mod tests {
     fn a_session_leaves_the_registry_when_it_ends_and_the_busiest_comes_first() {
         let registry = Arc::new(Registry::new(true, false));
         let idle = registry.register(7, None, false).unwrap();
-        idle.view.publish(Some(0), Some(TxStatus::Idle), None);
+        idle.view.publish(Some(0), Some(TxStatus::Idle), None, None);
         let busy = registry.register(8, None, true).unwrap();
         let started = tokio::time::Instant::now();
         busy.view.publish(
             Some(0),
             Some(TxStatus::InBlock),
-            Some((Class::Write, started)),
+            Some(Class::Write),
+            Some(started),
         );
         let hosts = vec!["db:5432".to_string()];
         let report = registry.report_at(&hosts, started.into_std() + Duration::from_secs(3));

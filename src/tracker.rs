@@ -70,6 +70,8 @@ pub struct Tracker {
     open: bool,
     /// When the head request's clock started.
     head_started: Instant,
+    /// `head_started` moved since [`Tracker::take_head_moved`] last asked.
+    head_moved: bool,
     /// The server is waiting for the client's COPY data: the clock is paused.
     copy_in: bool,
     /// A write was sent since the last time the session was idle outside a transaction, so a
@@ -103,6 +105,7 @@ impl Tracker {
             refused: 0,
             open: false,
             head_started: now,
+            head_moved: true,
             copy_in: false,
             tx_wrote: false,
             statements: HashMap::new(),
@@ -281,7 +284,7 @@ impl Tracker {
     pub fn copy_in_ended(&mut self, now: Instant) {
         if self.copy_in {
             self.copy_in = false;
-            self.head_started = now;
+            self.start_head_clock(now);
         }
     }
 
@@ -297,7 +300,7 @@ impl Tracker {
             self.refused -= 1;
         }
         let took = now.saturating_duration_since(self.head_started);
-        self.head_started = now;
+        self.start_head_clock(now);
         self.copy_in = false;
         if self.queue.is_empty() && status == TxStatus::Idle {
             self.tx_wrote = false;
@@ -321,6 +324,17 @@ impl Tracker {
     /// When the clock of the request the server is working on started.
     pub fn head_started(&self) -> Instant {
         self.head_started
+    }
+
+    /// Whether the head request's clock moved since the last call (for /sessions, which is
+    /// told only then).
+    pub fn take_head_moved(&mut self) -> bool {
+        std::mem::take(&mut self.head_moved)
+    }
+
+    fn start_head_clock(&mut self, now: Instant) {
+        self.head_started = now;
+        self.head_moved = true;
     }
 
     /// Whether the request the server is working on is a COMMIT of a transaction that wrote.
@@ -417,7 +431,7 @@ impl Tracker {
             .collect();
         self.refused = 0;
         self.open = false;
-        self.head_started = now;
+        self.start_head_clock(now);
         self.copy_in = false;
         self.tx_wrote = false;
         self.portals.clear();
@@ -427,7 +441,7 @@ impl Tracker {
 
     /// Starts the head request's clock again: its server was frozen and answers again.
     pub fn restart_clock(&mut self, now: Instant) {
-        self.head_started = now;
+        self.start_head_clock(now);
     }
 
     /// The server waits for the client's COPY data.
@@ -453,7 +467,7 @@ impl Tracker {
 
     fn push(&mut self, class: Class, now: Instant) {
         if self.queue.is_empty() {
-            self.head_started = now;
+            self.start_head_clock(now);
         }
         self.queue.push_back(Request {
             class,

@@ -433,14 +433,16 @@ impl Relay {
     }
 
     /// Tells /sessions what the session is doing: a few relaxed stores into its own view.
-    fn publish(&self) {
+    fn publish(&mut self) {
         if let Some(view) = &self.view {
+            let head = self.tracker.head();
+            // Kept until there is a head to show it for.
+            let moved = head.is_some() && self.tracker.take_head_moved();
             view.publish(
                 self.server.as_ref().map(|_| self.host),
                 self.authenticated().then(|| self.client_tx()),
-                self.tracker
-                    .head()
-                    .map(|class| (class, self.tracker.head_started())),
+                head,
+                moved.then(|| self.tracker.head_started()),
             );
             if self.slot_wait.is_none() {
                 view.not_waiting();
