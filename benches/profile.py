@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare as C  # noqa: E402
@@ -87,6 +88,44 @@ def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, p
     return worker
 
 
+def other_costs(proxy, pg_port, work, mode, clients, transactions):
+    """Exclusive costs of PgBouncer (session mode, trust) or benches/floor.rs over one pgbench
+    run: the same yardstick for the proxies bulkhead is compared with. Both have one thread."""
+    port = C.free_port()
+    out = os.path.join(work, f"{proxy}.callgrind.out")
+    if os.path.exists(out):
+        os.remove(out)
+    if proxy == "pgbouncer":
+        conf, users = os.path.join(work, "pgbouncer.ini"), os.path.join(work, "pgbouncer-users.txt")
+        open(users, "w").write(f'"{C.USER}" ""\n')
+        open(conf, "w").write(f"[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n"
+                              f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+                              f"auth_type = trust\nauth_file = {users}\npool_mode = session\nmax_client_conn = 300\n"
+                              f"default_pool_size = 100\nlogfile = {work}/pgbouncer.log\npidfile =\n")
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", C.pgbouncer_exe(), conf]
+        if C.AS_ROOT:  # PgBouncer will not run as root
+            for f in (conf, users, work):
+                shutil.chown(f, "postgres")
+            cmd = C.as_server_user(cmd)
+    else:
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", os.environ["BULKHEAD_FLOOR_BIN"],
+               f"127.0.0.1:{port}", f"127.0.0.1:{pg_port}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        C.wait_port(port, f"{proxy} under valgrind", 120)
+        C.run([f"{C.PG_BIN}/pgbench", "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
+               "-t", str(transactions), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"],
+              env={**os.environ, "PGPASSWORD": C.PASSWORD, "PGSSLMODE": "disable"})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: runuser and valgrind under it
+        proc.wait()
+    for _ in range(100):  # valgrind writes the file as the proxy exits
+        if os.path.exists(out) and os.path.getsize(out) > 0:
+            break
+        time.sleep(0.1)
+    return exclusive_costs(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="simple", choices=["simple", "extended", "prepared"])
@@ -98,15 +137,24 @@ def main():
     ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection per transaction")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--binary", default=os.path.join(C.ROOT, "target/release/bulkhead"))
+    ap.add_argument("--proxy", default="bulkhead", choices=["bulkhead", "pgbouncer", "floor"],
+                    help="count another proxy's instructions instead, under the same load (pgbench -S, "
+                         "passthrough or PgBouncer's session mode): the budget bulkhead's are measured against")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bulkhead-profile-")
     pg_port, data = C.start_postgres(work, 100, ssl=False)
     try:
         workload = "-N" if args.writes else "-S"
-        short = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, args.transactions,
-                             args.pool, args.connect)
-        long = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, 3 * args.transactions,
-                            args.pool, args.connect)
+        if args.proxy != "bulkhead":
+            if args.writes or args.pool != "passthrough" or args.connect:
+                sys.exit("--proxy counts pgbench -S through a passthrough (session-mode) proxy only")
+            short = other_costs(args.proxy, pg_port, work, args.mode, args.clients, args.transactions)
+            long = other_costs(args.proxy, pg_port, work, args.mode, args.clients, 3 * args.transactions)
+        else:
+            short = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, args.transactions,
+                                 args.pool, args.connect)
+            long = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, 3 * args.transactions,
+                                args.pool, args.connect)
     finally:
         C.stop_postgres(data)
         shutil.rmtree(work, ignore_errors=True)
@@ -117,9 +165,10 @@ def main():
         group = next((g for g, pattern in GROUPS if re.search(pattern, f)), "other")
         groups[group] += n
     total = sum(per_tx.values())
-    how = f"{' -C' if args.connect else ''}, [pool] mode = {args.pool}"
+    how = f"{' -C' if args.connect else ''}, [pool] mode = {args.pool}" if args.proxy == "bulkhead" else ""
+    thread = "on the worker thread" if args.proxy == "bulkhead" else f"in {args.proxy}"
     print(f"pgbench {workload} -M {args.mode} -c {args.clients}{how}: {total:.0f} instructions per transaction "
-          "on the worker thread\n")
+          f"{thread}\n")
     for group, n in groups.most_common():
         print(f"  {n:7.0f}  {100 * n / total:5.1f}%  {group}")
     print(f"\ncostliest functions (exclusive):\n")
