@@ -267,6 +267,17 @@ async fn a_transaction_that_loses_its_server_connection_gets_one_error_and_the_c
     c.batch_execute("BEGIN; INSERT INTO ledger VALUES (2, 1)")
         .await
         .unwrap();
+    // pg_reload_conf() returns before the backends have reloaded: each does when it next
+    // starts a statement. This transaction keeps its server connection, so once it sees the
+    // setting its COMMIT will wait.
+    eventually(
+        "the transaction's backend to see synchronous_standby_names",
+        Duration::from_secs(10),
+        || async {
+            (first_value(&c, "SHOW synchronous_standby_names").await == "missing").then_some(())
+        },
+    )
+    .await;
     let (commit_result, ()) = tokio::join!(c.batch_execute("COMMIT"), async {
         eventually(
             "the COMMIT waiting for the synchronous standby",
