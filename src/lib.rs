@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod detach;
 pub mod errors;
+pub mod evloop;
 pub mod fds;
 pub mod health;
 pub mod http_get;

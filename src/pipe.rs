@@ -207,19 +207,43 @@ impl Pipe {
         cx: &mut Context<'_>,
         source: &mut R,
     ) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-            self.buf.reserve(READ_CHUNK);
-        }
+        self.make_room();
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(source),
             cx,
             &mut self.buf
         ))?;
+        Poll::Ready(Ok(self.took(n)))
+    }
+
+    /// `poll_read_from` for a session's socket: one on a relay loop reads straight into the
+    /// buffer's free space.
+    pub fn poll_read_from_stream(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut crate::tls::Stream,
+    ) -> Poll<io::Result<usize>> {
+        let crate::tls::Stream::Looped(socket) = source else {
+            return self.poll_read_from(cx, source);
+        };
+        self.make_room();
+        let n = ready!(socket.poll_recv_into(cx, &mut self.buf))?;
+        Poll::Ready(Ok(self.took(n)))
+    }
+
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
+        }
+    }
+
+    /// After a read of `n` bytes into the buffer.
+    fn took(&mut self, n: usize) -> usize {
         if n == 0 {
             self.eof = true;
         }
         self.absorb();
-        Poll::Ready(Ok(n))
+        n
     }
 
     /// Takes in newly read bytes: those of a skipped message are dropped; those of a message

@@ -44,6 +44,8 @@ const MAX_RECORD_DATA: usize = 8192;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// A plain socket on a relay loop (`crate::evloop`): a passthrough session's, once relayed.
+    Looped(crate::evloop::Socket),
 }
 
 impl Stream {
@@ -51,10 +53,29 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
-    fn tcp(&self) -> &TcpStream {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
+            Stream::Plain(s) => s.as_fd(),
+            Stream::Tls(s) => s.get_ref().0.as_fd(),
+            Stream::Looped(s) => s.tcp().as_fd(),
+        }
+    }
+
+    /// For the relay loop: the plain socket taken off tokio's reactor, to be attached to the
+    /// loop (`Stream::attach`) on the loop's thread. A TLS stream is returned as it is.
+    pub fn into_looped(self) -> io::Result<Stream> {
+        match self {
+            Stream::Plain(s) => Ok(Stream::Looped(crate::evloop::Socket::new(s.into_std()?))),
+            other => Ok(other),
+        }
+    }
+
+    /// Registers a looped socket with this thread's relay loop (others need nothing).
+    pub fn attach(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Looped(s) => s.attach(),
+            _ => Ok(()),
         }
     }
 
@@ -70,6 +91,7 @@ impl Stream {
                 s.poll_peek(cx, &mut peek).map_ok(|_| ())
             }
             Stream::Tls(_) => Poll::Ready(Ok(())),
+            Stream::Looped(s) => s.poll_peek(cx),
         }
     }
 
@@ -79,8 +101,17 @@ impl Stream {
     /// system call while the socket has not been reported readable; what it reads (only from a
     /// connection it then calls not quiet) is lost, so the connection must be closed.
     pub fn still_quiet(&self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.tcp().try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut byte = 0u8;
+        // SAFETY: one byte of writable memory; the socket is non-blocking.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd()),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 
     /// The certificate the peer presented, on a TLS connection bulkhead made (toward a server).
@@ -95,12 +126,16 @@ impl Stream {
                     .map(|c| c.as_ref()),
                 tokio_rustls::TlsStream::Server(_) => None,
             },
-            Stream::Plain(_) => None,
+            Stream::Plain(_) | Stream::Looped(_) => None,
         }
     }
 
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.tcp().peer_addr()
+        match self {
+            Stream::Plain(s) => s.peer_addr(),
+            Stream::Tls(s) => s.get_ref().0.peer_addr(),
+            Stream::Looped(s) => s.tcp().peer_addr(),
+        }
     }
 
     /// Makes the coming close abortive (SO_LINGER 0: a reset, and whatever bulkhead sent that
@@ -108,7 +143,7 @@ impl Stream {
     /// the kernel's send queue would otherwise be retransmitted after a network heals and
     /// commit long after its client was told its fate is unknown.
     pub fn close_abortively(&self) {
-        crate::upstream::set_linger_zero(self.tcp());
+        crate::upstream::set_linger_zero(self.fd());
     }
 }
 
@@ -128,6 +163,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Looped(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -141,6 +177,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Looped(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -148,6 +185,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Looped(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -155,6 +193,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Looped(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

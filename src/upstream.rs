@@ -207,8 +207,7 @@ fn detect_dead_peers(stream: &TcpStream) {
 
 /// SO_LINGER with a zero timeout: closing the socket resets the connection and drops any
 /// unacknowledged data instead of retransmitting it.
-pub(crate) fn set_linger_zero(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
+pub(crate) fn set_linger_zero(stream: impl std::os::fd::AsRawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,

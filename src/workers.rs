@@ -13,8 +13,29 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::cell::RefCell;
+
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+
+use crate::evloop;
+
+thread_local! {
+    /// On a worker's thread: its relay loop, and its count of sessions.
+    static RELAY_LOOP: RefCell<Option<(evloop::Spawner, Arc<AtomicUsize>)>> =
+        const { RefCell::new(None) };
+}
+
+/// This worker's relay loop and session count, on a worker's thread with a relay loop.
+pub(crate) fn relay_loop() -> Option<(evloop::Spawner, Arc<AtomicUsize>)> {
+    RELAY_LOOP.with(|l| l.borrow().clone())
+}
+
+/// Whether workers relay passthrough sessions on relay loops: yes unless
+/// `BULKHEAD_RELAY_LOOP=0` (for comparing with tokio's reactor).
+fn relay_loops_on() -> bool {
+    std::env::var("BULKHEAD_RELAY_LOOP").map_or(true, |v| v != "0")
+}
 
 /// How many workers to start: `BULKHEAD_WORKERS` if set, else half the cores this process may
 /// use (at least one). A sidecar shares its node with the application it serves and with
@@ -32,6 +53,8 @@ pub fn default_count() -> usize {
 }
 
 struct Worker {
+    /// The worker's relay loop (stopped first: its sessions hold the runtime's timers).
+    _relay_loop: Option<evloop::Handle>,
     handle: Handle,
     /// Sessions on this worker now.
     sessions: Arc<AtomicUsize>,
@@ -64,17 +87,26 @@ impl Workers {
             let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
             handle.spawn(on_start(i));
+            let sessions = Arc::new(AtomicUsize::new(0));
+            let relay_loop = relay_loops_on()
+                .then(|| evloop::Handle::start(format!("bulkhead-relay-{i}"), handle.clone()))
+                .transpose()?;
+            let here = relay_loop
+                .as_ref()
+                .map(|l| (l.spawner().clone(), sessions.clone()));
             std::thread::Builder::new()
                 .name(format!("bulkhead-worker-{i}"))
                 .spawn(move || {
+                    RELAY_LOOP.with(|l| *l.borrow_mut() = here);
                     runtime.block_on(async {
                         let _ = stopped.await;
                     });
                     // Dropping the runtime here cancels the sessions still on it.
                 })?;
             workers.push(Worker {
+                _relay_loop: relay_loop,
                 handle,
-                sessions: Arc::new(AtomicUsize::new(0)),
+                sessions,
                 _stop: stop,
             });
         }

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use atomic_waker::AtomicWaker;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -61,54 +60,112 @@ pub(crate) async fn serve(
     id: u64,
     admitted: bool,
     readonly: bool,
-    _alive: mpsc::Sender<()>,
+    alive: mpsc::Sender<()>,
     span: Span,
 ) {
-    let _client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
-    let _client_count = ClientCount(&shared.admission);
+    let client_gauge = GaugeGuard::new(&shared.metrics.client_connections);
+    let client_count = ClientCount(shared.clone());
     let registered = shared.sessions.register(id, Some(peer), readonly);
     let view = registered.as_ref().map(|r| r.view.clone());
     // Startup and the farewell are boxed: the task of an idle session holds only the relay's
     // state, not room for theirs too (that was 2 KiB more per idle session).
-    let Some((mut relay, _server_gauge)) = Box::pin(
+    let Some((relay, server_gauge)) = Box::pin(
         start(&shared, client, admitted, readonly, view, span.clone()).instrument(span.clone()),
     )
     .await
     else {
         return;
     };
-    let end = relay.run(&shared).await;
-    if relay.readonly && relay.lending.is_none() {
-        // Passthrough: the session was counted on its host (a pool counts its connections).
-        shared.topology.count_reader(relay.host, false);
-    }
-    Box::pin(
-        async {
-            if let Some((pid, secret)) = relay.client_key {
-                shared.cancels.remove(pid, secret);
-            }
-            // The session takes no more statements: its slots go to others before the farewell.
-            relay.release_slots(&shared);
-            let reuse = relay.lending.is_some() && relay.server.is_some() && relay.reusable(&end);
-            relay.finish(&shared, end, reuse).await;
-            if let Some(lending) = relay.lending.take()
-                && let Some(stream) = relay.server.take().filter(|_| reuse)
-            {
-                let config = relay.config.config().clone();
-                lending.finish(stream, &config).await;
-            }
+    let relayed = Box::new(Relayed {
+        shared,
+        relay,
+        _guards: (client_gauge, client_count, registered, alive, server_gauge),
+    });
+    // A passthrough session with plain sockets on both sides goes on on its worker's relay
+    // loop (`crate::evloop`); the rest stay on tokio.
+    if relayed.relay.loopable()
+        && let Some((relay_loop, sessions)) = crate::workers::relay_loop()
+    {
+        match relayed.into_looped() {
+            Ok(relayed) => relay_loop.spawn(move || {
+                crate::workers::counted(
+                    async move {
+                        let mut relayed = relayed;
+                        if let Err(e) = relayed.relay.attach_to_loop() {
+                            warn!(parent: &relayed.relay.span, error = %e, "cannot move a session to its relay loop");
+                            return;
+                        }
+                        relayed.run().await;
+                    },
+                    sessions,
+                )
+            }),
+            Err(e) => warn!(parent: &span, error = %e, "cannot move a session to its relay loop"),
         }
-        .instrument(span),
-    )
-    .await
+        return;
+    }
+    relayed.run().await;
+}
+
+/// A session from its relay on: the relay and what must live as long as the session.
+struct Relayed {
+    shared: Arc<Shared>,
+    relay: Relay,
+    /// Counted while the session lives (gauges, max_clients, /sessions, the drain's count).
+    _guards: (
+        GaugeGuard,
+        ClientCount,
+        Option<crate::sessions::Registered>,
+        mpsc::Sender<()>,
+        Option<GaugeGuard>,
+    ),
+}
+
+impl Relayed {
+    /// Its sockets taken off tokio's reactor for a relay loop.
+    fn into_looped(mut self: Box<Self>) -> std::io::Result<Box<Self>> {
+        self.relay.client = self.relay.client.into_looped()?;
+        self.relay.server = self.relay.server.map(Stream::into_looped).transpose()?;
+        Ok(self)
+    }
+
+    async fn run(mut self: Box<Self>) {
+        let Relayed { shared, relay, .. } = &mut *self;
+        let end = relay.run(shared).await;
+        if relay.readonly && relay.lending.is_none() {
+            // Passthrough: the session was counted on its host (a pool counts its connections).
+            shared.topology.count_reader(relay.host, false);
+        }
+        let span = relay.span.clone();
+        Box::pin(
+            async {
+                if let Some((pid, secret)) = relay.client_key {
+                    shared.cancels.remove(pid, secret);
+                }
+                // The session takes no more statements: its slots go to others before the farewell.
+                relay.release_slots(shared);
+                let reuse =
+                    relay.lending.is_some() && relay.server.is_some() && relay.reusable(&end);
+                relay.finish(shared, end, reuse).await;
+                if let Some(lending) = relay.lending.take()
+                    && let Some(stream) = relay.server.take().filter(|_| reuse)
+                {
+                    let config = relay.config.config().clone();
+                    lending.finish(stream, &config).await;
+                }
+            }
+            .instrument(span),
+        )
+        .await
+    }
 }
 
 /// Counts a client for max_clients while it is connected.
-struct ClientCount<'a>(&'a crate::admission::Admission);
+struct ClientCount(Arc<Shared>);
 
-impl Drop for ClientCount<'_> {
+impl Drop for ClientCount {
     fn drop(&mut self) {
-        self.0.client_left();
+        self.0.admission.client_left();
     }
 }
 
@@ -302,7 +359,6 @@ enum Event {
 #[derive(Default)]
 struct Woke {
     bits: AtomicU8,
-    task: AtomicWaker,
 }
 
 /// The phase and primary watches, and the session timer.
@@ -316,6 +372,9 @@ const SERVER: u8 = 4;
 struct BitWaker {
     woke: Arc<Woke>,
     bit: u8,
+    /// The task's own waker, woken by reference: kept for as long as the task's waker stays
+    /// the same, so a wake-up neither takes it nor clones it.
+    task: Waker,
 }
 
 impl Wake for BitWaker {
@@ -325,7 +384,7 @@ impl Wake for BitWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woke.bits.fetch_or(self.bit, Ordering::Release);
-        self.woke.task.wake();
+        self.task.wake_by_ref();
     }
 }
 
@@ -336,20 +395,24 @@ struct Wakers {
     watches: Waker,
     client: Waker,
     server: Waker,
+    /// The task's waker they wake.
+    task: Waker,
 }
 
 impl Wakers {
-    fn new(woke: &Arc<Woke>) -> Self {
+    fn new(woke: &Arc<Woke>, task: &Waker) -> Self {
         let waker = |bit| {
             Waker::from(Arc::new(BitWaker {
                 woke: woke.clone(),
                 bit,
+                task: task.clone(),
             }))
         };
         Wakers {
             watches: waker(WATCHES),
             client: waker(CLIENT),
             server: waker(SERVER),
+            task: task.clone(),
         }
     }
 }
@@ -428,6 +491,19 @@ impl Relay {
         }
     }
 
+    /// A passthrough session whose sockets are both plain: one the relay loop can drive.
+    fn loopable(&self) -> bool {
+        self.lending.is_none()
+            && matches!(self.client, Stream::Plain(_))
+            && matches!(self.server, Some(Stream::Plain(_)))
+    }
+
+    /// Registers its sockets with this thread's relay loop.
+    fn attach_to_loop(&mut self) -> std::io::Result<()> {
+        self.client.attach()?;
+        self.server.as_mut().map_or(Ok(()), Stream::attach)
+    }
+
     fn authenticated(&self) -> bool {
         self.startup_deadline.is_none()
     }
@@ -470,7 +546,8 @@ impl Relay {
         // takes its lock, which every session shares, and the relay wakes the task for every
         // message. Likewise each socket is read only after it woke the session.
         let woke = Arc::new(Woke::default());
-        let wakers = Wakers::new(&woke);
+        // Made at the first poll, with the task's waker.
+        let mut wakers: Option<Wakers> = None;
         loop {
             if alarm_host != self.host {
                 // Transaction pooling moved the session to another host's connection.
@@ -493,8 +570,16 @@ impl Relay {
                     }
                 });
                 poll_fn(|cx| {
-                    woke.task.register(cx.waker());
-                    let bits = woke.bits.swap(0, Ordering::AcqRel);
+                    let mut bits = woke.bits.swap(0, Ordering::AcqRel);
+                    let wakers = match &mut wakers {
+                        Some(w) if w.task.will_wake(cx.waker()) => w,
+                        w => {
+                            // New (or a new task waker): every source is polled again, so
+                            // each holds a waker that wakes this one.
+                            bits = WATCHES | CLIENT | SERVER;
+                            w.insert(Wakers::new(&woke, cx.waker()))
+                        }
+                    };
                     if bits & WATCHES != 0 {
                         let mut watch_cx = Context::from_waker(&wakers.watches);
                         if let Poll::Ready(r) = phase_changed.as_mut().poll(&mut watch_cx) {
@@ -525,7 +610,7 @@ impl Relay {
                             readers_gone = true;
                         }
                     }
-                    let polled = self.poll_relay(cx, &wakers, bits, shared);
+                    let polled = self.poll_relay(cx, wakers, bits, shared);
                     self.publish();
                     polled.map(Event::End)
                 })
@@ -637,7 +722,7 @@ impl Relay {
                 self.client_dry = true;
             }
             if !self.client_dry && self.up.wants_read() {
-                match self.up.poll_read_from(client_cx, &mut self.client) {
+                match self.up.poll_read_from_stream(client_cx, &mut self.client) {
                     Poll::Ready(Ok(_)) => progress = true,
                     Poll::Ready(Err(e)) => {
                         debug!(parent: &self.span, error = %e, "client connection failed");
@@ -754,7 +839,7 @@ impl Relay {
                 self.server_dry = true;
             }
             if !self.server_dry && self.down.wants_read() {
-                match self.down.poll_read_from(server_cx, server) {
+                match self.down.poll_read_from_stream(server_cx, server) {
                     Poll::Ready(Ok(n)) => {
                         progress = true;
                         if n > 0 {
