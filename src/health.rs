@@ -38,20 +38,34 @@ pub const HEARTBEAT_STALE: Duration = Duration::from_secs(1);
 /// A connection to the health port may take this long in all; a slow client cannot pile up.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The data path's proof of life, one stamp per runtime (the accepting one, then each worker):
-/// milliseconds since `origin` at its last tick (0: none yet).
+/// The data path's proof of life, one stamp per runtime (the accepting one, then each worker,
+/// then each worker's relay loop): milliseconds since `origin` at its last tick (0: none yet).
 #[derive(Debug)]
 pub struct Heartbeat {
     origin: std::time::Instant,
+    workers: usize,
     last_ms: Box<[AtomicU64]>,
 }
 
 impl Heartbeat {
-    /// For the accepting runtime and `workers` worker runtimes.
-    pub fn new(workers: usize) -> Self {
+    /// For the accepting runtime, `workers` worker runtimes and, with `loops`, their relay
+    /// loops.
+    pub fn new(workers: usize, loops: bool) -> Self {
         Heartbeat {
             origin: std::time::Instant::now(),
-            last_ms: (0..=workers).map(|_| AtomicU64::new(0)).collect(),
+            workers,
+            last_ms: (0..=workers * (1 + loops as usize))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// What stamp `runtime` is, in words.
+    fn name(&self, runtime: usize) -> String {
+        match runtime {
+            0 => "the data-path runtime that accepts connections".into(),
+            n if n <= self.workers => format!("the data-path runtime of worker {n}"),
+            n => format!("the relay loop of worker {}", n - self.workers),
         }
     }
 
@@ -259,11 +273,8 @@ fn livez(shared: &Shared) -> Result<(), String> {
     match shared.heartbeat.oldest() {
         None => Err("the data path has not started".into()),
         Some((runtime, age)) if age > HEARTBEAT_STALE => Err(format!(
-            "the data-path runtime {} has not run its heartbeat for {} ms",
-            match runtime {
-                0 => "that accepts connections".to_string(),
-                n => format!("of worker {n}"),
-            },
+            "{} has not run its heartbeat for {} ms",
+            shared.heartbeat.name(runtime),
             age.as_millis()
         )),
         Some(_) => Ok(()),
@@ -469,7 +480,7 @@ mod tests {
 
     #[test]
     fn the_oldest_runtime_speaks_for_all() {
-        let h = Heartbeat::new(2);
+        let h = Heartbeat::new(2, false);
         assert_eq!(h.oldest(), None);
         h.beat(0);
         h.beat(1);
@@ -482,5 +493,18 @@ mod tests {
         let (runtime, age) = h.oldest().unwrap();
         assert_eq!(runtime, 1);
         assert!(age >= Duration::from_millis(5), "{age:?}");
+    }
+
+    #[test]
+    fn relay_loops_have_stamps_of_their_own_and_are_named_in_the_answer() {
+        let h = Heartbeat::new(2, true);
+        for runtime in 0..4 {
+            h.beat(runtime);
+        }
+        assert_eq!(h.oldest(), None, "the second relay loop has not beaten yet");
+        h.beat(4);
+        assert!(h.oldest().is_some());
+        assert_eq!(h.name(2), "the data-path runtime of worker 2");
+        assert_eq!(h.name(3), "the relay loop of worker 1");
     }
 }

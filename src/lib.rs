@@ -132,7 +132,7 @@ impl Bulkhead {
             phase: phase_rx,
             topology,
             admission,
-            heartbeat: health::Heartbeat::new(workers),
+            heartbeat: health::Heartbeat::new(workers, workers::relay_loops_on()),
             tls: tls::Current::new(tls),
             users: std::sync::Mutex::new(Arc::new(users)),
             auth_query: auth::query::AuthQuery::default(),

@@ -175,6 +175,12 @@ impl Pipe {
         self.ready > 0 || !self.inject.is_empty() || self.unflushed
     }
 
+    /// Whether every byte read has been framed (a message whose start is buffered but not
+    /// yet framed, whole or not, says no).
+    pub fn all_framed(&self) -> bool {
+        self.buf.len() == self.ready
+    }
+
     /// Whether the source has been read to its end.
     pub fn is_eof(&self) -> bool {
         self.eof

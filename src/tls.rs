@@ -95,6 +95,12 @@ impl Stream {
         }
     }
 
+    /// Whether the last read took everything there was and the socket will wake the reader
+    /// when more comes (known only on a relay loop; elsewhere `false`: read again to see).
+    pub fn read_dry(&self) -> bool {
+        matches!(self, Stream::Looped(s) if s.read_dry())
+    }
+
     /// Whether a connection that should be quiet (idle in a pool) still is: nothing to read and
     /// not closed. A server only speaks to an idle connection to end it (FATAL 57P01 from
     /// `pg_terminate_backend`, a shutdown, `idle_session_timeout`) or when it is gone. Costs no

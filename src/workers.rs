@@ -33,7 +33,7 @@ pub(crate) fn relay_loop() -> Option<(evloop::Spawner, Arc<AtomicUsize>)> {
 
 /// Whether workers relay passthrough sessions on relay loops: yes unless
 /// `BULKHEAD_RELAY_LOOP=0` (for comparing with tokio's reactor).
-fn relay_loops_on() -> bool {
+pub(crate) fn relay_loops_on() -> bool {
     std::env::var("BULKHEAD_RELAY_LOOP").map_or(true, |v| v != "0")
 }
 
@@ -68,7 +68,8 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers; `on_start(i)` runs on worker `i`'s runtime first (its heartbeat).
+    /// Starts `count` workers; `on_start(i)` runs on worker `i`'s runtime first (its heartbeat),
+    /// and `on_start(count + i)` on its relay loop.
     pub fn start<F, Fut>(count: usize, on_start: F) -> io::Result<Workers>
     where
         F: Fn(usize) -> Fut,
@@ -91,6 +92,10 @@ impl Workers {
             let relay_loop = relay_loops_on()
                 .then(|| evloop::Handle::start(format!("bulkhead-relay-{i}"), handle.clone()))
                 .transpose()?;
+            if let Some(l) = &relay_loop {
+                let beat = on_start(count + i);
+                l.spawner().spawn(move || beat);
+            }
             let here = relay_loop
                 .as_ref()
                 .map(|l| (l.spawner().clone(), sessions.clone()));

@@ -232,6 +232,9 @@ impl Socket {
                 Ok((value, drained)) => {
                     if drained {
                         state.ready.fetch_and(!bit, Ordering::AcqRel);
+                        // Held already (a session's waker does not change), so `read_dry`
+                        // can be believed.
+                        register();
                         self.busy.set(0);
                     } else {
                         self.busy.set(busy + 1);
@@ -269,6 +272,13 @@ impl Socket {
         // SAFETY: the kernel initialised the first `n` bytes of the free space.
         unsafe { buf.set_len(buf.len() + n) };
         Poll::Ready(Ok(n))
+    }
+
+    /// The last read took everything there was, and the reader's waker is held for the next
+    /// edge.
+    pub fn read_dry(&self) -> bool {
+        self.state.ready.load(Ordering::Acquire) & (READABLE | READ_CLOSED) == 0
+            && self.holds[0].get() != (0, 0)
     }
 
     /// Waits until a read would find something (or the end), without taking it.

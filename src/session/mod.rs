@@ -723,7 +723,11 @@ impl Relay {
             }
             if !self.client_dry && self.up.wants_read() {
                 match self.up.poll_read_from_stream(client_cx, &mut self.client) {
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        // Read to the bottom, and waiting for more: no need to look again.
+                        self.client_dry = self.client.read_dry();
+                    }
                     Poll::Ready(Err(e)) => {
                         debug!(parent: &self.span, error = %e, "client connection failed");
                         return Poll::Ready(End::ClientLeft);
@@ -747,9 +751,10 @@ impl Relay {
                     self.shed_next = Some(write);
                 }
             }
-            if let Err(end) = self.frame_client(shared) {
-                return Poll::Ready(end);
-            }
+            let framed = match self.frame_client(shared) {
+                Ok(hold) => hold,
+                Err(end) => return Poll::Ready(end),
+            };
             if self.lending.as_ref().is_some_and(|l| l.waiting()) {
                 let lent = self
                     .lending
@@ -845,6 +850,7 @@ impl Relay {
                         if n > 0 {
                             self.hello_deadline = None;
                         }
+                        self.server_dry = server.read_dry();
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(self.server_gone(e.to_string())),
                     Poll::Pending => self.server_dry = true,
@@ -888,7 +894,21 @@ impl Relay {
             {
                 return Poll::Ready(leave());
             }
-            if progress {
+            // Another pass can move something only if a side may have more to read, bytes read
+            // are not yet framed (framing stops at some messages, e.g. during the login), the
+            // client's framing was held back, or a write is unfinished. A pass that found both
+            // sockets read to the bottom (with their wakers kept), everything framed and
+            // written needs no second pass to prove that nothing moves.
+            let settled = self.client_dry
+                && self.server_dry
+                && matches!(framed, Hold::Done)
+                && self.lending.is_none()
+                && self.slot_wait.is_none()
+                && self.up.all_framed()
+                && self.down.all_framed()
+                && !self.up.has_output()
+                && !self.down.has_output();
+            if progress && !settled {
                 continue;
             }
             // Checked once nothing moves, which a flow of bytes always comes to: the socket
