@@ -74,7 +74,8 @@ fn epoch() -> (Instant, SystemTime) {
 }
 
 fn micros(at: Instant) -> u64 {
-    at.saturating_duration_since(epoch().0).as_micros() as u64
+    let since = at.saturating_duration_since(epoch().0);
+    since.as_secs() * 1_000_000 + u64::from(since.subsec_micros())
 }
 
 fn at_micros(micros: u64) -> Instant {

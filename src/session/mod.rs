@@ -330,9 +330,9 @@ struct Relay {
     lending: Option<Box<Lending>>,
     /// CloseCompletes the server owes for Closes bulkhead added itself (transaction pooling).
     swallow_close_complete: u32,
-    /// When this session last told its host's circuit that the host answered (at most every
-    /// `breaker::ANSWER_NOTE_EVERY`).
-    answer_noted: Option<Instant>,
+    /// When this session may next tell its host's circuit that the host answered (it does at
+    /// most every `breaker::ANSWER_NOTE_EVERY`).
+    answer_note_due: Option<Instant>,
     /// A session of the read-only listener: on a standby (or the primary, read-only); writes
     /// get the server's 25006 and are no evidence for any write circuit.
     readonly: bool,
@@ -485,7 +485,7 @@ impl Relay {
             lending: None,
             swallow_close_complete: 0,
             readonly: false,
-            answer_noted: None,
+            answer_note_due: None,
             span,
             view: None,
         }

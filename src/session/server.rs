@@ -207,12 +207,9 @@ impl Relay {
     ) -> Option<BytesMut> {
         let now = Instant::now();
         let done = self.tracker.ready(status, now)?;
-        if self
-            .answer_noted
-            .is_none_or(|at| now.saturating_duration_since(at) >= ANSWER_NOTE_EVERY)
-        {
+        if self.answer_note_due.is_none_or(|due| now >= due) {
             // The host answers: evidence the heartbeat weighs before calling it frozen.
-            self.answer_noted = Some(now);
+            self.answer_note_due = Some(now + ANSWER_NOTE_EVERY);
             shared.topology.circuit(self.host).saw_answer(now);
         }
         let outcome = match done.effect {
