@@ -45,7 +45,8 @@ pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
     /// A plain socket on a relay loop (`crate::evloop`): a passthrough session's, once relayed.
-    Looped(crate::evloop::Socket),
+    /// Boxed: it is bigger than the others, and pools move streams around.
+    Looped(Box<crate::evloop::Socket>),
 }
 
 impl Stream {
@@ -66,7 +67,9 @@ impl Stream {
     /// loop (`Stream::attach`) on the loop's thread. A TLS stream is returned as it is.
     pub fn into_looped(self) -> io::Result<Stream> {
         match self {
-            Stream::Plain(s) => Ok(Stream::Looped(crate::evloop::Socket::new(s.into_std()?))),
+            Stream::Plain(s) => Ok(Stream::Looped(Box::new(crate::evloop::Socket::new(
+                s.into_std()?,
+            )))),
             other => Ok(other),
         }
     }
@@ -169,7 +172,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::Looped(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Looped(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -183,7 +186,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::Looped(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Looped(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -191,7 +194,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::Looped(s) => Pin::new(s).poll_flush(cx),
+            Stream::Looped(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -199,7 +202,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Stream::Looped(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Looped(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
