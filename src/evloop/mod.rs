@@ -199,6 +199,8 @@ struct Loop {
     poll: mio::Poll,
     /// The tasks of this round (swapped with the ready queue).
     running: RefCell<VecDeque<usize>>,
+    /// Task numbers woken from other threads, swapped with the inbox's list.
+    woken: Vec<usize>,
     tasks: Vec<Option<Task>>,
     free: Vec<usize>,
 }
@@ -213,6 +215,7 @@ impl Loop {
             shared,
             poll,
             running: RefCell::new(VecDeque::new()),
+            woken: Vec::new(),
             tasks: Vec::new(),
             free: Vec::new(),
         }
@@ -265,17 +268,17 @@ impl Loop {
     }
 
     fn take_inbox(&mut self) {
-        let (jobs, woken) = {
+        let jobs = {
             let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
             inbox.signalled = false;
-            (
-                std::mem::take(&mut inbox.jobs),
-                std::mem::take(&mut inbox.woken),
-            )
+            // Swapped, not taken: both lists keep their room, so a wake-up from another thread
+            // (a timer, a watch) allocates nothing.
+            std::mem::swap(&mut inbox.woken, &mut self.woken);
+            std::mem::take(&mut inbox.jobs)
         };
         // Their wakers marked them queued already; a number whose task has ended is skipped
         // when its turn comes.
-        LOCAL.with(|l| l.ready.borrow_mut().extend(woken));
+        LOCAL.with(|l| l.ready.borrow_mut().extend(self.woken.drain(..)));
         for job in jobs {
             let id = self.free.pop().unwrap_or_else(|| {
                 self.tasks.push(None);
