@@ -23,7 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::thread::JoinHandle;
 
 use mio::{Events, Token};
@@ -291,7 +291,11 @@ impl Loop {
             });
             let handle = Waker::from(waker.clone());
             // The job makes its future here, with this loop's context in place.
-            let future = job();
+            let Ok(future) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) else {
+                tracing::error!("a session could not start on a relay loop (panicked)");
+                self.free.push(id);
+                continue;
+            };
             self.tasks[id] = Some(Task {
                 future,
                 waker,
@@ -307,9 +311,17 @@ impl Loop {
         };
         task.waker.queued.store(false, Ordering::Release);
         let mut cx = Context::from_waker(&task.handle);
-        if task.future.as_mut().poll(&mut cx).is_ready() {
-            self.tasks[id] = None;
+        // A task that panics ends alone, as on tokio; the loop and its other sessions go on.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            task.future.as_mut().poll(&mut cx)
+        }));
+        if polled.is_err() {
+            tracing::error!("a session on a relay loop panicked; it is dropped");
+        }
+        if !matches!(polled, Ok(Poll::Pending)) {
+            let ended = self.tasks[id].take();
             self.free.push(id);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(ended)));
         }
     }
 }

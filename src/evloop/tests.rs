@@ -175,3 +175,17 @@ fn the_peers_close_that_comes_with_its_last_data_is_read_too() {
         Ok(b"last words".to_vec())
     );
 }
+
+#[test]
+fn a_session_that_panics_ends_alone_and_the_loop_goes_on() {
+    let (_runtime, relay_loop) = start();
+    relay_loop
+        .spawner()
+        .spawn(|| async { panic!("a bug in one session") });
+    let (done, finished) = mpsc::channel();
+    relay_loop.spawner().spawn(move || async move {
+        tokio::task::yield_now().await;
+        done.send(()).unwrap();
+    });
+    assert_eq!(finished.recv_timeout(Duration::from_secs(10)), Ok(()));
+}
