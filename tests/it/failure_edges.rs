@@ -370,8 +370,10 @@ async fn idle_health_port_connections_are_capped() {
         "connections beyond the cap are closed at once"
     );
     drop(idle);
+    // Until the health thread has seen the idle connections go, a new one may still find the
+    // cap full and be reset: that is a try, not a failure.
     eventually("/livez to answer", SECONDS_20, || async {
-        (proxy.get("/livez").await.status == 200).then_some(())
+        (proxy.try_get("/livez").await?.status == 200).then_some(())
     })
     .await;
 }

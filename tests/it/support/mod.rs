@@ -681,17 +681,21 @@ pub struct Http {
 
 /// A blocking HTTP/1.1 request with plain std sockets, so it depends on no runtime.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> Http {
+    try_http(addr, method, path).expect("an answer from the health port")
+}
+
+/// [`http`], with a failed connection or read as an error rather than a panic.
+pub fn try_http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<Http> {
     use std::io::{Read, Write};
     let started = std::time::Instant::now();
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the health port");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: bulkhead\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    )?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the answer");
+    s.read_to_string(&mut raw)?;
     let took = started.elapsed();
     let status = raw
         .split(' ')
@@ -702,7 +706,7 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> Http {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    Http { status, body, took }
+    Ok(Http { status, body, took })
 }
 
 impl Proxy {
@@ -721,6 +725,15 @@ impl Proxy {
     pub async fn get(&self, path: &str) -> Http {
         let (addr, path) = (self.health.addr, path.to_string());
         tokio::task::spawn_blocking(move || http(addr, "GET", &path))
+            .await
+            .unwrap()
+    }
+
+    /// GET `path` on the health port; `None` if the connection was refused or reset (the
+    /// port's connection cap may still be full).
+    pub async fn try_get(&self, path: &str) -> Option<Http> {
+        let (addr, path) = (self.health.addr, path.to_string());
+        tokio::task::spawn_blocking(move || try_http(addr, "GET", &path).ok())
             .await
             .unwrap()
     }
