@@ -177,7 +177,7 @@ struct Task {
 }
 
 /// The loop's state its sockets and wakers reach through the thread: which loop runs here,
-/// the tasks ready to run, the socket registrations, the running task's budget.
+/// the tasks ready to run, the socket registrations.
 struct Local {
     shared: Cell<*const Shared>,
     ready: RefCell<VecDeque<usize>>,
@@ -244,18 +244,19 @@ impl Loop {
                 tracing::error!(error = %e, "a relay loop cannot wait for its sockets");
                 break;
             }
-            LOCAL.with(|l| {
+            let posted = LOCAL.with(|l| {
                 let sockets = l.sockets.borrow();
-                let Some(sockets) = sockets.as_ref() else {
-                    return;
-                };
+                let mut posted = false;
                 for event in &events {
-                    if event.token() != WAKE {
-                        dispatch(sockets, event);
+                    match sockets.as_ref() {
+                        _ if event.token() == WAKE => posted = true,
+                        Some(sockets) => dispatch(sockets, event),
+                        None => {}
                     }
                 }
+                posted
             });
-            if events.iter().any(|e| e.token() == WAKE) {
+            if posted {
                 self.take_inbox();
             }
         }
@@ -324,11 +325,6 @@ impl Loop {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(ended)));
         }
     }
-}
-
-/// Whether this thread runs a relay loop (where `Socket::attach` can register).
-pub fn on_loop() -> bool {
-    LOCAL.with(|l| !l.shared.get().is_null())
 }
 
 #[cfg(test)]

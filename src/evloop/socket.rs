@@ -263,15 +263,23 @@ impl Socket {
         cx: &mut Context<'_>,
         buf: &mut bytes::BytesMut,
     ) -> Poll<io::Result<usize>> {
-        let fd = self.tcp.as_raw_fd();
-        let spare = buf.spare_capacity_mut();
-        let (ptr, len) = (spare.as_mut_ptr().cast(), spare.len());
-        let n = std::task::ready!(self.poll_io(cx, READABLE, || {
-            recv(fd, ptr, len, 0).map(|n| (n, 0 < n && n < len))
-        }))?;
+        let n = std::task::ready!(self.poll_recv(cx, buf.spare_capacity_mut()))?;
         // SAFETY: the kernel initialised the first `n` bytes of the free space.
         unsafe { buf.set_len(buf.len() + n) };
         Poll::Ready(Ok(n))
+    }
+
+    /// Reads into `into`; the first `n` bytes are initialised when it returns `n`.
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        into: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
+        let fd = self.tcp.as_raw_fd();
+        let (ptr, len) = (into.as_mut_ptr().cast(), into.len());
+        self.poll_io(cx, READABLE, || {
+            recv(fd, ptr, len, 0).map(|n| (n, 0 < n && n < len))
+        })
     }
 
     /// The last read took everything there was, and the reader's waker is held for the next
@@ -324,11 +332,7 @@ fn recv(fd: i32, buf: *mut libc::c_void, len: usize, flags: i32) -> io::Result<u
             std::ptr::null_mut::<libc::socklen_t>(),
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    syscall_result(n)
 }
 
 fn send(fd: i32, buf: &[u8]) -> io::Result<usize> {
@@ -344,6 +348,11 @@ fn send(fd: i32, buf: &[u8]) -> io::Result<usize> {
             0 as libc::socklen_t,
         )
     };
+    syscall_result(n)
+}
+
+/// A byte count, or the error `errno` names.
+fn syscall_result(n: libc::c_long) -> io::Result<usize> {
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -357,14 +366,9 @@ impl AsyncRead for Socket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let fd = self.tcp.as_raw_fd();
         // SAFETY: recv writes at most `unfilled.len()` bytes into it and they are marked
         // initialised only as far as it wrote.
-        let unfilled = unsafe { buf.unfilled_mut() };
-        let (ptr, len) = (unfilled.as_mut_ptr().cast(), unfilled.len());
-        let n = std::task::ready!(self.poll_io(cx, READABLE, || {
-            recv(fd, ptr, len, 0).map(|n| (n, 0 < n && n < len))
-        }))?;
+        let n = std::task::ready!(self.poll_recv(cx, unsafe { buf.unfilled_mut() }))?;
         // SAFETY: the kernel initialised the first `n` bytes.
         unsafe { buf.assume_init(n) };
         buf.advance(n);

@@ -65,13 +65,16 @@ fn a_socket_on_the_loop_reads_and_writes_until_the_peer_closes() {
 fn a_task_woken_from_another_thread_and_by_the_runtimes_timer_runs() {
     let (_runtime, relay_loop) = start();
     let (tell, told) = tokio::sync::oneshot::channel::<u32>();
+    let (started, waiting) = mpsc::channel();
     let (done, finished) = mpsc::channel();
     relay_loop.spawner().spawn(move || async move {
-        let got = told.await.unwrap();
+        // The first wake-up comes from the runtime's timer, the second from this test's thread.
         tokio::time::sleep(Duration::from_millis(20)).await;
+        started.send(()).unwrap();
+        let got = told.await.unwrap();
         done.send(got).unwrap();
     });
-    std::thread::sleep(Duration::from_millis(20));
+    waiting.recv_timeout(Duration::from_secs(10)).unwrap();
     tell.send(7).unwrap();
     assert_eq!(finished.recv_timeout(Duration::from_secs(10)), Ok(7));
 }

@@ -86,22 +86,19 @@ pub(crate) async fn serve(
     if relayed.relay.loopable()
         && let Some((relay_loop, sessions)) = crate::workers::relay_loop()
     {
-        match relayed.into_looped() {
-            Ok(relayed) => relay_loop.spawn(move || {
-                crate::workers::counted(
-                    async move {
-                        let mut relayed = relayed;
-                        if let Err(e) = relayed.relay.attach_to_loop() {
-                            warn!(parent: &relayed.relay.span, error = %e, "cannot move a session to its relay loop");
-                            return;
+        relay_loop.spawn(move || {
+            crate::workers::counted(
+                async move {
+                    match relayed.onto_loop() {
+                        Ok(relayed) => relayed.run().await,
+                        Err(e) => {
+                            warn!(parent: &span, error = %e, "cannot move a session to its relay loop");
                         }
-                        relayed.run().await;
-                    },
-                    sessions,
-                )
-            }),
-            Err(e) => warn!(parent: &span, error = %e, "cannot move a session to its relay loop"),
-        }
+                    }
+                },
+                sessions,
+            )
+        });
         return;
     }
     relayed.run().await;
@@ -122,10 +119,12 @@ struct Relayed {
 }
 
 impl Relayed {
-    /// Its sockets taken off tokio's reactor for a relay loop.
-    fn into_looped(mut self: Box<Self>) -> std::io::Result<Box<Self>> {
+    /// Its sockets taken off tokio's reactor and registered with this thread's relay loop.
+    fn onto_loop(mut self: Box<Self>) -> std::io::Result<Box<Self>> {
         self.relay.client = self.relay.client.into_looped()?;
         self.relay.server = self.relay.server.map(Stream::into_looped).transpose()?;
+        self.relay.client.attach()?;
+        self.relay.server.as_mut().map_or(Ok(()), Stream::attach)?;
         Ok(self)
     }
 
@@ -496,12 +495,6 @@ impl Relay {
         self.lending.is_none()
             && matches!(self.client, Stream::Plain(_))
             && matches!(self.server, Some(Stream::Plain(_)))
-    }
-
-    /// Registers its sockets with this thread's relay loop.
-    fn attach_to_loop(&mut self) -> std::io::Result<()> {
-        self.client.attach()?;
-        self.server.as_mut().map_or(Ok(()), Stream::attach)
     }
 
     fn authenticated(&self) -> bool {
