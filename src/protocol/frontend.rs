@@ -45,15 +45,17 @@ pub fn write_bind(out: &mut bytes::BytesMut, portal: &[u8], statement: &[u8]) {
     out.put_u16(0);
 }
 
-/// The statement text of a Query; without the terminator if it was cut off.
+/// The statement text of a Query: all but its final NUL (all of it if it was cut off). A
+/// text with a NUL inside never runs: PostgreSQL refuses the message (08P01), so a text
+/// taken past that NUL misleads nothing; not searching for one saves a pass per statement.
 pub fn query_text(body: &[u8]) -> &[u8] {
-    cstr(body).map_or(body, |(text, _)| text)
+    body.strip_suffix(&[0]).unwrap_or(body)
 }
 
 /// Statement name and text of a Parse. The text may be cut short if the body was.
 pub fn parse_message(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let (name, rest) = cstr(body)?;
-    Some((name, query_text(rest)))
+    Some((name, cstr(rest).map_or(rest, |(text, _)| text)))
 }
 
 /// Portal and statement names of a Bind.
