@@ -100,6 +100,7 @@ impl Stream {
 
     /// Whether the last read took everything there was and the socket will wake the reader
     /// when more comes (known only on a relay loop; elsewhere `false`: read again to see).
+    #[inline]
     pub fn read_dry(&self) -> bool {
         matches!(self, Stream::Looped(s) if s.read_dry())
     }
@@ -164,6 +165,7 @@ impl fmt::Debug for Stream {
 }
 
 impl AsyncRead for Stream {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -178,6 +180,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -190,6 +193,7 @@ impl AsyncWrite for Stream {
         }
     }
 
+    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
