@@ -292,7 +292,13 @@ impl Pipe {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.buf.advance(n);
+            if n == self.buf.len() {
+                // All of it: the buffer starts over at the front, its room kept (cheaper than
+                // advancing, and no later move to reclaim the front).
+                self.buf.clear();
+            } else {
+                self.buf.advance(n);
+            }
             self.ready -= n;
             self.written += n as u64;
             wrote = true;

@@ -744,9 +744,16 @@ impl Relay {
                     self.shed_next = Some(write);
                 }
             }
-            let framed = match self.frame_client(shared) {
-                Ok(hold) => hold,
-                Err(end) => return Poll::Ready(end),
+            // With every byte framed and neither a detach nor a pool to look after, framing
+            // has nothing to do (at most it would hold back nothing): not called.
+            let framed = if self.up.all_framed() && self.detached.is_none() && self.lending.is_none()
+            {
+                Hold::Done
+            } else {
+                match self.frame_client(shared) {
+                    Ok(hold) => hold,
+                    Err(end) => return Poll::Ready(end),
+                }
             };
             if self.lending.as_ref().is_some_and(|l| l.waiting()) {
                 let lent = self
@@ -849,7 +856,12 @@ impl Relay {
                     Poll::Pending => self.server_dry = true,
                 }
             }
-            match self.frame_server(shared) {
+            // Nothing new from the server: nothing to frame.
+            match if self.down.all_framed() {
+                Ok(None)
+            } else {
+                self.frame_server(shared)
+            } {
                 Ok(None) => {}
                 Ok(Some(end)) => return Poll::Ready(end),
                 Err(why) => return Poll::Ready(self.server_gone(why)),
