@@ -269,6 +269,14 @@ impl Token<'_> {
 /// instead of collecting tokens, so classification allocates nothing. `write_word`: what
 /// [`scan`] found, if the caller scanned this text already.
 fn classify_statement(text: &[u8], write_word: Option<bool>) -> Kind {
+    // The commonest first word, known without the tokenizer: SELECT and then anything that
+    // is not part of the word (all a tokenizer would conclude too).
+    if text.len() > 6
+        && text[..6].eq_ignore_ascii_case(b"SELECT")
+        && !WORD_BYTE[usize::from(text[6])]
+    {
+        return select_like(text, false, write_word);
+    }
     // Leading parentheses: "(SELECT 1) UNION (SELECT 2)".
     let mut tokens = Tokens::new(text).skip_while(|t| *t == Token::Open);
     let Some(first) = tokens.next() else {
@@ -459,7 +467,12 @@ fn scan_words(text: &[u8]) -> Scan {
     let rest = chunks.remainder();
     let mut last = [0; 8];
     last[..rest.len()].copy_from_slice(rest);
-    look(u64::from_le_bytes(last), text.len() - rest.len(), &mut out, &hit);
+    look(
+        u64::from_le_bytes(last),
+        text.len() - rest.len(),
+        &mut out,
+        &hit,
+    );
     out
 }
 

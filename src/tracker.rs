@@ -79,6 +79,10 @@ pub struct Tracker {
     tx_wrote: bool,
     /// Named prepared statements and what they do.
     statements: HashMap<Box<[u8]>, Kind>,
+    /// The statement a Bind last named, if its name is short, and what it does: drivers bind
+    /// the same few statements again and again, and one comparison costs less than a hash
+    /// lookup. Forgotten at every Parse and Close of a statement.
+    last_bound: LastBound,
     unnamed_statement: Kind,
     /// Prepared statements that are ROLLBACK, ROLLBACK TO or COMMIT: what a failed block
     /// accepts, even when executed long after it was prepared.
@@ -86,6 +90,39 @@ pub struct Tracker {
     /// Named portals and what they do; they die with their transaction.
     portals: HashMap<Box<[u8]>, Kind>,
     unnamed_portal: Kind,
+}
+
+/// [`Tracker`]'s memory of the last statement a Bind named: up to 31 bytes of name in place,
+/// so remembering allocates nothing. An empty name is never remembered (it is the unnamed
+/// statement), so `len == 0` means nothing is.
+#[derive(Debug, Clone, Copy)]
+struct LastBound {
+    len: u8,
+    name: [u8; 31],
+    kind: Kind,
+}
+
+impl LastBound {
+    const NONE: LastBound = LastBound {
+        len: 0,
+        name: [0; 31],
+        kind: Kind::Write,
+    };
+
+    /// Remembers `name` (not empty) if it is short enough; else remembers nothing.
+    fn new(name: &[u8], kind: Kind) -> Self {
+        let mut out = LastBound::NONE;
+        if name.len() <= out.name.len() {
+            out.len = name.len() as u8;
+            out.name[..name.len()].copy_from_slice(name);
+            out.kind = kind;
+        }
+        out
+    }
+
+    fn kind_of(&self, name: &[u8]) -> Option<Kind> {
+        (self.len != 0 && &self.name[..usize::from(self.len)] == name).then_some(self.kind)
+    }
 }
 
 /// A request the server has answered.
@@ -109,6 +146,7 @@ impl Tracker {
             copy_in: false,
             tx_wrote: false,
             statements: HashMap::new(),
+            last_bound: LastBound::NONE,
             unnamed_statement: Kind::Read,
             controls: HashMap::new(),
             portals: HashMap::new(),
@@ -182,6 +220,7 @@ impl Tracker {
     /// Parse: remember what the statement does.
     pub fn parse(&mut self, name: &[u8], kind: Kind, now: Instant) {
         self.extended(now);
+        self.last_bound = LastBound::NONE;
         if name.is_empty() {
             self.unnamed_statement = kind;
         } else {
@@ -213,11 +252,16 @@ impl Tracker {
         self.extended(now);
         let kind = if statement.is_empty() {
             self.unnamed_statement
+        } else if let Some(kind) = self.last_bound.kind_of(statement) {
+            kind
         } else {
-            self.statements
+            let kind = self
+                .statements
                 .get(statement)
                 .copied()
-                .unwrap_or(Kind::Write)
+                .unwrap_or(Kind::Write);
+            self.last_bound = LastBound::new(statement, kind);
+            kind
         };
         if portal.is_empty() {
             self.unnamed_portal = kind;
@@ -249,6 +293,7 @@ impl Tracker {
         self.extended(now);
         match what {
             b'S' => {
+                self.last_bound = LastBound::NONE;
                 self.statements.remove(name);
                 self.controls.remove(name);
                 if !name.is_empty() {
@@ -587,6 +632,28 @@ mod tests {
         t.bind(b"", b"s", t0);
         t.execute(t.portal_kind(b""), t0);
         assert_eq!(t.head(), Some(Class::Write));
+    }
+
+    #[test]
+    fn a_statement_bound_again_after_it_was_closed_and_parsed_anew_takes_its_new_kind() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(t0);
+        let kind_bound = |t: &mut Tracker, name: &[u8]| {
+            t.bind(b"", name, t0);
+            t.portal_kind(b"")
+        };
+        t.parse(b"s", Kind::Read, t0);
+        assert_eq!(kind_bound(&mut t, b"s"), Kind::Read);
+        assert_eq!(kind_bound(&mut t, b"s"), Kind::Read, "remembered");
+        t.close(b'S', b"s", t0);
+        assert_eq!(kind_bound(&mut t, b"s"), Kind::Write, "closed: unknown");
+        t.parse(b"s", Kind::Read, t0);
+        assert_eq!(kind_bound(&mut t, b"s"), Kind::Read, "parsed again");
+        // A name too long to remember is looked up each time.
+        let long = [b'n'; 40];
+        t.parse(&long, Kind::Read, t0);
+        assert_eq!(kind_bound(&mut t, &long), Kind::Read);
+        assert_eq!(kind_bound(&mut t, &long[..39]), Kind::Write);
     }
 
     #[test]

@@ -16,6 +16,32 @@ pub const MAX_MESSAGE_LEN: usize = 0x3fff_ffff;
 
 /// Reads a NUL-terminated string at the front of `buf`; returns it and the rest after the NUL.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = memchr::memchr(0, buf)?;
+    // Most are names, a few bytes long: a plain look at the first bytes costs less than
+    // memchr's set-up; a longer string (a statement's text) gets memchr.
+    const SHORT: usize = 16;
+    let end = match buf.iter().take(SHORT).position(|&b| b == 0) {
+        Some(end) => end,
+        None if buf.len() <= SHORT => return None,
+        None => SHORT + memchr::memchr(0, &buf[SHORT..])?,
+    };
     Some((&buf[..end], &buf[end + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cstr;
+
+    #[test]
+    fn cstr_splits_at_the_first_nul_short_or_long_and_needs_one() {
+        for len in 0..40 {
+            let mut buf = vec![b'a'; len];
+            assert_eq!(cstr(&buf), None, "no NUL in {len} bytes");
+            buf.extend_from_slice(b"\0rest\0");
+            assert_eq!(
+                cstr(&buf),
+                Some((&buf[..len], &b"rest\0"[..])),
+                "NUL at {len}"
+            );
+        }
+    }
 }

@@ -746,15 +746,15 @@ impl Relay {
             }
             // With every byte framed and neither a detach nor a pool to look after, framing
             // has nothing to do (at most it would hold back nothing): not called.
-            let framed = if self.up.all_framed() && self.detached.is_none() && self.lending.is_none()
-            {
-                Hold::Done
-            } else {
-                match self.frame_client(shared) {
-                    Ok(hold) => hold,
-                    Err(end) => return Poll::Ready(end),
-                }
-            };
+            let framed =
+                if self.up.all_framed() && self.detached.is_none() && self.lending.is_none() {
+                    Hold::Done
+                } else {
+                    match self.frame_client(shared) {
+                        Ok(hold) => hold,
+                        Err(end) => return Poll::Ready(end),
+                    }
+                };
             if self.lending.as_ref().is_some_and(|l| l.waiting()) {
                 let lent = self
                     .lending
