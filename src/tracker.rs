@@ -79,10 +79,10 @@ pub struct Tracker {
     tx_wrote: bool,
     /// Named prepared statements and what they do.
     statements: HashMap<Box<[u8]>, Kind>,
-    /// The statement a Bind last named, if its name is short, and what it does: drivers bind
-    /// the same few statements again and again, and one comparison costs less than a hash
+    /// Statements Binds named lately, if their names are short, and what they do: drivers
+    /// bind the same few statements again and again, and a comparison costs less than a hash
     /// lookup. Forgotten at every Parse and Close of a statement.
-    last_bound: LastBound,
+    bound: BoundNames,
     unnamed_statement: Kind,
     /// Prepared statements that are ROLLBACK, ROLLBACK TO or COMMIT: what a failed block
     /// accepts, even when executed long after it was prepared.
@@ -92,36 +92,47 @@ pub struct Tracker {
     unnamed_portal: Kind,
 }
 
-/// [`Tracker`]'s memory of the last statement a Bind named: up to 31 bytes of name in place,
-/// so remembering allocates nothing. An empty name is never remembered (it is the unnamed
-/// statement), so `len == 0` means nothing is.
+/// [`Tracker`]'s memory of the statements Binds named lately: eight slots, chosen by a name's
+/// length and last byte (a driver's statements are mostly numbered, so their last bytes
+/// differ), each with up to 15 bytes of name in place, so remembering allocates nothing. An
+/// empty name is never remembered (it is the unnamed statement): `len == 0` is a free slot.
 #[derive(Debug, Clone, Copy)]
-struct LastBound {
+struct BoundNames([BoundName; 8]);
+
+#[derive(Debug, Clone, Copy)]
+struct BoundName {
     len: u8,
-    name: [u8; 31],
     kind: Kind,
+    name: [u8; 15],
 }
 
-impl LastBound {
-    const NONE: LastBound = LastBound {
-        len: 0,
-        name: [0; 31],
-        kind: Kind::Write,
-    };
+impl BoundNames {
+    const NONE: BoundNames = BoundNames(
+        [BoundName {
+            len: 0,
+            kind: Kind::Write,
+            name: [0; 15],
+        }; 8],
+    );
 
-    /// Remembers `name` (not empty) if it is short enough; else remembers nothing.
-    fn new(name: &[u8], kind: Kind) -> Self {
-        let mut out = LastBound::NONE;
-        if name.len() <= out.name.len() {
-            out.len = name.len() as u8;
-            out.name[..name.len()].copy_from_slice(name);
-            out.kind = kind;
-        }
-        out
+    fn slot(name: &[u8]) -> usize {
+        (name.len() + usize::from(name.last().copied().unwrap_or(0))) % 8
     }
 
+    /// What `name` (not empty) does, if remembered.
     fn kind_of(&self, name: &[u8]) -> Option<Kind> {
-        (self.len != 0 && &self.name[..usize::from(self.len)] == name).then_some(self.kind)
+        let b = &self.0[Self::slot(name)];
+        (usize::from(b.len) == name.len() && &b.name[..name.len()] == name).then_some(b.kind)
+    }
+
+    /// Remembers `name` (not empty) if it is short enough, in place of its slot's last one.
+    fn remember(&mut self, name: &[u8], kind: Kind) {
+        let b = &mut self.0[Self::slot(name)];
+        if name.len() <= b.name.len() {
+            b.len = name.len() as u8;
+            b.name[..name.len()].copy_from_slice(name);
+            b.kind = kind;
+        }
     }
 }
 
@@ -146,7 +157,7 @@ impl Tracker {
             copy_in: false,
             tx_wrote: false,
             statements: HashMap::new(),
-            last_bound: LastBound::NONE,
+            bound: BoundNames::NONE,
             unnamed_statement: Kind::Read,
             controls: HashMap::new(),
             portals: HashMap::new(),
@@ -220,7 +231,7 @@ impl Tracker {
     /// Parse: remember what the statement does.
     pub fn parse(&mut self, name: &[u8], kind: Kind, now: Instant) {
         self.extended(now);
-        self.last_bound = LastBound::NONE;
+        self.bound = BoundNames::NONE;
         if name.is_empty() {
             self.unnamed_statement = kind;
         } else {
@@ -252,7 +263,7 @@ impl Tracker {
         self.extended(now);
         let kind = if statement.is_empty() {
             self.unnamed_statement
-        } else if let Some(kind) = self.last_bound.kind_of(statement) {
+        } else if let Some(kind) = self.bound.kind_of(statement) {
             kind
         } else {
             let kind = self
@@ -260,7 +271,7 @@ impl Tracker {
                 .get(statement)
                 .copied()
                 .unwrap_or(Kind::Write);
-            self.last_bound = LastBound::new(statement, kind);
+            self.bound.remember(statement, kind);
             kind
         };
         if portal.is_empty() {
@@ -293,7 +304,7 @@ impl Tracker {
         self.extended(now);
         match what {
             b'S' => {
-                self.last_bound = LastBound::NONE;
+                self.bound = BoundNames::NONE;
                 self.statements.remove(name);
                 self.controls.remove(name);
                 if !name.is_empty() {
@@ -649,7 +660,14 @@ mod tests {
         assert_eq!(kind_bound(&mut t, b"s"), Kind::Write, "closed: unknown");
         t.parse(b"s", Kind::Read, t0);
         assert_eq!(kind_bound(&mut t, b"s"), Kind::Read, "parsed again");
-        // A name too long to remember is looked up each time.
+        // Names that share a slot, and a name too long to remember, are looked up.
+        t.parse(b"s2", Kind::Write, t0);
+        t.parse(b"r", Kind::Read, t0);
+        for _ in 0..2 {
+            assert_eq!(kind_bound(&mut t, b"s"), Kind::Read);
+            assert_eq!(kind_bound(&mut t, b"s2"), Kind::Write);
+            assert_eq!(kind_bound(&mut t, b"r"), Kind::Read);
+        }
         let long = [b'n'; 40];
         t.parse(&long, Kind::Read, t0);
         assert_eq!(kind_bound(&mut t, &long), Kind::Read);

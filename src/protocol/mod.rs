@@ -19,11 +19,17 @@ pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     // Most are names, a few bytes long: a plain look at the first bytes costs less than
     // memchr's set-up; a longer string (a statement's text) gets memchr.
     const SHORT: usize = 16;
-    let end = match buf.iter().take(SHORT).position(|&b| b == 0) {
-        Some(end) => end,
-        None if buf.len() <= SHORT => return None,
-        None => SHORT + memchr::memchr(0, &buf[SHORT..])?,
-    };
+    let mut end = 0;
+    while end < buf.len() && end < SHORT {
+        if buf[end] == 0 {
+            return Some((&buf[..end], &buf[end + 1..]));
+        }
+        end += 1;
+    }
+    if buf.len() <= SHORT {
+        return None;
+    }
+    let end = SHORT + memchr::memchr(0, &buf[SHORT..])?;
     Some((&buf[..end], &buf[end + 1..]))
 }
 
