@@ -81,8 +81,9 @@ pub struct Tracker {
     statements: HashMap<Box<[u8]>, Kind>,
     /// Statements Binds named lately, if their names are short, and what they do: drivers
     /// bind the same few statements again and again, and a comparison costs less than a hash
-    /// lookup. Forgotten at every Parse and Close of a statement.
-    bound: BoundNames,
+    /// lookup. Made at the first Bind of a named statement (most sessions never bind one),
+    /// emptied at every Parse and Close of a statement, given back by [`Tracker::release`].
+    bound: Option<Box<BoundNames>>,
     unnamed_statement: Kind,
     /// Prepared statements that are ROLLBACK, ROLLBACK TO or COMMIT: what a failed block
     /// accepts, even when executed long after it was prepared.
@@ -157,7 +158,7 @@ impl Tracker {
             copy_in: false,
             tx_wrote: false,
             statements: HashMap::new(),
-            bound: BoundNames::NONE,
+            bound: None,
             unnamed_statement: Kind::Read,
             controls: HashMap::new(),
             portals: HashMap::new(),
@@ -231,13 +232,24 @@ impl Tracker {
     /// Parse: remember what the statement does.
     pub fn parse(&mut self, name: &[u8], kind: Kind, now: Instant) {
         self.extended(now);
-        self.bound = BoundNames::NONE;
+        self.forget_bound();
         if name.is_empty() {
             self.unnamed_statement = kind;
         } else {
             self.statements.insert(name.into(), kind);
             self.mark_named();
         }
+    }
+
+    fn forget_bound(&mut self) {
+        if let Some(b) = self.bound.as_deref_mut() {
+            *b = BoundNames::NONE;
+        }
+    }
+
+    /// Gives back memory an idle session need not hold: what Binds named lately.
+    pub fn release(&mut self) {
+        self.bound = None;
     }
 
     fn mark_named(&mut self) {
@@ -263,7 +275,7 @@ impl Tracker {
         self.extended(now);
         let kind = if statement.is_empty() {
             self.unnamed_statement
-        } else if let Some(kind) = self.bound.kind_of(statement) {
+        } else if let Some(kind) = self.bound.as_ref().and_then(|b| b.kind_of(statement)) {
             kind
         } else {
             let kind = self
@@ -271,7 +283,9 @@ impl Tracker {
                 .get(statement)
                 .copied()
                 .unwrap_or(Kind::Write);
-            self.bound.remember(statement, kind);
+            self.bound
+                .get_or_insert_with(|| Box::new(BoundNames::NONE))
+                .remember(statement, kind);
             kind
         };
         if portal.is_empty() {
@@ -304,7 +318,7 @@ impl Tracker {
         self.extended(now);
         match what {
             b'S' => {
-                self.bound = BoundNames::NONE;
+                self.forget_bound();
                 self.statements.remove(name);
                 self.controls.remove(name);
                 if !name.is_empty() {
@@ -668,6 +682,9 @@ mod tests {
             assert_eq!(kind_bound(&mut t, b"s2"), Kind::Write);
             assert_eq!(kind_bound(&mut t, b"r"), Kind::Read);
         }
+        // Given back when idle; looked up again after.
+        t.release();
+        assert_eq!(kind_bound(&mut t, b"s2"), Kind::Write);
         let long = [b'n'; 40];
         t.parse(&long, Kind::Read, t0);
         assert_eq!(kind_bound(&mut t, &long), Kind::Read);

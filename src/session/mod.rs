@@ -1046,6 +1046,7 @@ impl Relay {
                     self.up.release_if_empty();
                     self.down.release_if_empty();
                     self.memo.release();
+                    self.tracker.release();
                 }
                 continue;
             }
