@@ -182,7 +182,12 @@ async fn read_only_errors_seen_by_sessions_open_the_circuit_though_the_probe_can
     pg.psql("CREATE TABLE ro (x int)");
     pg.psql("GRANT SELECT, INSERT ON ro TO app");
     pg.psql("ALTER ROLE app SET default_transaction_read_only = on");
-    let proxy = Proxy::start(fast_config(&[&pg])).await;
+    let mut config = fast_config(&[&pg]);
+    // Open long enough that /health still tells why when the test asks: with 1 s, a loaded
+    // machine (the whole suite in parallel) let the circuit go half-open and the probe's own
+    // write (another role) close it between the refusal and the look at /health.
+    config.circuit.open_for = Duration::from_secs(30);
+    let proxy = Proxy::start(config).await;
     let app = connect(&proxy.params("app")).await;
 
     let seen = std::sync::Mutex::new(Vec::new());
