@@ -451,7 +451,6 @@ fn scan_sse2(text: &[u8]) -> Scan {
 /// Scans `text` eight bytes at a time, until it has found both a semicolon and a write word
 /// or reached the end.
 fn scan_words(text: &[u8]) -> Scan {
-    let hit = |i| write_word_at(text, i);
     let mut out = Scan {
         semicolon: None,
         write_word: false,
@@ -459,7 +458,7 @@ fn scan_words(text: &[u8]) -> Scan {
     let mut chunks = text.chunks_exact(8);
     for (n, chunk) in (&mut chunks).enumerate() {
         let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-        if look(word, 8 * n, &mut out, &hit) {
+        if look(text, word, 8 * n, &mut out) {
             return out;
         }
     }
@@ -468,23 +467,24 @@ fn scan_words(text: &[u8]) -> Scan {
     let mut last = [0; 8];
     last[..rest.len()].copy_from_slice(rest);
     look(
+        text,
         u64::from_le_bytes(last),
         text.len() - rest.len(),
         &mut out,
-        &hit,
     );
     out
 }
 
-/// [`scan`]'s look at the eight bytes `word` from `at`; true once both are found.
+/// [`scan_words`]'s look at the eight bytes `word` from `at` of `text`; true once both are
+/// found.
 ///
 /// `found` sets the top bit of each byte equal to `byte`; a borrow can also set it in a byte
 /// above a true one, but never in the lowest flagged byte, which is exact. For the letters
 /// (`| 0x20` maps exactly O and o to o, V and v to v) a false flag costs only a needless look,
-/// as `hit` checks the byte itself; for the semicolon only the lowest flag is taken, in the
+/// as [`write_word_at`] checks the byte itself; for the semicolon only the lowest flag is taken, in the
 /// bytes as they are (`| 0x20` would make ESC one).
 #[inline(always)]
-fn look(word: u64, at: usize, out: &mut Scan, hit: &impl Fn(usize) -> bool) -> bool {
+fn look(text: &[u8], word: u64, at: usize, out: &mut Scan) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     let found = |word: u64, byte: u8| {
         let x = word ^ (ONES * u64::from(byte));
@@ -500,7 +500,7 @@ fn look(word: u64, at: usize, out: &mut Scan, hit: &impl Fn(usize) -> bool) -> b
         let lowered = word | (ONES * 0x20);
         let mut bytes = found(lowered, b'o') | found(lowered, b'v');
         while bytes != 0 {
-            if hit(at + bytes.trailing_zeros() as usize / 8) {
+            if write_word_at(text, at + bytes.trailing_zeros() as usize / 8) {
                 out.write_word = true;
                 break;
             }
@@ -508,11 +508,6 @@ fn look(word: u64, at: usize, out: &mut Scan, hit: &impl Fn(usize) -> bool) -> b
         }
     }
     out.semicolon.is_some() && out.write_word
-}
-
-#[cfg(test)]
-fn may_name_a_write_word(text: &[u8]) -> bool {
-    scan(text).write_word
 }
 
 /// EXPLAIN reads, but EXPLAIN ANALYZE runs the statement, so it is what the statement is.
@@ -909,18 +904,22 @@ mod tests {
         }
     }
 
+    fn scan_finds_a_write_word(text: &[u8]) -> bool {
+        scan(text).write_word
+    }
+
     #[test]
     fn the_byte_scan_clears_plain_reads_and_passes_every_word_that_can_make_a_write() {
-        assert!(!may_name_a_write_word(
+        assert!(!scan_finds_a_write_word(
             b"SELECT abalance FROM pgbench_accounts WHERE aid = 7;"
         ));
-        assert!(!may_name_a_write_word(b"SELECT 1 FROM orders o"));
+        assert!(!scan_finds_a_write_word(b"SELECT 1 FROM orders o"));
         for w in [
             "for", "FOR", "fOr", "into", "INTO", "iNtO", "nextval", "SETVAL", "NeXtVaL",
         ] {
-            assert!(may_name_a_write_word(w.as_bytes()), "{w}");
+            assert!(scan_finds_a_write_word(w.as_bytes()), "{w}");
             assert!(
-                may_name_a_write_word(format!("SELECT 1 {w}(x)").as_bytes()),
+                scan_finds_a_write_word(format!("SELECT 1 {w}(x)").as_bytes()),
                 "{w}"
             );
         }
@@ -932,7 +931,7 @@ mod tests {
             for pad in 0..20 {
                 for tail in 0..10 {
                     let text = format!("{}{w}{}", "x".repeat(pad), "y".repeat(tail));
-                    assert!(may_name_a_write_word(text.as_bytes()), "{text}");
+                    assert!(scan_finds_a_write_word(text.as_bytes()), "{text}");
                 }
             }
         }
@@ -940,7 +939,7 @@ mod tests {
         // would be are no hit.
         for pad in 0..20 {
             let text = format!("{}F\x0fR INT\x0f N\x16AL f/r", "x".repeat(pad));
-            assert!(!may_name_a_write_word(text.as_bytes()), "{text:?}");
+            assert!(!scan_finds_a_write_word(text.as_bytes()), "{text:?}");
         }
     }
 
