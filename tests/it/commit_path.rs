@@ -34,8 +34,42 @@ fn fast_config(pg: &Cluster) -> Config {
 }
 
 fn stall_commits(pg: &Cluster) {
+    pg.psql("CREATE TABLE IF NOT EXISTS stall_witness (x int)");
     pg.psql("ALTER SYSTEM SET synchronous_standby_names = 'missing'");
     pg.psql("SELECT pg_reload_conf()");
+    // The reload reaches backends before it reaches the checkpointer, which is what turns
+    // synchronous replication on for everyone: on a loaded machine a COMMIT sent after a
+    // backend already showed the new setting once went straight through. So a commit of the
+    // test's own (psql, in a thread; it waits until `heal_commits`) must be seen waiting.
+    let port = pg.port.to_string();
+    std::thread::spawn(move || {
+        let _ = std::process::Command::new("psql")
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-p",
+                &port,
+            ])
+            .args(["-c", "INSERT INTO stall_witness VALUES (1)"])
+            .output();
+    });
+    let deadline = std::time::Instant::now() + SECONDS_20;
+    while pg.psql(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE wait_event = 'SyncRep' AND query LIKE 'INSERT INTO stall_witness%'",
+    ) == "0"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit waited for the missing standby within {SECONDS_20:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn heal_commits(pg: &Cluster) {
@@ -264,18 +298,20 @@ async fn a_stuck_commit_is_answered_within_a_second_of_the_circuit_opening() {
     let mut config = fast_config(&pg);
     config.timeouts.write = Duration::from_secs(60);
     config.circuit.failure_threshold = 1;
+    // The probe's check stalls as soon as commits do, and its failure opens the circuit: a
+    // longer timeout keeps it closed until this test's COMMIT is waiting too.
+    config.probe.timeout = Duration::from_secs(2);
     let proxy = Proxy::start(config).await;
     let (c, conn) = connect_watched(&proxy.params("postgres")).await;
     c.batch_execute("BEGIN").await.unwrap();
     c.execute("INSERT INTO sc VALUES (1)", &[]).await.unwrap();
 
     stall_commits(&pg);
-    // pg_reload_conf() only signals: wait until this backend has the setting, or its COMMIT
-    // may run before the stall (as it did once on a loaded machine).
-    eventually("the backend to see the stall", SECONDS_20, || async {
-        (first_value(&c, "SHOW synchronous_standby_names").await == "missing").then_some(())
-    })
-    .await;
+    assert_eq!(
+        circuit_state(&proxy),
+        0.0,
+        "the circuit opened before the COMMIT was sent"
+    );
     let commit = tokio::spawn(async move {
         let r = c.batch_execute("COMMIT").await;
         (r, Instant::now())
