@@ -185,14 +185,14 @@ class Systems:
         self.ports[name] = port
         wait_port(port, name)
 
-    def start_bulkhead(self, name, tls, idle_clients, mode="passthrough", size=20):
+    def start_bulkhead(self, name, tls, idle_clients, mode="passthrough", size=20, binary=None):
         port = free_port()
         conf = os.path.join(self.work, f"{name}.toml")
         users = os.path.join(self.work, f"{name}-users.txt")
         if mode != "passthrough":
             open(users, "w").write(f'"{USER}" "{scram_verifier(PASSWORD)}"\n')
         write_bulkhead_config(conf, port, self.pg_port, tls, idle_clients + 200, mode, size, users)
-        self.spawn(name, [BINARY, "--config", conf], port)
+        self.spawn(name, [binary or BINARY, "--config", conf], port)
 
     def start_pgbouncer(self, name, tls, idle_clients, mode="session", pool_size=None, scram=False, prepared=0):
         """PgBouncer with trust for its clients (scram: SCRAM-SHA-256 against PASSWORD), a pool
@@ -364,6 +364,9 @@ def main():
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the proxies' and PostgreSQL's logs to DIR at the end")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/bulkhead"),
                     help="the bulkhead to run (e.g. an older build, to compare)")
+    ap.add_argument("--against", metavar="PATH",
+                    help="also run this second bulkhead build (as bulkhead-b) in the plain workloads, "
+                         "so that two builds are compared in the same run")
     ap.add_argument("--no-alloc", action="store_true", help="skip benches/alloc.rs (cargo bench builds it first)")
     ap.add_argument("--floor", action="store_true",
                     help="also run the plain workloads through benches/floor.rs, a bare relay, for scale "
@@ -379,6 +382,9 @@ def main():
         systems.start_floor("floor", os.environ["BULKHEAD_FLOOR_BIN"])
         systems.start_floor("floor-uring", os.environ["BULKHEAD_FLOOR_BIN"], "--uring")
         plain += ["floor", "floor-uring"]
+    if args.against:
+        systems.start_bulkhead("bulkhead-b", "disable", args.idle_clients, binary=args.against)
+        plain.append("bulkhead-b")
     tls = ["direct-tls", "bulkhead-tls", "pgbouncer-tls", "haproxy-tls"]
     workloads = []
     for clients in (1, 16):
