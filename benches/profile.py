@@ -56,7 +56,7 @@ def exclusive_costs(path):
     return costs
 
 
-def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, pool, connect):
+def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, pool, connect, keep=None):
     """Exclusive costs of the data-path worker thread over one pgbench run: the thread that ran
     the relay (not the busiest: at one client under valgrind the probe's thread can be busier).
     With `connect` (pgbench -C), the accepting thread's costs are added: a login starts there."""
@@ -80,8 +80,12 @@ def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, p
     finally:
         proxy.send_signal(signal.SIGTERM)
         proxy.wait()
-    threads = [exclusive_costs(f) for f in glob.glob(out + "-*")]  # one file per thread
+    files = glob.glob(out + "-*")  # one file per thread
+    threads = [exclusive_costs(f) for f in files]
     worker = max(threads, key=lambda c: sum(n for f, n in c.items() if "Relay::poll_relay" in f))
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(files[threads.index(worker)], os.path.join(keep, "worker.callgrind.out"))
     acceptor = max(threads, key=lambda c: sum(n for f, n in c.items() if "accept4" in f))
     if connect and acceptor is not worker:
         worker = worker + acceptor
@@ -137,6 +141,8 @@ def main():
     ap.add_argument("--connect", action="store_true", help="pgbench -C: a new connection per transaction")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--binary", default=os.path.join(C.ROOT, "target/release/bulkhead"))
+    ap.add_argument("--keep", metavar="DIR", help="copy the longer run's worker-thread callgrind file to DIR "
+                    "(for callgrind_annotate --auto=yes on a build with line tables)")
     ap.add_argument("--proxy", default="bulkhead", choices=["bulkhead", "pgbouncer", "floor"],
                     help="count another proxy's instructions instead, under the same load (pgbench -S, "
                          "passthrough or PgBouncer's session mode): the budget bulkhead's are measured against")
@@ -154,7 +160,7 @@ def main():
             short = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, args.transactions,
                                  args.pool, args.connect)
             long = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, 3 * args.transactions,
-                                args.pool, args.connect)
+                                args.pool, args.connect, args.keep)
     finally:
         C.stop_postgres(data)
         shutil.rmtree(work, ignore_errors=True)

@@ -8,8 +8,7 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use mio::event::Event;
@@ -28,29 +27,44 @@ const READ_CLOSED: u8 = 4;
 const WRITE_CLOSED: u8 = 8;
 
 /// What the loop and a socket share: readiness and who to wake for each direction.
+///
+/// Plain cells, no atomics and no lock: they are touched only on the thread of the loop the
+/// socket is attached to, by `dispatch` (the loop itself) and by `poll_io` (the session's task,
+/// which that loop polls). Other threads only move a socket before it is attached and drop
+/// their `Arc` (which touches no cell).
 pub(super) struct IoState {
-    ready: AtomicU8,
+    ready: Cell<u8>,
     reader: Waiter,
     writer: Waiter,
 }
 
+// SAFETY: see above: the cells are only ever used from one thread, the attached loop's; a
+// socket polled or dispatched elsewhere would be a bug in this module (`poll_io` checks it in
+// debug builds).
+unsafe impl Sync for IoState {}
+
 /// Who waits for one direction of a socket. The waker stays after a wake-up (woken by
 /// reference) until another replaces it: a session's is the same for its whole life, so a
-/// wake-up costs no clone and no drop. Only the loop's thread takes the lock.
+/// wake-up costs no clone and no drop.
 #[derive(Default)]
-struct Waiter(Mutex<Option<Waker>>);
+struct Waiter(Cell<Option<Waker>>);
 
 impl Waiter {
     fn register(&self, waker: &Waker) {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if !held.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *held = Some(waker.clone());
+        match self.0.take() {
+            Some(held) if held.will_wake(waker) => self.0.set(Some(held)),
+            _ => self.0.set(Some(waker.clone())),
         }
     }
 
     fn wake(&self) {
-        if let Some(w) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        // Taken out while it runs, so that nothing it does can reach the cell.
+        if let Some(w) = self.0.take() {
             w.wake_by_ref();
+            let newer = self.0.replace(Some(w));
+            if newer.is_some() {
+                self.0.set(newer);
+            }
         }
     }
 }
@@ -128,7 +142,9 @@ pub(super) fn dispatch(sockets: &Registrations, event: &Event) {
     // Only a bit that was clear can have a waiter: a task waits after it found its bit clear.
     // (Every edge for new data reports the socket writable too; the writer is woken only if
     // it had run out of room.)
-    let new = bits & !state.ready.fetch_or(bits, Ordering::AcqRel);
+    let was = state.ready.get();
+    state.ready.set(was | bits);
+    let new = bits & !was;
     if new & (READABLE | READ_CLOSED) != 0 {
         state.reader.wake();
     }
@@ -159,7 +175,7 @@ impl Socket {
             state: Arc::new(IoState {
                 // Until epoll says otherwise, try: a read that finds nothing costs one system
                 // call.
-                ready: AtomicU8::new(READABLE | WRITABLE),
+                ready: Cell::new(READABLE | WRITABLE),
                 reader: Waiter::default(),
                 writer: Waiter::default(),
             }),
@@ -199,6 +215,10 @@ impl Socket {
         bit: u8,
         mut op: impl FnMut() -> io::Result<(T, bool)>,
     ) -> Poll<io::Result<T>> {
+        debug_assert!(
+            LOCAL.with(|l| !l.shared.get().is_null()),
+            "a relay loop's socket polled off a loop's thread"
+        );
         let state = &*self.state;
         let (waiter, ready, holds) = if bit == READABLE {
             (&state.reader, READABLE | READ_CLOSED, &self.holds[0])
@@ -214,12 +234,11 @@ impl Socket {
             }
         };
         loop {
-            if state.ready.load(Ordering::Acquire) & ready == 0 {
+            if state.ready.get() & ready == 0 {
+                // No event can come between the check and the registration: the loop that
+                // reports them is this thread.
                 register();
-                // An event may have come between the check and the registration.
-                if state.ready.load(Ordering::Acquire) & ready == 0 {
-                    return Poll::Pending;
-                }
+                return Poll::Pending;
             }
             let busy = self.busy.get();
             if busy >= BUDGET {
@@ -231,7 +250,7 @@ impl Socket {
             match op() {
                 Ok((value, drained)) => {
                     if drained {
-                        state.ready.fetch_and(!bit, Ordering::AcqRel);
+                        state.ready.set(state.ready.get() & !bit);
                         // Held already (a session's waker does not change), so `read_dry`
                         // can be believed.
                         register();
@@ -243,7 +262,8 @@ impl Socket {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.busy.set(0);
-                    let left = state.ready.fetch_and(!bit, Ordering::AcqRel) & !bit;
+                    let left = state.ready.get() & !bit;
+                    state.ready.set(left);
                     if left & ready != 0 {
                         // Reported closed, yet nothing to take: wait for the next event
                         // rather than spin.
@@ -285,8 +305,7 @@ impl Socket {
     /// The last read took everything there was, and the reader's waker is held for the next
     /// edge.
     pub fn read_dry(&self) -> bool {
-        self.state.ready.load(Ordering::Acquire) & (READABLE | READ_CLOSED) == 0
-            && self.holds[0].get() != (0, 0)
+        self.state.ready.get() & (READABLE | READ_CLOSED) == 0 && self.holds[0].get() != (0, 0)
     }
 
     /// Waits until a read would find something (or the end), without taking it.
