@@ -481,8 +481,8 @@ fn scan_words(text: &[u8]) -> Scan {
 /// `found` sets the top bit of each byte equal to `byte`; a borrow can also set it in a byte
 /// above a true one, but never in the lowest flagged byte, which is exact. For the letters
 /// (`| 0x20` maps exactly O and o to o, V and v to v) a false flag costs only a needless look,
-/// as [`write_word_at`] checks the byte itself; for the semicolon only the lowest flag is taken, in the
-/// bytes as they are (`| 0x20` would make ESC one).
+/// as [`write_word_at`] checks the byte itself; for the semicolon only the lowest flag is
+/// taken, in the bytes as they are (`| 0x20` would make ESC one).
 #[inline(always)]
 fn look(text: &[u8], word: u64, at: usize, out: &mut Scan) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;

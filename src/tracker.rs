@@ -96,7 +96,8 @@ pub struct Tracker {
 /// [`Tracker`]'s memory of the statements Binds named lately: eight slots, chosen by a name's
 /// length and last byte (a driver's statements are mostly numbered, so their last bytes
 /// differ), each with up to 15 bytes of name in place, so remembering allocates nothing once
-/// the slots exist. An empty name is never remembered (it is the unnamed statement): `len == 0` is a free slot.
+/// the slots exist. An empty name is never remembered (it is the unnamed statement):
+/// `len == 0` is a free slot.
 #[derive(Debug, Clone, Copy)]
 struct BoundNames([BoundName; 8]);
 

@@ -41,22 +41,9 @@ fn stall_commits(pg: &Cluster) {
     // synchronous replication on for everyone: on a loaded machine a COMMIT sent after a
     // backend already showed the new setting once went straight through. So a commit of the
     // test's own (psql, in a thread; it waits until `heal_commits`) must be seen waiting.
-    let port = pg.port.to_string();
+    let mut witness = pg.psql_command("INSERT INTO stall_witness VALUES (1)");
     std::thread::spawn(move || {
-        let _ = std::process::Command::new("psql")
-            .args([
-                "-X",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-p",
-                &port,
-            ])
-            .args(["-c", "INSERT INTO stall_witness VALUES (1)"])
-            .output();
+        let _ = witness.output();
     });
     let deadline = std::time::Instant::now() + SECONDS_20;
     while pg.psql(

@@ -383,6 +383,12 @@ impl Cluster {
 
     /// Runs SQL directly against the server with psql and returns its unaligned output.
     pub fn psql(&self, sql: &str) -> String {
+        run(&mut self.psql_command(sql), "psql").trim().to_string()
+    }
+
+    /// The psql command `psql` runs (superuser, unaligned, stop on error), for a caller that
+    /// must run it itself (e.g. in a thread, where it may wait).
+    pub fn psql_command(&self, sql: &str) -> Command {
         let mut c = Command::new("psql");
         c.args([
             "-X",
@@ -398,7 +404,7 @@ impl Cluster {
             "postgres",
         ])
         .args(["-p", &self.port.to_string(), "-c", sql]);
-        run(&mut c, "psql").trim().to_string()
+        c
     }
 }
 
