@@ -41,8 +41,11 @@ const MEMO_LIMIT: usize = 1024;
 
 /// The last text classified and what it was, so a client that sends the same text again and
 /// again (an unnamed statement parsed for every execution, as `pgbench -M extended` and many
-/// drivers do) pays for one comparison instead of a classification. Holds at most
-/// [`MEMO_LIMIT`] bytes, and nothing once [`Memo::release`]d.
+/// drivers do) pays for one comparison instead of a classification. A text that differs from
+/// the remembered one only in its numbers (`... WHERE id = 42` after `... WHERE id = 7`, as
+/// a query with its literals written in sends) is the same statement to the classifier, which
+/// never looks at a number's digits: see [`same_but_numbers`]. Holds at most [`MEMO_LIMIT`]
+/// bytes, and nothing once [`Memo::release`]d.
 #[derive(Debug, Default)]
 pub struct Memo {
     text: Vec<u8>,
@@ -55,7 +58,7 @@ impl Memo {
     pub fn classify(&mut self, sql: &[u8], complete: bool) -> Kind {
         if let Some(kind) = self.kind
             && complete == self.complete
-            && self.text == sql
+            && same_but_numbers(&self.text, sql)
         {
             return kind;
         }
@@ -73,6 +76,105 @@ impl Memo {
     pub fn release(&mut self) {
         *self = Memo::default();
     }
+}
+
+/// Whether `a` and `b` are the same text but for the digits of some numeric literals: where
+/// they differ, each has a run of ASCII digits that starts the text or follows a byte that
+/// cannot continue a word (so the run is a number of its own, not part of an identifier, a
+/// keyword, a `$n` parameter or a dollar-quote tag), and after the two runs they go on alike.
+/// Classification reads a run of digits as one token whatever its digits (and inside a string,
+/// a quoted identifier or a comment, digits are just content), so two such texts classify
+/// alike. Compares eight bytes at a time where the texts agree.
+fn same_but_numbers(a: &[u8], b: &[u8]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    loop {
+        // Where this stretch starts: at the beginning, or just after two runs of digits.
+        let from = i;
+        let same = common_prefix(&a[i..], &b[j..]);
+        i += same;
+        j += same;
+        let (x, y) = (a.get(i), b.get(j));
+        if x.is_none() && y.is_none() {
+            return true;
+        }
+        let digit = |c: Option<&u8>| c.is_some_and(u8::is_ascii_digit);
+        // Back to where the run of digits the texts differ in starts (the same in both), but
+        // not into the runs just passed: what follows a run is not a digit.
+        let mut start = i;
+        while start > from && a[start - 1].is_ascii_digit() {
+            start -= 1;
+        }
+        if start == i && !(digit(x) && digit(y)) {
+            return false; // They differ in something other than a number.
+        }
+        if start > 0 && WORD_BYTE[usize::from(a[start - 1])] {
+            return false; // The digits continue a word: an identifier, a tag, a parameter.
+        }
+        // On to the end of each run (the digits before `i` are common to both).
+        let run = digits_end;
+        i = run(a, i);
+        j = run(b, j);
+    }
+}
+
+/// Where the run of ASCII digits from `at` in `t` ends. Eight bytes at a time: a byte is a
+/// digit when, XORed with `0`, it is below ten; adding 0x76 to its low seven bits sets its top
+/// bit exactly when they are ten or more (no carry leaves the byte), and a byte of 0x80 or more
+/// has its top bit set already.
+#[inline]
+fn digits_end(t: &[u8], mut at: usize) -> usize {
+    const EACH: u64 = 0x0101_0101_0101_0101;
+    // The top bit of each byte of the eight from `from` that is not a digit.
+    let not_digits = |from: usize| {
+        let x =
+            u64::from_le_bytes(t[from..from + 8].try_into().expect("eight bytes")) ^ (EACH * 0x30);
+        (((x & (EACH * 0x7f)) + EACH * 0x76) | x) & (EACH * 0x80)
+    };
+    while at + 8 <= t.len() {
+        let flags = not_digits(at);
+        if flags != 0 {
+            return at + (flags.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    if at < t.len() && t.len() >= 8 {
+        // The last eight bytes, those before `at` shifted out.
+        let from = t.len() - 8;
+        let flags = not_digits(from) >> (8 * (at - from));
+        return if flags == 0 {
+            t.len()
+        } else {
+            at + (flags.trailing_zeros() / 8) as usize
+        };
+    }
+    while at < t.len() && t[at].is_ascii_digit() {
+        at += 1;
+    }
+    at
+}
+
+/// How many bytes `a` and `b` have in common from their start. Eight bytes at a time; the last
+/// look, at the last eight bytes of the shorter, overlaps bytes already known equal.
+#[inline]
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let differ = |at: usize| {
+        let word = |t: &[u8]| u64::from_le_bytes(t[at..at + 8].try_into().expect("eight bytes"));
+        let diff = word(a) ^ word(b);
+        (diff != 0).then(|| at + (diff.trailing_zeros() / 8) as usize)
+    };
+    if n < 8 {
+        return a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    }
+    let mut at = 0;
+    while at + 8 < n {
+        if let Some(first) = differ(at) {
+            return first;
+        }
+        at += 8;
+    }
+    differ(n - 8).unwrap_or(n)
 }
 
 /// Classifies each statement of a multi-statement text; the strongest wins.
@@ -1059,6 +1161,138 @@ mod tests {
             );
         }
         assert!(memo.text.len() <= MEMO_LIMIT);
+        memo.release();
+        assert_eq!(memo.text.capacity(), 0);
+        assert_eq!(memo.classify(b"UPDATE t SET a = 1", true), Write);
+    }
+
+    #[test]
+    fn the_end_of_a_run_of_digits_is_found_for_every_byte_after_it() {
+        for len in 0..20 {
+            for stop in 0..=255u8 {
+                let mut text = vec![b'x'; 3];
+                text.extend(std::iter::repeat_n(b'7', len));
+                text.push(stop);
+                text.extend_from_slice(b"12345678");
+                let end = if stop.is_ascii_digit() {
+                    len + 1 + 8 + 3
+                } else {
+                    len + 3
+                };
+                assert_eq!(digits_end(&text, 3), end, "{len} digits, then {stop:#x}");
+            }
+        }
+        assert_eq!(digits_end(b"", 0), 0);
+        assert_eq!(digits_end(b"abcdefgh123", 8), 11);
+        assert_eq!(digits_end(b"abcdefgh12;", 8), 10);
+        assert_eq!(digits_end(b"abcdefg1234", 7), 11);
+        assert_eq!(digits_end(b"abcdefg1234", 6), 6);
+        assert_eq!(digits_end(b"123", 3), 3);
+    }
+
+    #[test]
+    fn texts_that_differ_only_in_numbers_are_the_same_statement() {
+        for (a, b) in [
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+            ),
+            ("SELECT 1", "SELECT 2"),
+            ("SELECT 12", "SELECT 123"),
+            ("SELECT 123", "SELECT 12"),
+            ("1", "22"),
+            (
+                "SELECT x FROM t LIMIT 10 OFFSET 20",
+                "SELECT x FROM t LIMIT 5 OFFSET 300000",
+            ),
+            ("SELECT 1.5, -3, 2e10", "SELECT 17.25, -40, 2e10"),
+            ("SELECT '12' /* 3 */", "SELECT '99' /* 44 */"),
+            ("SELECT 1,2,3", "SELECT 4,5,6"),
+        ] {
+            assert!(same_but_numbers(a.as_bytes(), b.as_bytes()), "{a} / {b}");
+        }
+        for (a, b) in [
+            ("SELECT 1", "SELECT 1 "),
+            ("SELECT 1", "DELETE 1"),
+            ("SELECT a FROM t1", "SELECT a FROM t2"), // part of an identifier
+            ("SELECT $1", "SELECT $2"),               // a parameter
+            ("SELECT $a1$ x $a1$", "SELECT $a2$ x $a1$"), // a dollar-quote tag
+            ("SELECT 1e5", "SELECT 1e6"),             // after a letter
+            ("SELECT é1", "SELECT é2"),               // after a non-ASCII letter
+            ("SELECT _1", "SELECT _2"),
+            ("SELECT 12 x", "SELECT 12y"),
+            ("SELECT 1x", "SELECT 1 x"),
+            ("SELECT 1", "SELECT x"),
+            ("SELECT", "SELECT 1"),
+            ("", "1"),
+        ] {
+            assert!(!same_but_numbers(a.as_bytes(), b.as_bytes()), "{a} / {b}");
+            assert!(!same_but_numbers(b.as_bytes(), a.as_bytes()), "{b} / {a}");
+        }
+    }
+
+    #[test]
+    fn the_memo_answers_as_classify_does_when_only_numbers_change() {
+        // Each text after each other, with its numbers changed: the memo, hit or not, must
+        // answer exactly as a classification of the new text.
+        let texts = [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+            "UPDATE pgbench_accounts SET abalance = abalance + -12 WHERE aid = 9;",
+            "SELECT 1 FOR UPDATE",
+            "SELECT * FROM t1 LIMIT 1",
+            "SELECT nextval('s1'), 2",
+            "SELECT 1; DELETE FROM t WHERE id = 3",
+            "SELECT $b1$ 1; DELETE $b1$ , 1",
+            "SELECT $b1$ 1 $b2$; DELETE FROM t; $b1$",
+            "SELECT $b1$ x $b1$; DELETE FROM t",
+            "SELECT t1 FROM t1; DELETE FROM t1",
+            "SELECT 1 -- 2; DELETE\n",
+            "SELECT 1 /* 2 */; COMMIT",
+            "COMMIT",
+            "SELECT 1into t",
+            "SELECT 10 INTO t2 FROM t",
+            "WITH x AS (DELETE FROM t WHERE a = 1 RETURNING 2) SELECT 3",
+            "SELECT E'\\'' 1; DELETE FROM t; '",
+        ];
+        // `t` with its `which`-th run of digits (counted from 0) replaced by another number.
+        let renumbered = |t: &str, which: usize| {
+            let mut out = String::new();
+            let mut runs = 0;
+            let mut digits = false;
+            for c in t.chars() {
+                let starts = c.is_ascii_digit() && !digits;
+                digits = c.is_ascii_digit();
+                if starts {
+                    runs += 1;
+                    if runs - 1 == which {
+                        out.push_str("4096");
+                    }
+                }
+                if !digits || runs - 1 != which {
+                    out.push(c);
+                }
+            }
+            out
+        };
+        let mut memo = Memo::default();
+        for first in texts {
+            for second in texts {
+                for which in 0..4 {
+                    let next = renumbered(second, which);
+                    for (sql, complete) in [(first.to_string(), true), (next, which != 1)] {
+                        assert_eq!(
+                            memo.classify(sql.as_bytes(), complete),
+                            classify(sql.as_bytes(), complete),
+                            "{sql} after {first}"
+                        );
+                    }
+                }
+            }
+        }
+        // A hit keeps the text first classified.
+        memo.classify(b"SELECT 1 FROM t WHERE a = 5", true);
+        assert_eq!(memo.classify(b"SELECT 1 FROM t WHERE a = 600", true), Read);
+        assert_eq!(memo.text, b"SELECT 1 FROM t WHERE a = 5");
         memo.release();
         assert_eq!(memo.text.capacity(), 0);
         assert_eq!(memo.classify(b"UPDATE t SET a = 1", true), Write);

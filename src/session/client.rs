@@ -149,7 +149,7 @@ impl Relay {
                             continue;
                         }
                     } else {
-                        let kind = classify(text, self.up.is_whole(&h));
+                        let kind = self.memo.classify(text, self.up.is_whole(&h));
                         let write = self.tracker.peek_class(kind) == Class::Write;
                         match self.admit(shared, write) {
                             Admit::Go => {}
