@@ -19,7 +19,7 @@ use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::breaker::{ANSWER_NOTE_EVERY, Decision, Success};
 use crate::cancel::Target;
-use crate::classify::{Control, Kind, Memo, classify, session_feature, transaction_control};
+use crate::classify::{Control, Kind, Memo, session_feature, transaction_control};
 use crate::detach::{Detached, Next};
 use crate::errors::{Cause, Deadline, Lost, Refusal};
 use crate::live::Snapshot;
