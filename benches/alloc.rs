@@ -102,7 +102,7 @@ fn hot_path_alone() {
     server.extend(msg(b'Z', b"I"));
     let mut cx = Context::from_waker(Waker::noop());
     let (mut up, mut down) = (Pipe::default(), Pipe::default());
-    let now = tokio::time::Instant::now();
+    let now = bulkhead::clock::Instant::now();
     let mut tracker = Tracker::new(now);
     tracker.parse(b"P0_1", Kind::Read, now);
     let mut round = |up: &mut Pipe, down: &mut Pipe, tracker: &mut Tracker| {

@@ -7,11 +7,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bulkhead::classify::classify;
+use bulkhead::clock::Instant;
 use bulkhead::pipe::Pipe;
 use bulkhead::protocol::backend::TxStatus;
 use bulkhead::tracker::Tracker;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tokio::time::Instant;
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![tag];

@@ -21,6 +21,7 @@ pub mod auth;
 pub mod breaker;
 pub mod cancel;
 pub mod classify;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod detach;

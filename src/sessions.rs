@@ -68,9 +68,16 @@ pub struct View {
 
 /// The moment the views' times count from, on both clocks: a view keeps its times as
 /// microseconds since then, so that it carries no clock of its own.
-fn epoch() -> (Instant, SystemTime) {
-    static EPOCH: OnceLock<(Instant, SystemTime)> = OnceLock::new();
-    *EPOCH.get_or_init(|| (Instant::now(), SystemTime::now()))
+fn epoch() -> (Instant, SystemTime, crate::clock::Instant) {
+    static EPOCH: OnceLock<(Instant, SystemTime, crate::clock::Instant)> = OnceLock::new();
+    // Both monotonic readings are of the same clock, read one after the other.
+    *EPOCH.get_or_init(|| {
+        (
+            Instant::now(),
+            SystemTime::now(),
+            crate::clock::Instant::now(),
+        )
+    })
 }
 
 fn micros(at: Instant) -> u64 {
@@ -96,13 +103,13 @@ impl View {
         host: Option<usize>,
         tx: Option<TxStatus>,
         head: Option<Class>,
-        head_since: Option<tokio::time::Instant>,
+        head_since: Option<crate::clock::Instant>,
     ) {
         self.host.store(host.unwrap_or(NO_HOST), Ordering::Relaxed);
         self.tx.store(tx.map_or(0, tx_byte), Ordering::Relaxed);
         if let Some(since) = head_since {
             self.head_since
-                .store(micros(since.into_std()), Ordering::Relaxed);
+                .store(since.micros_since(epoch().2), Ordering::Relaxed);
         }
         self.head
             .store(head.map_or(0, |class| 1 + class as u8), Ordering::Relaxed);
@@ -402,7 +409,7 @@ mod tests {
         let idle = registry.register(7, None, false).unwrap();
         idle.view.publish(Some(0), Some(TxStatus::Idle), None, None);
         let busy = registry.register(8, None, true).unwrap();
-        let started = tokio::time::Instant::now();
+        let started = crate::clock::Instant::now();
         busy.view.publish(
             Some(0),
             Some(TxStatus::InBlock),
@@ -410,7 +417,8 @@ mod tests {
             Some(started),
         );
         let hosts = vec!["db:5432".to_string()];
-        let report = registry.report_at(&hosts, started.into_std() + Duration::from_secs(3));
+        let at = started.into_tokio().into_std() + Duration::from_secs(3);
+        let report = registry.report_at(&hosts, at);
         assert_eq!(report["count"], 2);
         let first = &report["sessions"][0];
         assert_eq!(first["id"], 8);

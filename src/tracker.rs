@@ -12,8 +12,8 @@ use std::time::Duration;
 
 // Statement and portal names hash with foldhash, seeded at random per map: far cheaper than
 // SipHash per Bind, and still not a table a client can predict.
+use crate::clock::Instant;
 use foldhash::{HashMap, HashMapExt};
-use tokio::time::Instant;
 
 use crate::classify::{Control, Kind};
 use crate::metrics::Class;

@@ -2,7 +2,7 @@
 //! shedding), the write circuit's refusals and a failed block's rules, before anything reaches
 //! the server.
 
-use tokio::time::Instant;
+use crate::clock::Instant;
 
 use super::*;
 
@@ -342,7 +342,7 @@ impl Relay {
         }
         self.slot_wait = Some(SlotWait {
             write,
-            wait: Box::pin(limit.acquire_until(until)),
+            wait: Box::pin(limit.acquire_until(until.into_tokio())),
         });
         Admit::Wait
     }
@@ -403,7 +403,9 @@ impl Relay {
             }
             Decision::Refuse { retry_at } => {
                 self.tracker
-                    .mark_last(Effect::Refused(Refused::CircuitOpen { retry_at }));
+                    .mark_last(Effect::Refused(Refused::CircuitOpen {
+                        retry_at: Instant::from_tokio(retry_at),
+                    }));
                 false
             }
         }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, Sleep, timeout};
+use tokio::time::{Sleep, timeout};
+
+use crate::clock::Instant;
 use tracing::{Instrument, Span, debug, info, warn};
 
 use crate::breaker::{ANSWER_NOTE_EVERY, Decision, Success};
@@ -466,7 +468,7 @@ impl Relay {
             client_eof_until: None,
             leave_when_quiet: None,
             timer: Box::pin(tokio::time::sleep_until(
-                hello_deadline.min(startup_deadline),
+                hello_deadline.min(startup_deadline).into_tokio(),
             )),
             timer_at: Some(hello_deadline.min(startup_deadline)),
             timer_polled: false,
@@ -996,7 +998,7 @@ impl Relay {
                 .timer_at
                 .is_none_or(|at| want < at && !self.only_idle_release())
             {
-                self.timer.as_mut().reset(want);
+                self.timer.as_mut().reset(want.into_tokio());
                 self.timer_at = Some(want);
                 self.timer_polled = false;
             }

@@ -3,7 +3,7 @@
 //! begins and given back when the server says idle, and the client's named statements are
 //! prepared on whichever connection it holds (see `crate::pool::lending`).
 
-use tokio::time::Instant;
+use crate::clock::Instant;
 
 use tracing::info;
 

@@ -3,7 +3,7 @@
 //! login, and the answers bulkhead drops (to its own Parses and Closes, and late ones after a
 //! detach).
 
-use tokio::time::Instant;
+use crate::clock::Instant;
 
 use super::*;
 
@@ -210,7 +210,10 @@ impl Relay {
         if self.answer_note_due.is_none_or(|due| now >= due) {
             // The host answers: evidence the heartbeat weighs before calling it frozen.
             self.answer_note_due = Some(now + ANSWER_NOTE_EVERY);
-            shared.topology.circuit(self.host).saw_answer(now);
+            shared
+                .topology
+                .circuit(self.host)
+                .saw_answer(now.into_tokio());
         }
         let outcome = match done.effect {
             Effect::Refused(_) => Outcome::Refused,
@@ -258,7 +261,7 @@ impl Relay {
                     Success::Commit
                 };
                 circuit.success(&settings, how);
-                circuit.saw_commit(now);
+                circuit.saw_commit(now.into_tokio());
             }
         }
         self.head_done();

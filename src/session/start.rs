@@ -12,6 +12,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
+
 use tracing::{Span, debug, info, warn};
 
 use super::{FAREWELL_TIMEOUT, GaugeGuard, Relay};
@@ -164,7 +165,7 @@ pub(super) async fn start(
         addr,
         host,
         leftover,
-        startup_deadline,
+        crate::clock::Instant::from_tokio(startup_deadline),
         config,
         span,
     );
@@ -226,7 +227,7 @@ async fn start_pooled(
         addr,
         host,
         logged.leftover,
-        startup_deadline,
+        crate::clock::Instant::from_tokio(startup_deadline),
         config,
         span,
     );
