@@ -29,6 +29,7 @@ impl Relay {
             // Nothing after a refused request may run before its answer is known: it decides
             // whether the client's transaction block has failed.
             if self.detached.is_some() {
+                cold_path();
                 if self.reattach(shared) {
                     return Ok(Hold::Wait);
                 }
@@ -80,6 +81,7 @@ impl Relay {
                 return Ok(Hold::Done);
             };
             if !self.authenticated() {
+                cold_path();
                 if h.tag == frontend::PASSWORD_TAG && self.sasl_offered {
                     self.sasl_offered = false;
                     if let Some(why) = channel_binding_problem(self.up.body(&h)) {
@@ -92,6 +94,7 @@ impl Relay {
             let now = *clock.get_or_insert_with(Instant::now);
             self.idle_since = None;
             if let Some(d) = &mut self.detached {
+                cold_path();
                 let tracker = &self.tracker;
                 let answer = d.answer(
                     h.tag,
@@ -111,12 +114,14 @@ impl Relay {
                 && self.tracker.in_flight() == 0
                 && shared.topology.circuit(self.host).is_unresponsive()
             {
+                cold_path();
                 let why = shared.topology.circuit(self.host).reason_unresponsive();
                 self.detached = Some(Detached::new(why, self.client_tx(), 0));
                 self.client_tx_failed = false;
                 continue;
             }
             if self.skip_to_sync {
+                cold_path();
                 if h.tag == frontend::SYNC_TAG {
                     self.skip_to_sync = false;
                     self.tracker.sync(now);
@@ -143,6 +148,7 @@ impl Relay {
                         l.pin(feature);
                     }
                     if self.client_tx_failed {
+                        cold_path();
                         let control = transaction_control(text);
                         self.tracker.query(Kind::Read, now);
                         if self.in_failed_block(&h, control, true) {
@@ -155,6 +161,7 @@ impl Relay {
                             Admit::Go => {}
                             Admit::Wait => return Ok(Hold::Wait),
                             Admit::Shed { write_slot } => {
+                                cold_path();
                                 self.tracker.query(kind, now);
                                 self.shed(shared, write_slot, &h, true);
                                 continue;
@@ -162,6 +169,7 @@ impl Relay {
                         }
                         self.tracker.query(kind, now);
                         if write && !self.admit_write(shared) {
+                            cold_path();
                             self.up.replace(&h, SYNC);
                             continue;
                         }

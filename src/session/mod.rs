@@ -4,6 +4,7 @@
 //! a client busy sending COPY data while the server sends notices makes progress both ways.
 
 use std::future::{Future, poll_fn};
+use std::hint::cold_path;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -724,6 +725,7 @@ impl Relay {
                         self.client_dry = self.client.read_dry();
                     }
                     Poll::Ready(Err(e)) => {
+                        cold_path();
                         debug!(parent: &self.span, error = %e, "client connection failed");
                         return Poll::Ready(End::ClientLeft);
                     }
@@ -733,6 +735,7 @@ impl Relay {
             if let Some(w) = &mut self.slot_wait
                 && let Poll::Ready(got) = w.wait.as_mut().poll(cx)
             {
+                cold_path();
                 let write = w.write;
                 self.slot_wait = None;
                 progress = true;
@@ -754,7 +757,10 @@ impl Relay {
                 } else {
                     match self.frame_client(shared) {
                         Ok(hold) => hold,
-                        Err(end) => return Poll::Ready(end),
+                        Err(end) => {
+                            cold_path();
+                            return Poll::Ready(end);
+                        }
                     }
                 };
             if self.lending.as_ref().is_some_and(|l| l.waiting()) {
@@ -826,14 +832,19 @@ impl Relay {
                     progress |= wrote;
                     self.stalled_since = None;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(self.server_gone(e.to_string())),
+                Poll::Ready(Err(e)) => {
+                    cold_path();
+                    return Poll::Ready(self.server_gone(e.to_string()));
+                }
                 // The server accepts nothing more for now: its stall clock runs from the last
                 // byte it did accept.
                 Poll::Pending if self.up.written() != before => {
+                    cold_path();
                     progress = true;
                     self.stalled_since = Some(Instant::now());
                 }
                 Poll::Pending => {
+                    cold_path();
                     self.stalled_since.get_or_insert_with(Instant::now);
                 }
             }
@@ -854,7 +865,10 @@ impl Relay {
                         }
                         self.server_dry = server.read_dry();
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(self.server_gone(e.to_string())),
+                    Poll::Ready(Err(e)) => {
+                        cold_path();
+                        return Poll::Ready(self.server_gone(e.to_string()));
+                    }
                     Poll::Pending => self.server_dry = true,
                 }
             }
@@ -865,8 +879,14 @@ impl Relay {
                 self.frame_server(shared)
             } {
                 Ok(None) => {}
-                Ok(Some(end)) => return Poll::Ready(end),
-                Err(why) => return Poll::Ready(self.server_gone(why)),
+                Ok(Some(end)) => {
+                    cold_path();
+                    return Poll::Ready(end);
+                }
+                Err(why) => {
+                    cold_path();
+                    return Poll::Ready(self.server_gone(why));
+                }
             }
             if self.lending.is_some() && self.releasable() {
                 self.release_server();
@@ -874,6 +894,7 @@ impl Relay {
             match self.down.poll_write_to(client_cx, &mut self.client) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
                 Poll::Ready(Err(e)) => {
+                    cold_path();
                     debug!(parent: &self.span, error = %e, "client connection failed");
                     return Poll::Ready(End::ClientLeft);
                 }
@@ -881,9 +902,11 @@ impl Relay {
             }
 
             if self.down.is_eof() && !self.down.has_output() {
+                cold_path();
                 return Poll::Ready(self.server_gone("the server closed the connection".into()));
             }
             if self.up.is_eof() && !self.up.has_output() {
+                cold_path();
                 // Half-closed after its last request, or gone: answer what is in flight for a
                 // moment (a half-closed client reads it), then treat it as gone.
                 if self.tracker.in_flight() == 0 || !self.authenticated() {
@@ -899,6 +922,7 @@ impl Relay {
             if let Some(leave) = self.leave_when_quiet
                 && self.is_quiet()
             {
+                cold_path();
                 return Poll::Ready(leave());
             }
             // Another pass can move something only if a side may have more to read, bytes read

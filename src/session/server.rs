@@ -33,6 +33,7 @@ impl Relay {
             if let Some(d) = &mut self.detached
                 && d.owed > 0
             {
+                cold_path();
                 // A late answer to a request the client was already answered for: dropped,
                 // but for notifications, which belong to no request.
                 match h.tag {
@@ -57,6 +58,7 @@ impl Relay {
                     let status = ready_status(self.down.body(&h))?;
                     let before = std::mem::replace(&mut self.tx, status);
                     if self.startup_deadline.take().is_some() {
+                        cold_path();
                         self.idle_since = Some(Instant::now());
                         // The startup timer is set a minute out; re-arm once, at login, so an
                         // idle new session gives its buffers back soon.
@@ -82,6 +84,7 @@ impl Relay {
                     }
                 }
                 backend::ERROR_RESPONSE_TAG => {
+                    cold_path();
                     let info = backend::error_info(self.down.body(&h));
                     if matches!(info.severity, Severity::Fatal | Severity::Panic)
                         && self.down.is_whole(&h)
@@ -116,6 +119,7 @@ impl Relay {
                     }
                 }
                 backend::NOTICE_RESPONSE_TAG => {
+                    cold_path();
                     if let Some(c) = self.cancelling {
                         let info = backend::error_info(self.down.body(&h));
                         // The answer to cancelling a commit that waits for synchronous
@@ -136,6 +140,7 @@ impl Relay {
                     continue;
                 }
                 backend::PARAMETER_STATUS_TAG if per_transaction && self.down.is_whole(&h) => {
+                    cold_path();
                     if let Some(l) = self.lending.as_deref_mut()
                         && let Some((name, rest)) = crate::protocol::cstr(self.down.body(&h))
                         && let Some((value, _)) = crate::protocol::cstr(rest)
@@ -149,6 +154,7 @@ impl Relay {
                     self.tracker.copy_in_started()
                 }
                 backend::AUTHENTICATION_TAG if tls_login && self.down.is_whole(&h) => {
+                    cold_path();
                     let body = self.down.body(&h);
                     // With TLS on both sides and the server's own certificate on the
                     // listener, the client's channel binding (a hash of the certificate it
@@ -171,6 +177,7 @@ impl Relay {
                 backend::BACKEND_KEY_DATA_TAG
                     if !self.authenticated() && self.down.is_whole(&h) =>
                 {
+                    cold_path();
                     let (pid, key) = backend::backend_key_data(self.down.body(&h))
                         .ok_or("invalid BackendKeyData from server")?;
                     let target = Target {
@@ -208,6 +215,7 @@ impl Relay {
         let now = Instant::now();
         let done = self.tracker.ready(status, now)?;
         if self.answer_note_due.is_none_or(|due| now >= due) {
+            cold_path();
             // The host answers: evidence the heartbeat weighs before calling it frozen.
             self.answer_note_due = Some(now + ANSWER_NOTE_EVERY);
             shared
@@ -249,8 +257,10 @@ impl Relay {
             let circuit = shared.topology.circuit(self.host);
             let commits = before == TxStatus::Idle || done.commit;
             if self.head_read_only {
+                cold_path();
                 circuit.failure(&settings, "read-only transaction (25006) from a primary");
             } else if self.head_timed_out {
+                cold_path();
                 if commits {
                     circuit.failure(&settings, "a commit missed the write deadline");
                 }
@@ -267,6 +277,7 @@ impl Relay {
         self.head_done();
         match done.effect {
             Effect::Refused(why) => {
+                cold_path();
                 let refusal = match why {
                     Refused::CircuitOpen { retry_at } => Refusal::CircuitOpen {
                         retry_in: retry_at.saturating_duration_since(now),
