@@ -5,8 +5,8 @@ throwaway PostgreSQL, drives it with pgbench (-S, or -N with --writes) for N and
 transactions per client, and
 reports the worker thread's instructions per transaction (the difference of the two runs, so
 startup and login cancel out), grouped by where they are spent, and the costliest functions.
-Instruction counts repeat to within a fraction of a percent from run to run, where CPU seconds
-on a shared machine move by 10%: this is for comparing two builds, the load benchmark
+Instruction counts repeat to within a few percent from run to run (how many messages a
+wake-up finds varies), where CPU seconds on a shared machine move by 10%: this is for comparing two builds, the load benchmark
 (benches/compare) for comparing proxies. Under valgrind the proxy runs some 50 times slower,
 so at many clients it handles more messages per wake-up than it would natively. Run through
 benches/profile.
@@ -40,14 +40,29 @@ GROUPS = [
     ("tokio: scheduler, tasks, wakers", r"tokio::|atomic_waker|core::future|Waker"),
     ("libc: system call wrappers", r"recv|send|epoll|cancel|syscall"),
 ]
+# With --cache: callgrind's cache simulation, shrunk to stand in for what the kernel leaves of the
+# L1 caches between two system calls; its misses count the code and data lines a request touches.
+SMALL_CACHES = ["--cache-sim=yes", "--I1=4096,2,64", "--D1=2048,2,64", "--LL=262144,8,64"]
+CACHE = []  # SMALL_CACHES with --cache
 LINE = re.compile(r"^\s*([\d,]+)\s+(?:\(\s*[\d.]+%\)\s+)?(\?\?\?|[^:]*):(.*?)(?: \[[^\]]*\])?$")
 
 
 def exclusive_costs(path):
-    """{function: instructions} from a callgrind output file, exclusive costs."""
-    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", "--auto=no", path],
-                         capture_output=True, text=True, check=True).stdout
+    """{function: instructions} from a callgrind output file, exclusive costs; with --cache, also
+    the whole thread's cache misses under "@I1mr", "@D1mr" and "@D1mw"."""
+    out = subprocess.run(["callgrind_annotate", "--show=Ir", "--inclusive=no", "--threshold=100", "--auto=no",
+                          path], capture_output=True, text=True, check=True).stdout
     costs = collections.Counter()
+    if CACHE:
+        events = totals = None
+        for line in open(path):
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith("summary:") or line.startswith("totals:"):
+                totals = [int(x) for x in line.split()[1:]]
+        for event, n in zip(events or [], totals or []):
+            if event in ("I1mr", "D1mr", "D1mw"):
+                costs["@" + event] = n
     body = out.split("file:function", 1)[-1]
     for line in body.splitlines():
         m = LINE.match(line)
@@ -69,7 +84,7 @@ def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, p
     out = os.path.join(work, "callgrind.out")
     for f in glob.glob(out + "*"):
         os.remove(f)
-    proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
+    proxy = subprocess.Popen(["valgrind", "--tool=callgrind", *CACHE, "--separate-threads=yes", f"--callgrind-out-file={out}",
                               binary, "--config", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "BULKHEAD_WORKERS": "1"})
     try:
@@ -106,13 +121,13 @@ def other_costs(proxy, pg_port, work, mode, clients, transactions):
                               f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
                               f"auth_type = trust\nauth_file = {users}\npool_mode = session\nmax_client_conn = 300\n"
                               f"default_pool_size = 100\nlogfile = {work}/pgbouncer.log\npidfile =\n")
-        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", C.pgbouncer_exe(), conf]
+        cmd = ["valgrind", "--tool=callgrind", *CACHE, f"--callgrind-out-file={out}", C.pgbouncer_exe(), conf]
         if C.AS_ROOT:  # PgBouncer will not run as root
             for f in (conf, users, work):
                 shutil.chown(f, "postgres")
             cmd = C.as_server_user(cmd)
     else:
-        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", os.environ["BULKHEAD_FLOOR_BIN"],
+        cmd = ["valgrind", "--tool=callgrind", *CACHE, f"--callgrind-out-file={out}", os.environ["BULKHEAD_FLOOR_BIN"],
                f"127.0.0.1:{port}", f"127.0.0.1:{pg_port}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -146,7 +161,12 @@ def main():
     ap.add_argument("--proxy", default="bulkhead", choices=["bulkhead", "pgbouncer", "floor"],
                     help="count another proxy's instructions instead, under the same load (pgbench -S, "
                          "passthrough or PgBouncer's session mode): the budget bulkhead's are measured against")
+    ap.add_argument("--cache", action="store_true",
+                    help="also simulate small caches (4 KiB instruction, 2 KiB data) and report the code and data "
+                         "lines missed per transaction: how many lines a request touches")
     args = ap.parse_args()
+    if args.cache:
+        CACHE.extend(SMALL_CACHES)
     work = tempfile.mkdtemp(prefix="bulkhead-profile-")
     pg_port, data = C.start_postgres(work, 100, ssl=False)
     try:
@@ -166,6 +186,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     tx = 2 * args.transactions * args.clients
     per_tx = {f: (long[f] - short.get(f, 0)) / tx for f in long}
+    misses = {f[1:]: per_tx.pop(f) for f in list(per_tx) if f.startswith("@")}
     groups = collections.Counter()
     for f, n in per_tx.items():
         group = next((g for g, pattern in GROUPS if re.search(pattern, f)), "other")
@@ -175,6 +196,10 @@ def main():
     thread = "on the worker thread" if args.proxy == "bulkhead" else f"in {args.proxy}"
     print(f"pgbench {workload} -M {args.mode} -c {args.clients}{how}: {total:.0f} instructions per transaction "
           f"{thread}\n")
+    if misses:
+        print(f"lines missed per transaction, 4 KiB instruction cache: {misses.get('I1mr', 0):.0f} of code; "
+              f"2 KiB data cache: {misses.get('D1mr', 0) + misses.get('D1mw', 0):.0f} of data "
+              f"({misses.get('D1mr', 0):.0f} read, {misses.get('D1mw', 0):.0f} written)\n")
     for group, n in groups.most_common():
         print(f"  {n:7.0f}  {100 * n / total:5.1f}%  {group}")
     print(f"\ncostliest functions (exclusive):\n")
