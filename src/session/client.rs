@@ -116,7 +116,7 @@ impl Relay {
             {
                 cold_path();
                 let why = shared.topology.circuit(self.host).reason_unresponsive();
-                self.detached = Some(Detached::new(why, self.client_tx(), 0));
+                self.detached = Some(Box::new(Detached::new(why, self.client_tx(), 0)));
                 self.client_tx_failed = false;
                 continue;
             }

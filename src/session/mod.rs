@@ -326,7 +326,7 @@ struct Relay {
     sasl_offered: bool,
     /// The server stopped answering and bulkhead answers the client itself (see
     /// `crate::detach`).
-    detached: Option<Detached>,
+    detached: Option<Box<Detached>>,
     /// The pooled modes: the client's hold on its pool's connections. The client's Terminate
     /// is not passed on to a pooled connection.
     lending: Option<Box<Lending>>,
@@ -1143,7 +1143,7 @@ impl Relay {
         }
         let now = Instant::now();
         let why = shared.topology.circuit(self.host).reason_unresponsive();
-        let mut detached = Detached::new(why, self.client_tx(), 0);
+        let mut detached = Box::new(Detached::new(why, self.client_tx(), 0));
         // A batch the client has not finished: the server gets a Sync to close what it has of
         // it (that answer is dropped too), and the client its error now, as PostgreSQL sends
         // an error at once, then ReadyForQuery at the client's Sync.
@@ -1202,7 +1202,7 @@ impl Relay {
     /// rolls back a block the server still has open, then follows the server again.
     fn reattach(&mut self, shared: &Shared) -> bool {
         self.follow_host(shared);
-        let Some(client_idle) = self.detached.as_ref().map(Detached::client_idle) else {
+        let Some(client_idle) = self.detached.as_deref().map(Detached::client_idle) else {
             return false;
         };
         if self.lending.as_ref().is_some_and(|l| l.per_transaction) {

@@ -264,7 +264,7 @@ impl Relay {
         }
         info!(parent: &self.span, %why, requests = lost.len(), in_block, "server connection lost; the client stays, its next transaction gets another connection");
         if !detached.client_idle() {
-            self.detached = Some(detached);
+            self.detached = Some(Box::new(detached));
         }
         Ok(())
     }
@@ -312,10 +312,10 @@ impl Relay {
             return false;
         }
         info!(parent: &self.span, %why, "no server connection for the next transaction; answering it with an error");
-        self.detached = Some(Detached::refusing_next(
+        self.detached = Some(Box::new(Detached::refusing_next(
             Refusal::NoServerForTransaction(why.clone()),
             self.client_tx(),
-        ));
+        )));
         true
     }
 }
