@@ -6,8 +6,8 @@ transactions per client, and
 reports the worker thread's instructions per transaction (the difference of the two runs, so
 startup and login cancel out), grouped by where they are spent, and the costliest functions.
 Instruction counts repeat to within a few percent from run to run (how many messages a
-wake-up finds varies), where CPU seconds on a shared machine move by 10%: this is for comparing two builds, the load benchmark
-(benches/compare) for comparing proxies. Under valgrind the proxy runs some 50 times slower,
+wake-up finds varies), where CPU seconds on a shared machine move by 10%: this is for
+comparing two builds, the load benchmark (benches/compare) for comparing proxies. Under valgrind the proxy runs some 50 times slower,
 so at many clients it handles more messages per wake-up than it would natively. Run through
 benches/profile.
 """

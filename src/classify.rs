@@ -111,9 +111,8 @@ fn same_but_numbers(a: &[u8], b: &[u8]) -> bool {
             return false; // The digits continue a word: an identifier, a tag, a parameter.
         }
         // On to the end of each run (the digits before `i` are common to both).
-        let run = digits_end;
-        i = run(a, i);
-        j = run(b, j);
+        i = digits_end(a, i);
+        j = digits_end(b, j);
     }
 }
 

@@ -50,13 +50,8 @@ impl Instant {
         self.0.saturating_sub(earlier.0) / 1000
     }
 
-    /// How long ago this was.
-    pub fn elapsed(self) -> Duration {
-        Instant::now().saturating_duration_since(self)
-    }
-
-    /// The same moment as tokio's `Instant`, to arm a timer: never earlier than this one, at
-    /// most the time of two clock reads later (see [`anchor`]).
+    /// The same moment as tokio's `Instant`, to arm a timer: never earlier than this one, and
+    /// later by at most the time between the anchor's two reads (see [`anchor`]).
     pub fn into_tokio(self) -> tokio::time::Instant {
         let (at, std) = anchor();
         tokio::time::Instant::from_std(if self >= at {
@@ -67,7 +62,8 @@ impl Instant {
         })
     }
 
-    /// The same moment as tokio's `Instant` `t` (the inverse of [`Instant::into_tokio`]).
+    /// The moment tokio's `Instant` `t` stands for on this clock (the inverse of
+    /// [`Instant::into_tokio`]; no later than `t`, by at most the same margin).
     pub fn from_tokio(t: tokio::time::Instant) -> Instant {
         let (at, std) = anchor();
         let t = t.into_std();
@@ -79,10 +75,10 @@ impl Instant {
     }
 }
 
-/// A moment on both clocks: `std`'s `Instant` read between two reads of this clock, paired with
-/// the first of them. Whatever moment `std`'s read stands for is no earlier than that first
-/// read, so [`Instant::into_tokio`] never converts to an earlier moment, and a timer armed for
-/// a deadline never fires before this clock says the deadline has passed.
+/// A moment on both clocks: this clock read, then `std`'s `Instant` read just after it and paired
+/// with it. Whatever moment `std`'s read stands for is no earlier than this clock's read, so
+/// [`Instant::into_tokio`] never converts to an earlier moment, and a timer armed for a deadline
+/// never fires before this clock says the deadline has passed.
 fn anchor() -> (Instant, std::time::Instant) {
     static ANCHOR: OnceLock<(Instant, std::time::Instant)> = OnceLock::new();
     *ANCHOR.get_or_init(|| {
@@ -109,29 +105,25 @@ impl Sub<Duration> for Instant {
     }
 }
 
-impl Sub for Instant {
-    type Output = Duration;
-
-    #[inline]
-    fn sub(self, earlier: Instant) -> Duration {
-        self.saturating_duration_since(earlier)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn reads_the_same_clock_as_std_and_never_converts_earlier() {
+        let before = std::time::Instant::now();
         let ours = Instant::now();
-        let theirs = std::time::Instant::now();
+        let after = std::time::Instant::now();
         let converted = ours.into_tokio().into_std();
-        // Our read came first; its conversion may be later by at most the anchor's two reads.
+        // Never before a moment read before ours; later by at most the anchor's two reads.
+        assert!(converted >= before, "{converted:?} vs {before:?}");
         assert!(
-            converted <= theirs + Duration::from_millis(5),
-            "{converted:?} vs {theirs:?}"
+            converted <= after + Duration::from_millis(5),
+            "{converted:?} vs {after:?}"
         );
+        // And back.
+        let back = Instant::from_tokio(ours.into_tokio());
+        assert!(back <= ours && ours.saturating_duration_since(back) < Duration::from_millis(5));
         let later = Instant::now() + Duration::from_secs(3);
         let d = later.into_tokio().into_std() - std::time::Instant::now();
         assert!(
@@ -154,7 +146,11 @@ mod tests {
         assert_eq!(t - Duration::from_nanos(9), Instant(0));
         assert_eq!(t + Duration::MAX, Instant(u64::MAX));
         assert_eq!(Instant(3).saturating_duration_since(t), Duration::ZERO);
-        assert_eq!(t - Instant(2), Duration::from_nanos(3));
+        assert_eq!(
+            t.saturating_duration_since(Instant(2)),
+            Duration::from_nanos(3)
+        );
+        assert_eq!(Instant(5_432_100).micros_since(Instant(100)), 5_432);
         assert_eq!(t + Duration::from_secs(1), Instant(1_000_000_005));
     }
 }
