@@ -55,6 +55,7 @@ pub struct Memo {
 
 impl Memo {
     /// [`classify`], remembered.
+    #[inline(always)]
     pub fn classify(&mut self, sql: &[u8], complete: bool) -> Kind {
         if let Some(kind) = self.kind
             && complete == self.complete

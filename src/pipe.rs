@@ -224,6 +224,7 @@ impl Pipe {
 
     /// `poll_read_from` for a session's socket: one on a relay loop reads straight into the
     /// buffer's free space.
+    #[inline(always)]
     pub fn poll_read_from_stream(
         &mut self,
         cx: &mut Context<'_>,

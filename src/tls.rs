@@ -180,7 +180,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    #[inline]
+    #[inline(always)]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

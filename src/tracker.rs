@@ -174,6 +174,7 @@ impl Tracker {
     /// joins and ends the open request. (Had the open batch failed, the server would skip the
     /// Query until a Sync, whose ReadyForQuery then ends the request; a driver sends that Sync
     /// when it sees the error, before its next Query.)
+    #[inline]
     pub fn query(&mut self, kind: Kind, now: Instant) {
         let commit = kind == Kind::Commit && self.tx_wrote;
         let class = self.resolve(kind);
@@ -360,6 +361,7 @@ impl Tracker {
     }
 
     /// ReadyForQuery: the head request is answered.
+    #[inline]
     pub fn ready(&mut self, status: TxStatus, now: Instant) -> Option<Finished> {
         let Request {
             class,

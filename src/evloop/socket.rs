@@ -278,6 +278,7 @@ impl Socket {
     }
 
     /// Reads into `buf`'s free space.
+    #[inline(always)]
     pub fn poll_recv_into(
         &self,
         cx: &mut Context<'_>,
@@ -290,6 +291,7 @@ impl Socket {
     }
 
     /// Reads into `into`; the first `n` bytes are initialised when it returns `n`.
+    #[inline(always)]
     fn poll_recv(
         &self,
         cx: &mut Context<'_>,
@@ -396,6 +398,7 @@ impl AsyncRead for Socket {
 }
 
 impl AsyncWrite for Socket {
+    #[inline(always)]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -9,6 +9,14 @@ use super::*;
 impl Relay {
     /// Frames what the client sent: classifies statements, keeps track of requests, and refuses
     /// what must not run.
+    /// `frame_client` out of line, for the pooled modes' rarer calls after a connection is
+    /// lent or refused (the relay's own call has it inlined).
+    #[inline(never)]
+    pub(super) fn frame_client_again(&mut self, shared: &Shared) -> Result<Hold, End> {
+        self.frame_client(shared)
+    }
+
+    #[inline(always)]
     pub(super) fn frame_client(&mut self, shared: &Shared) -> Result<Hold, End> {
         let sasl = self.sasl_offered;
         let describe = self.detached.is_some() || self.per_transaction();
@@ -307,6 +315,7 @@ impl Relay {
     /// write slot for a write unless it holds one. When one is not free, waits in turn (in
     /// the background, at most queue_timeout) — but only once the requests before this one
     /// have been answered, since shedding it depends on the transaction state they leave.
+    #[inline]
     pub(super) fn admit(&mut self, shared: &Shared, write: bool) -> Admit {
         if let Some(write_slot) = self.shed_next.take() {
             return Admit::Shed { write_slot };

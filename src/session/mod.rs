@@ -123,6 +123,8 @@ struct Relayed {
 
 impl Relayed {
     /// Its sockets taken off tokio's reactor and registered with this thread's relay loop.
+    /// Out of line, as `farewell`: its temporaries are no part of the session task's frame.
+    #[inline(never)]
     fn onto_loop(mut self: Box<Self>) -> std::io::Result<Box<Self>> {
         self.relay.client = self.relay.client.into_looped()?;
         self.relay.server = self.relay.server.map(Stream::into_looped).transpose()?;
@@ -132,15 +134,26 @@ impl Relayed {
     }
 
     async fn run(mut self: Box<Self>) {
-        let Relayed { shared, relay, .. } = &mut *self;
-        let end = relay.run(shared).await;
+        let end = {
+            let Relayed { shared, relay, .. } = &mut *self;
+            relay.run(shared).await
+        };
+        self.farewell(end).await
+    }
+
+    /// What follows the relay, boxed and built out of line: neither its future nor the room
+    /// to build it is part of the frame that every wake-up of the relay polls through (with
+    /// them that frame was 5 KiB, probed a page at a time on each wake-up).
+    #[inline(never)]
+    fn farewell(&mut self, end: End) -> Pin<Box<impl Future<Output = ()> + '_>> {
+        let Relayed { shared, relay, .. } = self;
         if relay.readonly && relay.lending.is_none() {
             // Passthrough: the session was counted on its host (a pool counts its connections).
             shared.topology.count_reader(relay.host, false);
         }
         let span = relay.span.clone();
         Box::pin(
-            async {
+            async move {
                 if let Some((pid, secret)) = relay.client_key {
                     shared.cancels.remove(pid, secret);
                 }
@@ -158,7 +171,6 @@ impl Relayed {
             }
             .instrument(span),
         )
-        .await
     }
 }
 
@@ -693,6 +705,7 @@ impl Relay {
     /// Returns `Pending` when neither side can make progress and no deadline has passed.
     /// Each socket is polled with its own waker from `wakers`, the timer with the watches'
     /// one; `bits` says which of them woke the task since the last poll.
+    #[inline(always)]
     fn poll_relay(
         &mut self,
         cx: &mut Context<'_>,
@@ -772,7 +785,7 @@ impl Relay {
                     Poll::Ready(Ok(stream)) => {
                         self.attach(stream);
                         progress = true;
-                        if let Err(end) = self.frame_client(shared) {
+                        if let Err(end) = self.frame_client_again(shared) {
                             return Poll::Ready(end);
                         }
                     }
@@ -792,7 +805,7 @@ impl Relay {
                             return Poll::Ready(End::Refused(refusal));
                         }
                         progress = true;
-                        if let Err(end) = self.frame_client(shared) {
+                        if let Err(end) = self.frame_client_again(shared) {
                             return Poll::Ready(end);
                         }
                     }
