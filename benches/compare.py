@@ -37,6 +37,7 @@ import hmac
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -98,6 +99,33 @@ def cpu_seconds(pid):
     """(user, system) CPU seconds of the process `pid`, all threads."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+class UserShare:
+    """With --sample: perf samples every CPU 1,000 times a second (hrtimer-driven cpu-clock, so
+    no hardware counters are needed) while a run lasts, and the share of the process's samples
+    taken in user space splits its CPU time. The kernel's own user/system split is sampled at
+    the scheduler tick (250 Hz here) and reported in 10 ms units: over a 6 s run a proxy's user
+    time is some 40 ticks. Sampling the process itself instead (perf record -p) cost it a third
+    more CPU per transaction at 1 kHz and twice as much at 10 kHz."""
+
+    def __init__(self, pid, work):
+        self.pid, self.out = pid, os.path.join(work, f"sample-{pid}.data")
+        # Every CPU, not the process: events on a process are switched in and out with it at
+        # every context switch, which cost a proxy a third more CPU per transaction here.
+        self.proc = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", "1000",
+                                      "-o", self.out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def share(self):
+        """The share of the process's samples taken in user space (NaN without samples)."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait()
+        lines = subprocess.run(["perf", "script", "-i", self.out, "-F", "pid,ip"], capture_output=True,
+                               text=True).stdout.splitlines()
+        os.remove(self.out)
+        ips = [int(f[1], 16) for f in (line.split() for line in lines) if len(f) == 2 and f[0] == str(self.pid)]
+        kernel = sum(1 for ip in ips if ip >= 0xffff800000000000)
+        return (len(ips) - kernel) / len(ips) if ips else float("nan")
 
 
 def machine_busy_seconds():
@@ -373,6 +401,11 @@ def main():
                     help="also run this second bulkhead build (as bulkhead-b) in the plain workloads, "
                          "so that two builds are compared in the same run")
     ap.add_argument("--no-alloc", action="store_true", help="skip benches/alloc.rs (cargo bench builds it first)")
+    ap.add_argument("--rate", type=int, default=0,
+                    help="run every workload at this many transactions a second (pgbench -R) instead of flat out")
+    ap.add_argument("--sample", action="store_true",
+                    help="split each proxy's CPU into user and system time by sampling it with perf at 1 kHz "
+                         "rather than by the kernel's tick-based accounting (needs perf: linux-perf)")
     ap.add_argument("--floor", action="store_true",
                     help="also run the plain workloads through benches/floor.rs, a bare relay, for scale "
                          "(as it is, and with --uring)")
@@ -409,6 +442,11 @@ def main():
     workloads.append(("session TLS -S -M simple -c 4 -C", ["-S", "-M", "simple", "-c", "4", "-j", "2", "-C"],
                       ["direct-tls", "bulkhead-session-tls", "pgbouncer-session-tls"]))
     workloads = [w for w in workloads if any(p in w[0] for p in args.only.split(","))]
+    if args.rate:
+        # A fixed arrival rate (pgbench -R): the machine is not saturated, so every proxy sees the
+        # same load and wakes up as often, and its CPU per transaction moves far less from run
+        # to run than at full speed, where each run settles into its own batching.
+        workloads = [(f"{name} -R {args.rate}", wargs + ["-R", str(args.rate)], order) for name, wargs, order in workloads]
     results = {(w, s): [] for w, _, order in workloads for s in order}
     try:
         alloc_report = "(skipped: --no-alloc)"
@@ -427,14 +465,20 @@ def main():
                     user0, sys0 = cpu_seconds(pid) if pid else (0.0, 0.0)
                     sslmode = systems.sslmode.get(system, "disable")
                     busy0 = machine_busy_seconds()
+                    sampler = UserShare(pid, work) if pid and args.sample else None
                     tps, lat, p99, done, failed = pgbench(systems.ports[system], sslmode, wargs, args.seconds, work)
                     user1, sys1 = cpu_seconds(pid) if pid else (float("nan"), float("nan"))
+                    total, user = user1 - user0 + sys1 - sys0, user1 - user0
+                    if sampler:
+                        # The total from /proc (exact: the kernel scales its ticks to the
+                        # scheduler's runtime), split by the samples.
+                        user = total * sampler.share()
                     busy = machine_busy_seconds() - busy0
                     per = 100_000 / done if done else float("nan")
-                    cpu, user = (user1 - user0 + sys1 - sys0) * per, (user1 - user0) * per
+                    cpu, user = total * per, user * per
                     results[(name, system)].append((tps, lat, p99, cpu, failed, user, busy * per))
-                    print(f"round {r + 1} {name:32} {system:21} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
-                          f"cpu/100k {cpu:.2f} (user {user:.2f}) all {busy * per:.2f} failed {failed}", flush=True)
+                    print(f"round {r + 1} {name:40} {system:21} tps {tps:9.0f} lat {lat:7.3f} ms p99 {p99:7.3f} ms "
+                          f"cpu/100k {cpu:.3f} (user {user:.3f}) all {busy * per:.2f} failed {failed}", flush=True)
         rss = {s: idle_rss(systems.ports[s], systems.pid(s), args.idle_clients)
                for s in ("bulkhead", "bulkhead-tls", "pgbouncer", "bulkhead-tx", "pgbouncer-tx")} if args.idle_clients else {}
     finally:
