@@ -111,8 +111,8 @@ class UserShare:
 
     def __init__(self, pid, work):
         self.pid, self.out = pid, os.path.join(work, f"sample-{pid}.data")
-        # Every CPU, not the process: events on a process are switched in and out with it at
-        # every context switch, which cost a proxy a third more CPU per transaction here.
+        # Every CPU, not the process (see above): per-process events are switched with it at
+        # every context switch.
         self.proc = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", "1000",
                                       "-o", self.out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

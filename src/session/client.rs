@@ -7,8 +7,6 @@ use crate::clock::Instant;
 use super::*;
 
 impl Relay {
-    /// Frames what the client sent: classifies statements, keeps track of requests, and refuses
-    /// what must not run.
     /// `frame_client` out of line, for the pooled modes' rarer calls after a connection is
     /// lent or refused (the relay's own call has it inlined).
     #[inline(never)]
@@ -16,6 +14,8 @@ impl Relay {
         self.frame_client(shared)
     }
 
+    /// Frames what the client sent: classifies statements, keeps track of requests, and refuses
+    /// what must not run.
     #[inline(always)]
     pub(super) fn frame_client(&mut self, shared: &Shared) -> Result<Hold, End> {
         let sasl = self.sasl_offered;
