@@ -18,6 +18,17 @@ const BUCKETS: [f64; 16] = [
     60.0,
 ];
 
+/// [`BUCKETS`] in nanoseconds, rounded.
+const BUCKET_NS: [u64; BUCKETS.len()] = {
+    let mut ns = [0; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        ns[i] = (BUCKETS[i] * 1e9 + 0.5) as u64;
+        i += 1;
+    }
+    ns
+};
+
 const METADATA: Metadata<'static> = Metadata::new("bulkhead", metrics::Level::INFO, None);
 
 /// A statement's class.
@@ -365,14 +376,15 @@ pub struct Latency {
 
 impl Latency {
     pub fn record(&self, took: std::time::Duration) {
-        let secs = took.as_secs_f64();
-        let at = BUCKETS
+        // In whole nanoseconds: integer comparisons with constants the compiler writes into
+        // the code, where floating-point bounds are loads from scattered constant data.
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let at = BUCKET_NS
             .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
+            .position(|&b| ns <= b)
+            .unwrap_or(BUCKET_NS.len());
         self.buckets[at].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     fn render(&self, name: &str, class: &str, out: &mut String) {
@@ -542,6 +554,34 @@ mod tests {
         ] {
             assert!(used.contains(must), "no panel shows {must}");
         }
+    }
+
+    #[test]
+    fn latency_buckets_hold_samples_up_to_their_bound_inclusive() {
+        use std::time::Duration;
+        let l = Latency::default();
+        for took in [
+            Duration::from_micros(500),
+            Duration::from_millis(1),
+            Duration::from_nanos(1_000_001),
+            Duration::from_secs(60),
+            Duration::from_secs(61),
+        ] {
+            l.record(took);
+        }
+        let counts: Vec<u64> = l
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(counts[..3], [1, 1, 1]);
+        assert_eq!(counts[BUCKETS.len() - 1], 1, "60 s is in the last bound");
+        assert_eq!(counts[BUCKETS.len()], 1, "61 s is above every bound");
+        assert_eq!(counts.iter().sum::<u64>(), 5);
+        assert_eq!(
+            l.sum_ns.load(Ordering::Relaxed),
+            500_000 + 1_000_000 + 1_000_001 + 121_000_000_000
+        );
     }
 
     #[test]

@@ -14,6 +14,34 @@ impl Relay {
         self.frame_client(shared)
     }
 
+    /// Transaction pooling between transactions: the client's next message needs a
+    /// connection (but a goodbye does not). Some: framing stops here for now.
+    #[inline(never)]
+    fn lend_for_next(&mut self) -> Result<Option<Hold>, End> {
+        let Some(h) = self.up.next(|_| false).map_err(client_broke)? else {
+            return Ok(Some(Hold::Done));
+        };
+        if h.tag == frontend::TERMINATE_TAG {
+            self.client_terminated = true;
+            self.up.skip(&h);
+            return Err(End::ClientLeft);
+        }
+        let l = self.lending.as_deref_mut().expect("checked");
+        if l.waiting() {
+            return Ok(Some(Hold::Wait));
+        }
+        match l.try_now(self.config.config()) {
+            Some(stream) => {
+                self.attach(stream);
+                Ok(None)
+            }
+            None => {
+                l.start_wait(self.config.arc());
+                Ok(Some(Hold::Wait))
+            }
+        }
+    }
+
     /// Frames what the client sent: classifies statements, keeps track of requests, and refuses
     /// what must not run.
     #[inline(always)]
@@ -54,38 +82,14 @@ impl Relay {
             {
                 return Ok(Hold::Wait);
             }
-            if self.server.is_none() && self.lending.is_some() && self.detached.is_none() {
-                // Transaction pooling between transactions: the client's next message needs
-                // a connection (but a goodbye does not).
-                let Some(h) = self
-                    .up
-                    .next(|_| false)
-                    .map_err(|e| End::ClientBroke(e.to_string()))?
-                else {
-                    return Ok(Hold::Done);
-                };
-                if h.tag == frontend::TERMINATE_TAG {
-                    self.client_terminated = true;
-                    self.up.skip(&h);
-                    return Err(End::ClientLeft);
-                }
-                let l = self.lending.as_deref_mut().expect("checked");
-                if l.waiting() {
-                    return Ok(Hold::Wait);
-                }
-                match l.try_now(self.config.config()) {
-                    Some(stream) => self.attach(stream),
-                    None => {
-                        l.start_wait(self.config.arc());
-                        return Ok(Hold::Wait);
-                    }
-                }
+            if self.server.is_none()
+                && self.lending.is_some()
+                && self.detached.is_none()
+                && let Some(hold) = self.lend_for_next()?
+            {
+                return Ok(hold);
             }
-            let Some(h) = self
-                .up
-                .next(inspect)
-                .map_err(|e| End::ClientBroke(e.to_string()))?
-            else {
+            let Some(h) = self.up.next(inspect).map_err(client_broke)? else {
                 return Ok(Hold::Done);
             };
             if !self.authenticated() {
@@ -508,4 +512,11 @@ impl Relay {
         self.in_failed_block(h, None, false);
         true
     }
+}
+
+/// What the client sent cannot be framed: the session ends.
+#[cold]
+#[inline(never)]
+fn client_broke(e: crate::protocol::framing::FrameError) -> End {
+    End::ClientBroke(e.to_string())
 }

@@ -28,7 +28,7 @@ use crate::errors::{Cause, Deadline, Lost, Refusal};
 use crate::live::Snapshot;
 use crate::metrics::{Class, Outcome};
 use crate::pipe::Pipe;
-use crate::pool::{self, lending::Lending};
+use crate::pool::lending::Lending;
 use crate::probe::circuit_settings;
 use crate::protocol::backend::{self, Severity, TxStatus};
 use crate::protocol::framing::Header;
@@ -737,11 +737,7 @@ impl Relay {
                         // Read to the bottom, and waiting for more: no need to look again.
                         self.client_dry = self.client.read_dry();
                     }
-                    Poll::Ready(Err(e)) => {
-                        cold_path();
-                        debug!(parent: &self.span, error = %e, "client connection failed");
-                        return Poll::Ready(End::ClientLeft);
-                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(self.client_failed(&e)),
                     Poll::Pending => self.client_dry = true,
                 }
             }
@@ -777,61 +773,18 @@ impl Relay {
                     }
                 };
             if self.lending.as_ref().is_some_and(|l| l.waiting()) {
-                let lent = self
-                    .lending
-                    .as_deref_mut()
-                    .map_or(Poll::Pending, |l| l.poll_wait(cx));
-                match lent {
-                    Poll::Ready(Ok(stream)) => {
-                        self.attach(stream);
-                        progress = true;
-                        if let Err(end) = self.frame_client_again(shared) {
-                            return Poll::Ready(end);
-                        }
-                    }
-                    Poll::Ready(Err(e)) => {
-                        let refusal = match e {
-                            pool::LendError::Refused(refusal) => refusal,
-                            pool::LendError::Server(error) => {
-                                let code = backend::error_info(&error[5..]).code;
-                                Refusal::NoServer(format!(
-                                    "the server refused a connection for this client ({})",
-                                    String::from_utf8_lossy(code)
-                                ))
-                            }
-                        };
-                        // Transaction pooling: that transaction fails, the client stays.
-                        if !self.refuse_transaction(&refusal) {
-                            return Poll::Ready(End::Refused(refusal));
-                        }
-                        progress = true;
-                        if let Err(end) = self.frame_client_again(shared) {
-                            return Poll::Ready(end);
-                        }
-                    }
+                match self.poll_lent(cx, shared) {
+                    Poll::Ready(Ok(())) => progress = true,
+                    Poll::Ready(Err(end)) => return Poll::Ready(end),
                     Poll::Pending => {}
                 }
             }
             let Some(server) = self.server.as_mut() else {
                 // Transaction pooling between transactions: only the client side moves.
-                match self.down.poll_write_to(client_cx, &mut self.client) {
-                    Poll::Ready(Ok(wrote)) => progress |= wrote,
-                    Poll::Ready(Err(e)) => {
-                        debug!(parent: &self.span, error = %e, "client connection failed");
-                        return Poll::Ready(End::ClientLeft);
-                    }
-                    Poll::Pending => {}
-                }
-                if self.up.is_eof() && !self.up.mid_message() {
-                    return Poll::Ready(End::ClientLeft);
-                }
-                if let Some(leave) = self.leave_when_quiet
-                    && self.is_quiet()
-                {
-                    return Poll::Ready(leave());
-                }
-                if progress {
-                    continue;
+                match self.serverless_pass(client_cx, progress) {
+                    Err(end) => return Poll::Ready(end),
+                    Ok(true) => continue,
+                    Ok(false) => {}
                 }
                 if let Some(end) = self.poll_deadlines(&wakers.watches, bits & WATCHES != 0, shared)
                 {
@@ -845,10 +798,7 @@ impl Relay {
                     progress |= wrote;
                     self.stalled_since = None;
                 }
-                Poll::Ready(Err(e)) => {
-                    cold_path();
-                    return Poll::Ready(self.server_gone(e.to_string()));
-                }
+                Poll::Ready(Err(e)) => return Poll::Ready(self.server_failed(&e)),
                 // The server accepts nothing more for now: its stall clock runs from the last
                 // byte it did accept.
                 Poll::Pending if self.up.written() != before => {
@@ -878,10 +828,7 @@ impl Relay {
                         }
                         self.server_dry = server.read_dry();
                     }
-                    Poll::Ready(Err(e)) => {
-                        cold_path();
-                        return Poll::Ready(self.server_gone(e.to_string()));
-                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(self.server_failed(&e)),
                     Poll::Pending => self.server_dry = true,
                 }
             }
@@ -906,11 +853,7 @@ impl Relay {
             }
             match self.down.poll_write_to(client_cx, &mut self.client) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
-                Poll::Ready(Err(e)) => {
-                    cold_path();
-                    debug!(parent: &self.span, error = %e, "client connection failed");
-                    return Poll::Ready(End::ClientLeft);
-                }
+                Poll::Ready(Err(e)) => return Poll::Ready(self.client_failed(&e)),
                 Poll::Pending => {}
             }
 
@@ -1267,6 +1210,21 @@ impl Relay {
         self.tracker.head() == Some(Class::Write)
             && !self.tracker.head_refused()
             && (self.tx == TxStatus::Idle || self.tracker.head_is_commit())
+    }
+
+    /// The client's connection failed: the session ends.
+    #[cold]
+    #[inline(never)]
+    fn client_failed(&self, e: &std::io::Error) -> End {
+        debug!(parent: &self.span, error = %e, "client connection failed");
+        End::ClientLeft
+    }
+
+    /// The server's connection failed: [`Relay::server_gone`].
+    #[cold]
+    #[inline(never)]
+    fn server_failed(&self, e: &std::io::Error) -> End {
+        self.server_gone(e.to_string())
     }
 
     /// How the relay ends when the server side closes or fails: after the client's Terminate

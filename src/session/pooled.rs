@@ -3,6 +3,8 @@
 //! begins and given back when the server says idle, and the client's named statements are
 //! prepared on whichever connection it holds (see `crate::pool::lending`).
 
+use std::task::{Context, Poll, ready};
+
 use crate::clock::Instant;
 
 use tracing::info;
@@ -14,7 +16,7 @@ use crate::detach::Detached;
 use crate::errors::Refusal;
 use crate::metrics::{Class, Outcome};
 use crate::pool::{self, lending::Lending};
-use crate::protocol::backend::TxStatus;
+use crate::protocol::backend::{self, TxStatus};
 use crate::protocol::framing::Header;
 use crate::protocol::frontend;
 use crate::tls::Stream;
@@ -161,6 +163,66 @@ impl Relay {
         self.up.put_before(&injected.bytes);
         self.swallow_parse_complete += injected.parses;
         self.swallow_close_complete += injected.closes;
+    }
+
+    /// Polls for the connection the client waits for. Ready(Ok): it came and framing went
+    /// on, or it could not be had and the transaction was answered with an error; Ready(Err):
+    /// the session ends. Out of line: passthrough never waits for a lent connection.
+    #[inline(never)]
+    pub(super) fn poll_lent(
+        &mut self,
+        cx: &mut Context<'_>,
+        shared: &Shared,
+    ) -> Poll<Result<(), End>> {
+        let lent = self
+            .lending
+            .as_deref_mut()
+            .map_or(Poll::Pending, |l| l.poll_wait(cx));
+        match ready!(lent) {
+            Ok(stream) => self.attach(stream),
+            Err(e) => {
+                let refusal = match e {
+                    pool::LendError::Refused(refusal) => refusal,
+                    pool::LendError::Server(error) => {
+                        let code = backend::error_info(&error[5..]).code;
+                        Refusal::NoServer(format!(
+                            "the server refused a connection for this client ({})",
+                            String::from_utf8_lossy(code)
+                        ))
+                    }
+                };
+                // Transaction pooling: that transaction fails, the client stays.
+                if !self.refuse_transaction(&refusal) {
+                    return Poll::Ready(Err(End::Refused(refusal)));
+                }
+            }
+        }
+        Poll::Ready(self.frame_client_again(shared).map(drop))
+    }
+
+    /// One pass of the relay while the client holds no server connection (transaction pooling
+    /// between transactions): only answers bulkhead wrote itself go to the client. Ok: whether
+    /// anything moved in this pass (`progress` included); Err: the session ends.
+    #[inline(never)]
+    pub(super) fn serverless_pass(
+        &mut self,
+        client_cx: &mut Context<'_>,
+        progress: bool,
+    ) -> Result<bool, End> {
+        let wrote = match self.down.poll_write_to(client_cx, &mut self.client) {
+            Poll::Ready(Ok(wrote)) => wrote,
+            Poll::Ready(Err(e)) => return Err(self.client_failed(&e)),
+            Poll::Pending => false,
+        };
+        if self.up.is_eof() && !self.up.mid_message() {
+            return Err(End::ClientLeft);
+        }
+        if let Some(leave) = self.leave_when_quiet
+            && self.is_quiet()
+        {
+            return Err(leave());
+        }
+        Ok(progress || wrote)
     }
 
     /// A connection was lent for the client's next transaction.
