@@ -71,7 +71,8 @@ def exclusive_costs(path):
     return costs
 
 
-def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, pool, connect, keep=None):
+def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, pool, connect, keep=None,
+                 save_as=None):
     """Exclusive costs of the data-path worker thread over one pgbench run: the thread that ran
     the relay (not the busiest: at one client under valgrind the probe's thread can be busier).
     With `connect` (pgbench -C), the accepting thread's costs are added: a login starts there."""
@@ -101,6 +102,8 @@ def worker_costs(binary, pg_port, work, workload, mode, clients, transactions, p
     if keep:
         os.makedirs(keep, exist_ok=True)
         shutil.copy(files[threads.index(worker)], os.path.join(keep, "worker.callgrind.out"))
+    if save_as:
+        shutil.copy(files[threads.index(worker)], save_as)
     acceptor = max(threads, key=lambda c: sum(n for f, n in c.items() if "accept4" in f))
     if connect and acceptor is not worker:
         worker = worker + acceptor
@@ -145,6 +148,101 @@ def other_costs(proxy, pg_port, work, mode, clients, transactions):
     return exclusive_costs(out)
 
 
+def instruction_costs(path):
+    """{address: [events], ...}, {address: function} and the event names of a callgrind file
+    written with --dump-instr=yes (positions "instr line"); call lines' inclusive costs left out."""
+    names, fn_of, costs = {}, {}, collections.defaultdict(lambda: None)
+    events, fn, addr, skip = [], None, 0, False
+
+    def name(kind, text):
+        m = re.match(r"\((\d+)\)(?: (.*))?", text)
+        if not m:
+            return text
+        if m.group(2):
+            names[(kind, m.group(1))] = m.group(2)
+        return names.get((kind, m.group(1)), text)
+
+    obj = None
+    for line in open(path):
+        line = line.rstrip("\n")
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("ob="):
+            obj = name("ob", line[3:])
+        elif line.startswith("fn="):
+            fn = name("fn", line[3:])
+        elif line.startswith(("cob=", "cfn=")):
+            name(line[1:3], line[4:])
+        elif line.startswith("calls="):
+            skip = True
+        elif line and (line[0].isdigit() or line[0] in "+-*"):
+            position = line.split()[0]
+            if position[0] in "+-":
+                addr += int(position)
+            elif position != "*":
+                addr = int(position, 0)
+            if skip:
+                skip = False
+                continue
+            values = [int(v) for v in line.split()[2:]]
+            key = (obj, addr)
+            if costs[key] is None:
+                costs[key] = [0] * len(events)
+            for i, v in enumerate(values):
+                costs[key][i] += v
+            fn_of[key] = fn
+    return {k: v for k, v in costs.items() if v is not None}, fn_of, events
+
+
+STACK = re.compile(r"\(%rsp\)|^push|^pop|^call|^ret")
+
+
+def where_lines(short, long, binary, tx, top):
+    """Which functions' code and data the lines missed per transaction belong to: the difference
+    of two runs' per-instruction counts, each missing instruction looked up in the binary's
+    disassembly (stack: an access through %rsp, a push, pop, call or return)."""
+    a, fn_of, events = instruction_costs(long)
+    b, _, _ = instruction_costs(short)
+    ir, i1, d1r, d1w = (events.index(e) for e in ("Ir", "I1mr", "D1mr", "D1mw"))
+    per_tx = {k: [(v[i] - (b.get(k) or [0] * len(v))[i]) / tx for i in range(len(v))] for k, v in a.items()}
+    ours = sorted(addr for (obj, addr) in per_tx if obj == binary)
+    text = {}
+    if ours:
+        dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={ours[0]}",
+                               f"--stop-address={ours[-1] + 1}", binary], capture_output=True, text=True).stdout
+        wanted = set(ours)
+        for line in dump.splitlines():
+            m = re.match(r"\s+([0-9a-f]+):\s+(.*)", line)
+            if m and int(m.group(1), 16) in wanted:
+                text[int(m.group(1), 16)] = m.group(2).strip()
+    data = collections.defaultdict(lambda: [0.0, 0.0, 0.0])  # function: stack, own, library
+    code = collections.defaultdict(lambda: [set(), 0, 0.0])  # function: hot lines, hot instructions, misses
+    for (obj, addr), v in per_tx.items():
+        f = fn_of[(obj, addr)]
+        missed = v[d1r] + v[d1w]
+        if obj != binary:
+            data[f][2] += missed
+        elif STACK.search(text.get(addr, "")):
+            data[f][0] += missed
+        else:
+            data[f][1] += missed
+        if v[ir] >= 0.5:
+            code[f][0].add(addr // 64)
+            code[f][1] += 1
+        code[f][2] += v[i1]
+    stack, own, lib = (sum(d[i] for d in data.values()) for i in range(3))
+    print(f"\ndata lines missed per transaction: {stack:.0f} stack, {own:.0f} bulkhead's other data, "
+          f"{lib:.0f} in libraries\n\n     stack    other  functions, by data lines missed")
+    for f, (st, ow, li) in sorted(data.items(), key=lambda x: -sum(x[1]))[:top]:
+        print(f"  {st:8.1f} {ow + li:8.1f}  {f[:100]}")
+    hot_lines = sum(len(c[0]) for c in code.values())
+    hot = sum(c[1] for c in code.values())
+    print(f"\ncode: {hot} instructions run at least every other transaction, on {hot_lines} lines of 64 bytes"
+          f"\n\n  misses    lines instructions  functions, by code lines missed")
+    for f, (lines, n, missed) in sorted(code.items(), key=lambda x: -x[1][2])[:top]:
+        print(f"  {missed:6.1f} {len(lines):8d} {n:12d}  {f[:100]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="simple", choices=["simple", "extended", "prepared"])
@@ -164,9 +262,16 @@ def main():
     ap.add_argument("--cache", action="store_true",
                     help="also simulate small caches (4 KiB instruction, 2 KiB data) and report the code and data "
                          "lines missed per transaction: how many lines a request touches")
+    ap.add_argument("--where", action="store_true",
+                    help="with --cache, per instruction: which functions the missed lines belong to, data lines "
+                         "on the stack and elsewhere, and the code lines the hot instructions lie on")
     args = ap.parse_args()
+    if args.where and (not args.cache or args.proxy != "bulkhead"):
+        sys.exit("--where goes with --cache, for bulkhead")
     if args.cache:
         CACHE.extend(SMALL_CACHES)
+    if args.where:
+        CACHE.append("--dump-instr=yes")
     work = tempfile.mkdtemp(prefix="bulkhead-profile-")
     pg_port, data = C.start_postgres(work, 100, ssl=False)
     try:
@@ -177,14 +282,22 @@ def main():
             short = other_costs(args.proxy, pg_port, work, args.mode, args.clients, args.transactions)
             long = other_costs(args.proxy, pg_port, work, args.mode, args.clients, 3 * args.transactions)
         else:
+            saved = [os.path.join(work, f"{run}.callgrind.out") for run in ("short", "long")]
             short = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, args.transactions,
-                                 args.pool, args.connect)
+                                 args.pool, args.connect, save_as=saved[0])
             long = worker_costs(args.binary, pg_port, work, workload, args.mode, args.clients, 3 * args.transactions,
-                                args.pool, args.connect, args.keep)
+                                args.pool, args.connect, args.keep, save_as=saved[1])
+        tx = 2 * args.transactions * args.clients
+        report(args, short, long, tx, workload)
+        if args.where:
+            where_lines(saved[0], saved[1], os.path.realpath(args.binary), tx, args.top)
     finally:
         C.stop_postgres(data)
         shutil.rmtree(work, ignore_errors=True)
-    tx = 2 * args.transactions * args.clients
+
+
+def report(args, short, long, tx, workload):
+    """Instructions per transaction by group and by function, and with --cache the lines missed."""
     per_tx = {f: (long[f] - short.get(f, 0)) / tx for f in long}
     misses = {f[1:]: per_tx.pop(f) for f in list(per_tx) if f.startswith("@")}
     groups = collections.Counter()
