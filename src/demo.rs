@@ -457,7 +457,9 @@ impl Demo {
         options: &Options,
         stop: impl Future<Output = ()>,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: on a busy two-core machine (a test suite starting servers beside it) the
+        // probe's first look at two fresh servers can take a while.
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Some(Ok(Some(status))) = self.bulkhead.as_mut().map(Child::try_wait) {
                 return Err(format!(
@@ -470,7 +472,7 @@ impl Demo {
                 Ok((s, _)) if s.is_success() => break,
                 _ if Instant::now() > deadline => {
                     return Err(format!(
-                        "bulkhead not ready within 30 s; see {}",
+                        "bulkhead not ready within 90 s; see {}",
                         self.dir.join("bulkhead.log").display()
                     ));
                 }

@@ -228,10 +228,39 @@ impl Demo {
 
     async fn health(&self) -> Option<serde_json::Value> {
         let addr = self.health.parse().unwrap();
-        let r = tokio::task::spawn_blocking(move || crate::support::http(addr, "GET", "/health"))
-            .await
-            .ok()?;
+        let r =
+            tokio::task::spawn_blocking(move || crate::support::try_http(addr, "GET", "/health"))
+                .await
+                .ok()?
+                .ok()?;
         serde_json::from_str(&r.body).ok()
+    }
+
+    /// Waits until the demo's bulkhead says it is ready, and returns its /health. Panics with
+    /// the demo's own output if the demo exits first or `within` passes: on two busy cores,
+    /// with the rest of the suite starting servers beside it, the demo's two servers and its
+    /// base backup can take more than a minute.
+    async fn ready(&mut self, within: Duration) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(h) = self.health().await
+                && h["ready"] == true
+            {
+                return h;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the demo exited ({status}) before its bulkhead was ready:\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the demo's bulkhead was not ready within {within:?}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits for the demo to stop by itself; returns its output and the directory it used.
@@ -271,13 +300,8 @@ fn assert_left_nothing(dir: &str, out: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_plays_stuck_commits_writes_fail_fast_reads_go_on_and_it_cleans_up() {
-    let demo = Demo::start("stuck", "30s").await;
-    eventually(
-        "the demo's bulkhead to be ready",
-        Duration::from_secs(60),
-        || async { (demo.health().await?["ready"] == true).then_some(()) },
-    )
-    .await;
+    let mut demo = Demo::start("stuck", "30s").await;
+    demo.ready(Duration::from_secs(150)).await;
     let h = eventually(
         "the stuck commits to open the write circuit",
         Duration::from_secs(30),
@@ -314,16 +338,11 @@ async fn demo_plays_stuck_commits_writes_fail_fast_reads_go_on_and_it_cleans_up(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_plays_a_failover_bulkhead_follows_the_promoted_standby_and_it_cleans_up() {
-    let demo = Demo::start("failover", "25s").await;
-    let first = eventually(
-        "the demo's bulkhead to be ready",
-        Duration::from_secs(60),
-        || async {
-            let h = demo.health().await?;
-            (h["ready"] == true).then(|| h["primary"].as_str().unwrap().to_string())
-        },
-    )
-    .await;
+    let mut demo = Demo::start("failover", "25s").await;
+    let first = demo.ready(Duration::from_secs(150)).await["primary"]
+        .as_str()
+        .unwrap()
+        .to_string();
     eventually(
         "bulkhead to follow the promoted standby",
         Duration::from_secs(30),
