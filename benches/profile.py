@@ -151,7 +151,7 @@ def other_costs(proxy, pg_port, work, mode, clients, transactions):
 def instruction_costs(path):
     """{address: [events], ...}, {address: function} and the event names of a callgrind file
     written with --dump-instr=yes (positions "instr line"); call lines' inclusive costs left out."""
-    names, fn_of, costs = {}, {}, collections.defaultdict(lambda: None)
+    names, fn_of, costs = {}, {}, {}
     events, fn, addr, skip = [], None, 0, False
 
     def name(kind, text):
@@ -184,14 +184,12 @@ def instruction_costs(path):
             if skip:
                 skip = False
                 continue
-            values = [int(v) for v in line.split()[2:]]
             key = (obj, addr)
-            if costs[key] is None:
-                costs[key] = [0] * len(events)
-            for i, v in enumerate(values):
-                costs[key][i] += v
+            total = costs.setdefault(key, [0] * len(events))
+            for i, v in enumerate(line.split()[2:]):
+                total[i] += int(v)
             fn_of[key] = fn
-    return {k: v for k, v in costs.items() if v is not None}, fn_of, events
+    return costs, fn_of, events
 
 
 STACK = re.compile(r"\(%rsp\)|^push|^pop|^call|^ret")

@@ -7,13 +7,6 @@ use crate::clock::Instant;
 use super::*;
 
 impl Relay {
-    /// `frame_client` out of line, for the pooled modes' rarer calls after a connection is
-    /// lent or refused (the relay's own call has it inlined).
-    #[inline(never)]
-    pub(super) fn frame_client_again(&mut self, shared: &Shared) -> Result<Hold, End> {
-        self.frame_client(shared)
-    }
-
     /// Transaction pooling between transactions: the client's next message needs a
     /// connection (but a goodbye does not). Some: framing stops here for now.
     #[inline(never)]

@@ -781,10 +781,10 @@ impl Relay {
             }
             let Some(server) = self.server.as_mut() else {
                 // Transaction pooling between transactions: only the client side moves.
-                match self.serverless_pass(client_cx, progress) {
+                match self.serverless_pass(client_cx) {
                     Err(end) => return Poll::Ready(end),
-                    Ok(true) => continue,
-                    Ok(false) => {}
+                    Ok(wrote) if progress || wrote => continue,
+                    Ok(_) => {}
                 }
                 if let Some(end) = self.poll_deadlines(&wakers.watches, bits & WATCHES != 0, shared)
                 {

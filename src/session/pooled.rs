@@ -197,18 +197,15 @@ impl Relay {
                 }
             }
         }
-        Poll::Ready(self.frame_client_again(shared).map(drop))
+        // Framing goes on here, out of line too (the relay's own call has it inlined).
+        Poll::Ready(self.frame_client(shared).map(drop))
     }
 
     /// One pass of the relay while the client holds no server connection (transaction pooling
     /// between transactions): only answers bulkhead wrote itself go to the client. Ok: whether
-    /// anything moved in this pass (`progress` included); Err: the session ends.
+    /// it wrote any; Err: the session ends.
     #[inline(never)]
-    pub(super) fn serverless_pass(
-        &mut self,
-        client_cx: &mut Context<'_>,
-        progress: bool,
-    ) -> Result<bool, End> {
+    pub(super) fn serverless_pass(&mut self, client_cx: &mut Context<'_>) -> Result<bool, End> {
         let wrote = match self.down.poll_write_to(client_cx, &mut self.client) {
             Poll::Ready(Ok(wrote)) => wrote,
             Poll::Ready(Err(e)) => return Err(self.client_failed(&e)),
@@ -222,7 +219,7 @@ impl Relay {
         {
             return Err(leave());
         }
-        Ok(progress || wrote)
+        Ok(wrote)
     }
 
     /// A connection was lent for the client's next transaction.
