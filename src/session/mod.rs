@@ -6,10 +6,9 @@
 use std::future::{Future, poll_fn};
 use std::hint::cold_path;
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -20,6 +19,7 @@ use tokio::time::{Sleep, timeout};
 use crate::clock::Instant;
 use tracing::{Instrument, Span, debug, info, warn};
 
+use crate::Shared;
 use crate::breaker::{ANSWER_NOTE_EVERY, Decision, Success};
 use crate::cancel::Target;
 use crate::classify::{Control, Kind, Memo, session_feature, transaction_control};
@@ -36,15 +36,16 @@ use crate::protocol::frontend;
 use crate::tls::Stream;
 use crate::tracker::{Effect, Refused, Tracker};
 use crate::upstream;
-use crate::{Phase, Shared};
 
 mod client;
 mod pooled;
 mod server;
 mod start;
+mod task;
 
 pub(crate) use start::{connect_primary, connect_reader, refuse_out_of_descriptors};
 use start::{linger, start};
+use task::{CLIENT, SERVER, Session, WATCHES, Wakers};
 
 /// How long bulkhead's last words to a client may take to write before it gives up on them.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -90,21 +91,18 @@ pub(crate) async fn serve(
         && let Some((relay_loop, sessions)) = crate::workers::relay_loop()
     {
         relay_loop.spawn(move || {
-            crate::workers::counted(
-                async move {
-                    match relayed.onto_loop() {
-                        Ok(relayed) => relayed.run().await,
-                        Err(e) => {
-                            warn!(parent: &span, error = %e, "cannot move a session to its relay loop");
-                        }
-                    }
-                },
-                sessions,
-            )
+            let session = match relayed.onto_loop() {
+                Ok(relayed) => Session::new(relayed),
+                Err(e) => {
+                    warn!(parent: &span, error = %e, "cannot move a session to its relay loop");
+                    Session::done()
+                }
+            };
+            crate::workers::counted(session, sessions)
         });
         return;
     }
-    relayed.run().await;
+    Session::new(relayed).await;
 }
 
 /// A session from its relay on: the relay and what must live as long as the session.
@@ -133,20 +131,12 @@ impl Relayed {
         Ok(self)
     }
 
-    async fn run(mut self: Box<Self>) {
-        let end = {
-            let Relayed { shared, relay, .. } = &mut *self;
-            relay.run(shared).await
-        };
-        self.farewell(end).await
-    }
-
     /// What follows the relay, boxed and built out of line: neither its future nor the room
     /// to build it is part of the frame that every wake-up of the relay polls through (with
     /// them that frame was 5 KiB, probed a page at a time on each wake-up).
     #[inline(never)]
-    fn farewell(&mut self, end: End) -> Pin<Box<impl Future<Output = ()> + '_>> {
-        let Relayed { shared, relay, .. } = self;
+    fn farewell(mut self: Box<Self>, end: End) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let Relayed { shared, relay, .. } = &mut *self;
         if relay.readonly && relay.lending.is_none() {
             // Passthrough: the session was counted on its host (a pool counts its connections).
             shared.topology.count_reader(relay.host, false);
@@ -154,6 +144,7 @@ impl Relayed {
         let span = relay.span.clone();
         Box::pin(
             async move {
+                let Relayed { shared, relay, .. } = &mut *self;
                 if let Some((pid, secret)) = relay.client_key {
                     shared.cancels.remove(pid, secret);
                 }
@@ -168,6 +159,8 @@ impl Relayed {
                     let config = relay.config.config().clone();
                     lending.finish(stream, &config).await;
                 }
+                // The session's guards are dropped with it, after the farewell.
+                drop(self);
             }
             .instrument(span),
         )
@@ -357,80 +350,6 @@ struct Relay {
     view: Option<Arc<crate::sessions::View>>,
 }
 
-/// What woke a session's relay loop, as far as it must act on it.
-enum Event {
-    /// The phase watch changed (false: its sender is gone).
-    Phase(bool),
-    Primary,
-    /// The standbys that take reads changed (read-only sessions only).
-    Readers,
-    /// The host's alarm: its write circuit opened, or it stopped answering.
-    Alarm,
-    End(End),
-}
-
-/// Which of a session's sources woke its task since the relay last looked: one bit each.
-#[derive(Default)]
-struct Woke {
-    bits: AtomicU8,
-}
-
-/// The phase and primary watches, and the session timer.
-const WATCHES: u8 = 1;
-/// The client's socket (readable, or writable again).
-const CLIENT: u8 = 2;
-/// The server's socket.
-const SERVER: u8 = 4;
-
-/// Wakes a session's task and records which source woke it.
-struct BitWaker {
-    woke: Arc<Woke>,
-    bit: u8,
-    /// The task's own waker, woken by reference: kept for as long as the task's waker stays
-    /// the same, so a wake-up neither takes it nor clones it.
-    task: Waker,
-}
-
-impl Wake for BitWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woke.bits.fetch_or(self.bit, Ordering::Release);
-        self.task.wake_by_ref();
-    }
-}
-
-/// The wakers a session polls its sources with, so that it knows which of them woke it and
-/// polls only those: polling one that did not (a watch: its lock; a socket: tokio's readiness
-/// machinery) costs about as much as relaying a message.
-struct Wakers {
-    watches: Waker,
-    client: Waker,
-    server: Waker,
-    /// The task's waker they wake.
-    task: Waker,
-}
-
-impl Wakers {
-    fn new(woke: &Arc<Woke>, task: &Waker) -> Self {
-        let waker = |bit| {
-            Waker::from(Arc::new(BitWaker {
-                woke: woke.clone(),
-                bit,
-                task: task.clone(),
-            }))
-        };
-        Wakers {
-            watches: waker(WATCHES),
-            client: waker(CLIENT),
-            server: waker(SERVER),
-            task: task.clone(),
-        }
-    }
-}
-
 /// What admission says about the statement at hand.
 enum Admit {
     Go,
@@ -530,173 +449,6 @@ impl Relay {
             );
             if self.slot_wait.is_none() {
                 view.not_waiting();
-            }
-        }
-    }
-
-    /// Relays until the session has to end, and says why.
-    async fn run(&mut self, shared: &Shared) -> End {
-        let mut phase = shared.phase.clone();
-        if *phase.borrow_and_update() != Phase::Running {
-            return End::Closing;
-        }
-        let mut primary = shared.topology.watch_primary();
-        primary.borrow_and_update();
-        let mut primary_gone = false;
-        let mut alarm = shared.topology.circuit(self.host).watch_alarm();
-        alarm.borrow_and_update();
-        let mut alarm_gone = false;
-        let mut alarm_host = self.host;
-        // Read-only sessions follow which hosts take reads; others never look.
-        let mut readers = self.readonly.then(|| shared.topology.watch_readers());
-        let mut readers_gone = readers.is_none();
-        // The watches are polled only after they woke the session: polling a waiting watch
-        // takes its lock, which every session shares, and the relay wakes the task for every
-        // message. Likewise each socket is read only after it woke the session.
-        let woke = Arc::new(Woke::default());
-        // Made at the first poll, with the task's waker.
-        let mut wakers: Option<Wakers> = None;
-        loop {
-            if alarm_host != self.host {
-                // Transaction pooling moved the session to another host's connection.
-                alarm = shared.topology.circuit(self.host).watch_alarm();
-                alarm.borrow_and_update();
-                alarm_gone = false;
-                alarm_host = self.host;
-            }
-            // Whatever happened, look at every source once more.
-            woke.bits
-                .store(WATCHES | CLIENT | SERVER, Ordering::Relaxed);
-            let event = {
-                let mut phase_changed = pin!(phase.changed());
-                let mut primary_changed = pin!(primary.changed());
-                let mut alarm_raised = pin!(alarm.changed());
-                let mut readers_changed = pin!(async {
-                    match readers.as_mut() {
-                        Some(r) => r.changed().await,
-                        None => std::future::pending().await,
-                    }
-                });
-                poll_fn(|cx| {
-                    let mut bits = woke.bits.swap(0, Ordering::AcqRel);
-                    let wakers = match &mut wakers {
-                        Some(w) if w.task.will_wake(cx.waker()) => w,
-                        w => {
-                            // New (or a new task waker): every source is polled again, so
-                            // each holds a waker that wakes this one.
-                            bits = WATCHES | CLIENT | SERVER;
-                            w.insert(Wakers::new(&woke, cx.waker()))
-                        }
-                    };
-                    if bits & WATCHES != 0 {
-                        let mut watch_cx = Context::from_waker(&wakers.watches);
-                        if let Poll::Ready(r) = phase_changed.as_mut().poll(&mut watch_cx) {
-                            return Poll::Ready(Event::Phase(r.is_ok()));
-                        }
-                        if !primary_gone
-                            && let Poll::Ready(r) = primary_changed.as_mut().poll(&mut watch_cx)
-                        {
-                            if r.is_ok() {
-                                return Poll::Ready(Event::Primary);
-                            }
-                            primary_gone = true;
-                        }
-                        if !alarm_gone
-                            && let Poll::Ready(r) = alarm_raised.as_mut().poll(&mut watch_cx)
-                        {
-                            if r.is_ok() {
-                                return Poll::Ready(Event::Alarm);
-                            }
-                            alarm_gone = true;
-                        }
-                        if !readers_gone
-                            && let Poll::Ready(r) = readers_changed.as_mut().poll(&mut watch_cx)
-                        {
-                            if r.is_ok() {
-                                return Poll::Ready(Event::Readers);
-                            }
-                            readers_gone = true;
-                        }
-                    }
-                    let polled = self.poll_relay(cx, wakers, bits, shared);
-                    self.publish();
-                    polled.map(Event::End)
-                })
-                .await
-            };
-            match event {
-                Event::Phase(open) => {
-                    let now = if open {
-                        *phase.borrow_and_update()
-                    } else {
-                        Phase::Closing
-                    };
-                    match now {
-                        Phase::Running => {}
-                        Phase::Draining if self.is_quiet() => return End::Drained,
-                        Phase::Draining => self.leave_when_quiet = Some(|| End::Drained),
-                        Phase::Closing => return End::Closing,
-                    }
-                }
-                Event::Primary | Event::Readers if self.readonly => {
-                    let now_primary = primary.borrow_and_update().as_ref().map(|p| p.index);
-                    let now_readers = readers.as_mut().map_or(0, |r| *r.borrow_and_update());
-                    if let Some(l) = self.lending.as_deref_mut() {
-                        l.primary = now_primary;
-                        l.readers = now_readers;
-                        if l.per_transaction && l.pinned.is_none() {
-                            // Its next transaction goes to a host that takes reads; the one it
-                            // holds is closed, not returned, if its host no longer does.
-                            l.retire |= self.server.is_some() && !l.host_ok(self.host);
-                            continue;
-                        }
-                    }
-                    if !shared.topology.serves_reads(self.host) {
-                        info!(parent: &self.span, "this host no longer takes read-only sessions; the session ends at its next quiet point");
-                        if self.is_quiet() {
-                            return End::Unreadable;
-                        }
-                        self.leave_when_quiet = Some(|| End::Unreadable);
-                    }
-                }
-                Event::Readers => {}
-                Event::Primary => {
-                    // Another host is primary now: this session's server takes no more writes.
-                    // (No primary at all is a failover in progress; the session ends on its own
-                    // if its server is gone.)
-                    let now_primary = primary.borrow_and_update().as_ref().map(|p| p.index);
-                    let replaced = now_primary.is_some_and(|index| index != self.host);
-                    if let Some(l) = self.lending.as_deref_mut() {
-                        l.primary = now_primary;
-                        // The pooled connection must not go back to the pool.
-                        l.retire |= replaced && self.server.is_some();
-                        if l.per_transaction && l.pinned.is_none() {
-                            // The next transaction gets a connection to the new primary.
-                            continue;
-                        }
-                    }
-                    if replaced {
-                        info!(parent: &self.span, "primary replaced; the session ends when its transaction does");
-                        if self.is_quiet() {
-                            return End::Demoted;
-                        }
-                        self.leave_when_quiet = Some(|| End::Demoted);
-                    }
-                }
-                Event::Alarm => {
-                    alarm.borrow_and_update();
-                    if let Some(end) = self.on_alarm(shared)
-                        && let Err(end) = self.survive(shared, end)
-                    {
-                        return end;
-                    }
-                }
-                Event::End(end) => match self.survive(shared, end) {
-                    // Transaction pooling: the client stays; its next transaction gets another
-                    // server connection.
-                    Ok(()) => continue,
-                    Err(end) => return end,
-                },
             }
         }
     }
