@@ -27,7 +27,7 @@ struct Woke {
     bits: AtomicU8,
 }
 
-/// The phase and primary watches, and the session timer.
+/// The watches (phase, primary, the host's alarm, the readers) and the session timer.
 pub(super) const WATCHES: u8 = 1;
 /// The client's socket (readable, or writable again).
 pub(super) const CLIENT: u8 = 2;
@@ -244,9 +244,11 @@ impl Running {
             }
         };
         if watches.alarm_host != relay.host {
-            // Transaction pooling moved the session to another host's connection.
+            // Transaction pooling moved the session to another host's connection. The new
+            // alarm's future is polled now, so that it holds the watches' waker.
             cold_path();
             watches.follow_alarm(relay.host, shared);
+            bits |= WATCHES;
         }
         loop {
             let event = if bits & WATCHES != 0
