@@ -243,13 +243,6 @@ impl Running {
                 w.insert(Wakers::new(woke, cx.waker()))
             }
         };
-        if watches.alarm_host != relay.host {
-            // Transaction pooling moved the session to another host's connection. The new
-            // alarm's future is polled now, so that it holds the watches' waker.
-            cold_path();
-            watches.follow_alarm(relay.host, shared);
-            bits |= WATCHES;
-        }
         loop {
             let event = if bits & WATCHES != 0
                 && let Some(event) = watches.poll(&wakers.watches)
@@ -259,7 +252,17 @@ impl Running {
                 let polled = relay.poll_relay(cx, wakers, bits, shared);
                 relay.publish();
                 match polled {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending if watches.alarm_host == relay.host => return Poll::Pending,
+                    Poll::Pending => {
+                        // Transaction pooling moved the session to another host's connection
+                        // (and nothing may wake it until its statement there is answered): it
+                        // follows that host's alarm from now on, whose future is polled at
+                        // once so that it holds the watches' waker.
+                        cold_path();
+                        watches.follow_alarm(relay.host, shared);
+                        bits = WATCHES;
+                        continue;
+                    }
                     Poll::Ready(end) => Event::End(end),
                 }
             };
@@ -268,9 +271,6 @@ impl Running {
             }
             // Whatever happened, look at every source once more.
             bits = ALL;
-            if watches.alarm_host != relay.host {
-                watches.follow_alarm(relay.host, shared);
-            }
         }
     }
 }

@@ -290,3 +290,104 @@ async fn in_transaction_mode_each_read_only_transaction_goes_to_a_current_standb
         .unwrap();
     assert_eq!(where_(&main).await, (port(&s.pg), false));
 }
+
+/// Waits until the probe has `standby` taking reads again.
+async fn takes_reads_again(proxy: &Proxy, standby: &Cluster) {
+    eventually(
+        "the standby taking reads",
+        Duration::from_secs(20),
+        || async {
+            let doc = proxy.health_json().await;
+            let b = doc["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["address"] == standby.addr())?
+                .clone();
+            (b["takes_reads"] == true).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Transaction pooling on the read-only listener moves a client's transactions from one
+/// standby to another; when the one it is on now freezes with its statement in flight, the
+/// client is answered at once (57P03 within half a second here), not at its read deadline a
+/// minute later, and its connection goes on. (The session follows the alarm of the host its
+/// transaction is on. The standby leaving the readers also wakes it, so this passes even when
+/// the session misses the move itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_transaction_mode_a_standby_that_freezes_under_a_moved_client_answers_it_at_once() {
+    let s = crate::transaction_pooling::setup();
+    let s1 = Cluster::standby_of(&s.pg);
+    let s2 = Cluster::standby_of(&s.pg);
+    let mut config = crate::transaction_pooling::pooled(&s, 4);
+    let ro_config = with_readonly(&[&s.pg, &s1, &s2]);
+    config.database.hosts = ro_config.database.hosts;
+    config.listen_readonly = ro_config.listen_readonly;
+    config.probe.timeout = ro_config.probe.timeout;
+    config.timeouts.read = Duration::from_secs(60);
+    let proxy = Proxy::start(config).await;
+    standbys_taking_reads(&proxy, 2).await;
+    let writer = s.pg.connect().await;
+
+    // The client logs in and runs its first transactions while only s1 takes reads.
+    pause_until_behind(&proxy, &s2, &writer, "INSERT INTO ledger VALUES (0, 0)").await;
+    let c = std::sync::Arc::new(
+        connect(&format!(
+            "host=127.0.0.1 port={} user=app password=app-secret dbname=postgres",
+            proxy.readonly_addr.unwrap().port()
+        ))
+        .await,
+    );
+    assert_eq!(where_(&c).await.0, port(&s1));
+
+    // Then only s2 does: the client's next transactions move there.
+    s2.psql("SELECT pg_wal_replay_resume()");
+    takes_reads_again(&proxy, &s2).await;
+    pause_until_behind(&proxy, &s1, &writer, "INSERT INTO ledger VALUES (0, 0)").await;
+    assert_eq!(where_(&c).await.0, port(&s2));
+
+    let sleeping = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let started = Instant::now();
+            let r = c.batch_execute("SELECT pg_sleep(50)").await;
+            (r, started.elapsed())
+        }
+    });
+    // The statement is on s2 before it freezes.
+    eventually(
+        "the sleep running on s2",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = s2
+                .connect()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(50)'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    let frozen = Frozen::freeze(&s2);
+    let (r, took) = sleeping.await.unwrap();
+    let e = r.expect_err("a statement on a frozen standby succeeded");
+    assert!(
+        took < Duration::from_secs(20),
+        "answered after {took:?} ({e}), not at once"
+    );
+    assert!(!sqlstate(&e).is_empty(), "no SQLSTATE: {e}");
+    drop(frozen);
+    eventually(
+        "a transaction after the thaw",
+        Duration::from_secs(30),
+        || async { c.query_one("SELECT 1", &[]).await.ok() },
+    )
+    .await;
+    assert!(!c.is_closed());
+}
