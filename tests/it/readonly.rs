@@ -25,6 +25,28 @@ fn with_readonly(hosts: &[&Cluster]) -> Config {
     config
 }
 
+/// Transaction pooling (`crate::transaction_pooling`'s setup, a pool of 4) with the
+/// read-only listener over its primary and `standbys`.
+fn pooled_with_readonly(s: &crate::transaction_pooling::Setup, standbys: &[&Cluster]) -> Config {
+    let mut config = crate::transaction_pooling::pooled(s, 4);
+    let hosts: Vec<&Cluster> = std::iter::once(&s.pg)
+        .chain(standbys.iter().copied())
+        .collect();
+    let ro_config = with_readonly(&hosts);
+    config.database.hosts = ro_config.database.hosts;
+    config.listen_readonly = ro_config.listen_readonly;
+    config.probe.timeout = ro_config.probe.timeout;
+    config
+}
+
+/// Connection parameters for the pooled read-only listener, as the users file's `app`.
+fn pooled_readonly_params(proxy: &Proxy) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=app password=app-secret dbname=postgres",
+        proxy.readonly_addr.unwrap().port()
+    )
+}
+
 async fn reader(addr: SocketAddr) -> Client {
     connect(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
@@ -243,17 +265,10 @@ async fn in_transaction_mode_each_read_only_transaction_goes_to_a_current_standb
     let s = crate::transaction_pooling::setup();
     let s1 = Cluster::standby_of(&s.pg);
     let s2 = Cluster::standby_of(&s.pg);
-    let mut config = crate::transaction_pooling::pooled(&s, 4);
-    let ro_config = with_readonly(&[&s.pg, &s1, &s2]);
-    config.database.hosts = ro_config.database.hosts;
-    config.listen_readonly = ro_config.listen_readonly;
-    config.probe.timeout = ro_config.probe.timeout;
+    let config = pooled_with_readonly(&s, &[&s1, &s2]);
     let proxy = Proxy::start(config).await;
     standbys_taking_reads(&proxy, 2).await;
-    let params = format!(
-        "host=127.0.0.1 port={} user=app password=app-secret dbname=postgres",
-        proxy.readonly_addr.unwrap().port()
-    );
+    let params = pooled_readonly_params(&proxy);
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(connect(&params).await);
@@ -320,11 +335,7 @@ async fn in_transaction_mode_a_standby_that_freezes_under_a_moved_client_answers
     let s = crate::transaction_pooling::setup();
     let s1 = Cluster::standby_of(&s.pg);
     let s2 = Cluster::standby_of(&s.pg);
-    let mut config = crate::transaction_pooling::pooled(&s, 4);
-    let ro_config = with_readonly(&[&s.pg, &s1, &s2]);
-    config.database.hosts = ro_config.database.hosts;
-    config.listen_readonly = ro_config.listen_readonly;
-    config.probe.timeout = ro_config.probe.timeout;
+    let mut config = pooled_with_readonly(&s, &[&s1, &s2]);
     config.timeouts.read = Duration::from_secs(60);
     let proxy = Proxy::start(config).await;
     standbys_taking_reads(&proxy, 2).await;
@@ -332,13 +343,7 @@ async fn in_transaction_mode_a_standby_that_freezes_under_a_moved_client_answers
 
     // The client logs in and runs its first transactions while only s1 takes reads.
     pause_until_behind(&proxy, &s2, &writer, "INSERT INTO ledger VALUES (0, 0)").await;
-    let c = std::sync::Arc::new(
-        connect(&format!(
-            "host=127.0.0.1 port={} user=app password=app-secret dbname=postgres",
-            proxy.readonly_addr.unwrap().port()
-        ))
-        .await,
-    );
+    let c = std::sync::Arc::new(connect(&pooled_readonly_params(&proxy)).await);
     assert_eq!(where_(&c).await.0, port(&s1));
 
     // Then only s2 does: the client's next transactions move there.
