@@ -386,6 +386,38 @@ def idle_rss(port, pid, n):
     return (after - before) / n
 
 
+def paired_cpu(workloads, results):
+    """Each bulkhead system's CPU per transaction against its PgBouncer counterpart (the same
+    name after the first dash), round by round: both ran in the same round, so each round's
+    ratio sees the same machine. The medians of those ratios, total, user and system time, with
+    how many rounds were under 1.00."""
+    out = []
+    for name, _, order in workloads:
+        for s in order:
+            if not s.startswith("bulkhead"):
+                continue
+            twin = "pgbouncer" + s[len(s.split("-")[0]):]
+            if s.startswith("bulkhead-b"):
+                twin = "pgbouncer"
+            if twin not in order:
+                continue
+            per_round = [(a[3] / b[3], a[5] / b[5], (a[3] - a[5]) / (b[3] - b[5]))
+                         for a, b in zip(results[(name, s)], results[(name, twin)])
+                         if a[3] == a[3] and b[3] and b[5] and b[3] > b[5]]
+            if not per_round:
+                continue
+            cells = []
+            for i in range(3):
+                xs = [r[i] for r in per_round]
+                cells.append(f"{statistics.median(xs):.2f} ({min(xs):.2f}–{max(xs):.2f}, "
+                             f"{sum(x < 1 for x in xs)} of {len(xs)} under 1.00)")
+            out.append(f"| `{name}` | {s} ÷ {twin} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "Proxy CPU per transaction, bulkhead ÷ PgBouncer, round by round (median, range, rounds under 1.00):",
+            "", "| workload | systems | total | user | system |", "|---|---|---|---|---|", *out]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -393,7 +425,7 @@ def main():
     ap.add_argument("--idle-clients", type=int, default=1000, help="idle clients for the RSS measurement (0: none)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="run only the workloads whose name contains this "
-                    "(or one of several, separated by commas)")
+                    "(or one of several, separated by commas; one that starts with = must match the whole name)")
     ap.add_argument("--keep-logs", metavar="DIR", help="copy the proxies' and PostgreSQL's logs to DIR at the end")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/bulkhead"),
                     help="the bulkhead to run (e.g. an older build, to compare)")
@@ -406,6 +438,9 @@ def main():
     ap.add_argument("--sample", action="store_true",
                     help="split each proxy's CPU into user and system time by sampling it with perf at 1 kHz "
                          "rather than by the kernel's tick-based accounting (needs perf: linux-perf)")
+    ap.add_argument("--systems", default="",
+                    help="run only the systems whose name starts with one of these (comma-separated), "
+                         "e.g. bulkhead,pgbouncer: more rounds in the same time when only their CPU is compared")
     ap.add_argument("--floor", action="store_true",
                     help="also run the plain workloads through benches/floor.rs, a bare relay, for scale "
                          "(as it is, and with --uring)")
@@ -441,7 +476,11 @@ def main():
                       ["direct", "bulkhead-session", "pgbouncer-session"]))
     workloads.append(("session TLS -S -M simple -c 4 -C", ["-S", "-M", "simple", "-c", "4", "-j", "2", "-C"],
                       ["direct-tls", "bulkhead-session-tls", "pgbouncer-session-tls"]))
-    workloads = [w for w in workloads if any(p in w[0] for p in args.only.split(","))]
+    workloads = [w for w in workloads
+                 if any(w[0] == p[1:] if p.startswith("=") else p in w[0] for p in args.only.split(","))]
+    if args.systems:
+        keep = tuple(args.systems.split(","))
+        workloads = [(name, wargs, [s for s in order if s.startswith(keep)]) for name, wargs, order in workloads]
     if args.rate:
         # A fixed arrival rate (pgbench -R): the machine is not saturated, so every proxy sees the
         # same load and wakes up as often, and its CPU per transaction moves far less from run
@@ -510,6 +549,7 @@ def main():
             ratios = " | ".join("—" if b is None else f"{tps[s] / b:.2f}" for b in bases)
             lines.append(f"| `{name}` | {s} | {tps[s]:.0f} | {med([x[1] for x in rs]):.3f} | {med([x[2] for x in rs]):.3f} | "
                          f"{'—' if cpu != cpu else f'{cpu:.2f} ({user:.2f})'} | {med([x[6] for x in rs]):.2f} | {ratios} |")
+    lines += paired_cpu(workloads, results) if args.rounds else []
     if not systems.pgbouncer_prepared and any(name.startswith("tx -S -M prepared") for name, _, _ in workloads):
         lines += ["", f"PgBouncer {'.'.join(map(str, pgbouncer_version()))} has no max_prepared_statements (1.21 and later): "
                   "it is left out of `tx -S -M prepared -c 100`."]
