@@ -34,6 +34,7 @@ import base64
 import glob
 import hashlib
 import hmac
+import math
 import os
 import platform
 import shutil
@@ -386,6 +387,12 @@ def idle_rss(port, pid, n):
     return (after - before) / n
 
 
+def sign_test(k, n):
+    """The chance of k or more of n rounds under 1.00 if bulkhead's CPU were as likely over
+    PgBouncer's as under it in each round (one-sided sign test)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
 def paired_cpu(workloads, results):
     """Each bulkhead system's CPU per transaction against its PgBouncer counterpart (the same
     name after the first dash), round by round: both ran in the same round, so each round's
@@ -409,12 +416,14 @@ def paired_cpu(workloads, results):
             cells = []
             for i in range(3):
                 xs = [r[i] for r in per_round]
+                under = sum(x < 1 for x in xs)
                 cells.append(f"{statistics.median(xs):.2f} ({min(xs):.2f}–{max(xs):.2f}, "
-                             f"{sum(x < 1 for x in xs)} of {len(xs)} under 1.00)")
+                             f"{under} of {len(xs)} under 1.00, p {sign_test(under, len(xs)):.3f})")
             out.append(f"| `{name}` | {s} ÷ {twin} | " + " | ".join(cells) + " |")
     if not out:
         return []
-    return ["", "Proxy CPU per transaction, bulkhead ÷ PgBouncer, round by round (median, range, rounds under 1.00):",
+    return ["", "Proxy CPU per transaction, bulkhead ÷ PgBouncer, round by round (median, range, "
+            "rounds under 1.00, and the chance of that many or more if each round were a coin toss):",
             "", "| workload | systems | total | user | system |", "|---|---|---|---|---|", *out]
 
 
