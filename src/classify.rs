@@ -44,11 +44,15 @@ const MEMO_LIMIT: usize = 1024;
 /// drivers do) pays for one comparison instead of a classification. A text that differs from
 /// the remembered one only in its numbers (`... WHERE id = 42` after `... WHERE id = 7`, as
 /// a query with its literals written in sends) is the same statement to the classifier, which
-/// never looks at a number's digits: see [`same_but_numbers`]. Holds at most [`MEMO_LIMIT`]
-/// bytes, and nothing once [`Memo::release`]d.
+/// never looks at a number's digits: see [`number_runs`] and [`same_but_numbers`]. Holds at
+/// most [`MEMO_LIMIT`] bytes of text, and nothing once [`Memo::release`]d.
 #[derive(Debug, Default)]
 pub struct Memo {
+    /// The text, then where its numbers are: [`number_runs`] as pairs of little-endian `u16`
+    /// (start, end), found once when the text is remembered.
     text: Vec<u8>,
+    /// How many bytes of `text` are the text.
+    len: u16,
     complete: bool,
     kind: Option<Kind>,
 }
@@ -59,18 +63,28 @@ impl Memo {
     pub fn classify(&mut self, sql: &[u8], complete: bool) -> Kind {
         if let Some(kind) = self.kind
             && complete == self.complete
-            && same_but_numbers(&self.text, sql)
         {
-            return kind;
+            let (text, runs) = self.text.split_at(usize::from(self.len));
+            if same_but_numbers(text, runs, sql) {
+                return kind;
+            }
         }
         let kind = classify(sql, complete);
         if sql.len() <= MEMO_LIMIT {
             self.text.clear();
             self.text.extend_from_slice(sql);
+            number_runs(sql, &mut self.text);
+            self.len = sql.len() as u16; // MEMO_LIMIT fits
             self.complete = complete;
             self.kind = Some(kind);
         }
         kind
+    }
+
+    /// The remembered text.
+    #[cfg(test)]
+    fn text(&self) -> &[u8] {
+        &self.text[..usize::from(self.len)]
     }
 
     /// Gives the memory back, for an idle session.
@@ -79,42 +93,47 @@ impl Memo {
     }
 }
 
-/// Whether `a` and `b` are the same text but for the digits of some numeric literals: where
-/// they differ, each has a run of ASCII digits that starts the text or follows a byte that
-/// cannot continue a word (so the run is a number of its own, not part of an identifier, a
-/// keyword, a `$n` parameter or a dollar-quote tag), and after the two runs they go on alike.
-/// Classification reads a run of digits as one token whatever its digits (and inside a string,
-/// a quoted identifier or a comment, digits are just content), so two such texts classify
-/// alike. Compares eight bytes at a time where the texts agree.
-fn same_but_numbers(a: &[u8], b: &[u8]) -> bool {
-    let (mut i, mut j) = (0, 0);
-    loop {
-        // Where this stretch starts: at the beginning, or just after two runs of digits.
-        let from = i;
-        let same = common_prefix(&a[i..], &b[j..]);
-        i += same;
-        j += same;
-        let (x, y) = (a.get(i), b.get(j));
-        if x.is_none() && y.is_none() {
-            return true;
+/// Appends to `out` where `text`'s numbers are: each run of ASCII digits that starts the text
+/// or follows a byte that cannot continue a word (so the run is a number of its own, not part
+/// of an identifier, a keyword, a `$n` parameter or a dollar-quote tag), as two little-endian
+/// `u16`, where it starts and where it ends. `text` is at most [`MEMO_LIMIT`] bytes.
+fn number_runs(text: &[u8], out: &mut Vec<u8>) {
+    let mut i = 0;
+    while i < text.len() {
+        if text[i].is_ascii_digit() && (i == 0 || !WORD_BYTE[usize::from(text[i - 1])]) {
+            let end = digits_end(text, i);
+            out.extend_from_slice(&(i as u16).to_le_bytes());
+            out.extend_from_slice(&(end as u16).to_le_bytes());
+            i = end;
+        } else {
+            i += 1;
         }
-        let digit = |c: Option<&u8>| c.is_some_and(u8::is_ascii_digit);
-        // Back to where the run of digits the texts differ in starts (the same in both), but
-        // not into the runs just passed: what follows a run is not a digit.
-        let mut start = i;
-        while start > from && a[start - 1].is_ascii_digit() {
-            start -= 1;
-        }
-        if start == i && !(digit(x) && digit(y)) {
-            return false; // They differ in something other than a number.
-        }
-        if start > 0 && WORD_BYTE[usize::from(a[start - 1])] {
-            return false; // The digits continue a word: an identifier, a tag, a parameter.
-        }
-        // On to the end of each run (the digits before `i` are common to both).
-        i = digits_end(a, i);
-        j = digits_end(b, j);
     }
+}
+
+/// Whether `sql` is `text` but for the digits of its numbers (`runs`, from [`number_runs`]):
+/// where `text` has a number, `sql` has a run of digits of any length; everything else is the
+/// same. Classification reads a run of digits as one token whatever its digits (and inside a
+/// string, a quoted identifier or a comment, digits are just content), so two such texts
+/// classify alike. Each stretch between numbers is compared eight bytes at a time.
+#[inline]
+fn same_but_numbers(text: &[u8], runs: &[u8], sql: &[u8]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    for run in runs.chunks_exact(4) {
+        let start = usize::from(u16::from_le_bytes([run[0], run[1]]));
+        let end = usize::from(u16::from_le_bytes([run[2], run[3]]));
+        let to = j + (start - i);
+        if to >= sql.len() || !same(&text[i..start], &sql[j..to]) {
+            return false;
+        }
+        // The same byte precedes both runs, so `sql`'s is a number too.
+        let digits = digits_end(sql, to);
+        if digits == to {
+            return false;
+        }
+        (i, j) = (end, digits);
+    }
+    same(&text[i..], &sql[j..])
 }
 
 /// Where the run of ASCII digits from `at` in `t` ends. Eight bytes at a time: a byte is a
@@ -153,28 +172,25 @@ fn digits_end(t: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// How many bytes `a` and `b` have in common from their start. Eight bytes at a time; the last
-/// look, at the last eight bytes of the shorter, overlaps bytes already known equal.
+/// Whether `a` and `b` are the same bytes: eight at a time, the last look at the last eight
+/// overlapping bytes already compared (four, then one at a time, for short ones).
 #[inline]
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let differ = |at: usize| {
-        let word = |t: &[u8]| u64::from_le_bytes(t[at..at + 8].try_into().expect("eight bytes"));
-        let diff = word(a) ^ word(b);
-        (diff != 0).then(|| at + (diff.trailing_zeros() / 8) as usize)
-    };
-    if n < 8 {
-        return a.iter().zip(b).take_while(|(x, y)| x == y).count();
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
     }
-    let mut at = 0;
-    while at + 8 < n {
-        if let Some(first) = differ(at) {
-            return first;
-        }
-        at += 8;
+    if n >= 8 {
+        let word = |t: &[u8]| u64::from_le_bytes(t.try_into().expect("eight bytes"));
+        let words = a.chunks_exact(8).zip(b.chunks_exact(8));
+        return words.into_iter().all(|(x, y)| word(x) == word(y))
+            && word(&a[n - 8..]) == word(&b[n - 8..]);
     }
-    differ(n - 8).unwrap_or(n)
+    let half = |t: &[u8], at: usize| u32::from_le_bytes(t[at..at + 4].try_into().expect("four"));
+    if n >= 4 {
+        return half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4);
+    }
+    a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 /// Classifies each statement of a multi-statement text; the strongest wins.
@@ -1160,7 +1176,7 @@ mod tests {
                 "{sql:.20} {complete}"
             );
         }
-        assert!(memo.text.len() <= MEMO_LIMIT);
+        assert!(memo.text().len() <= MEMO_LIMIT);
         memo.release();
         assert_eq!(memo.text.capacity(), 0);
         assert_eq!(memo.classify(b"UPDATE t SET a = 1", true), Write);
@@ -1190,6 +1206,49 @@ mod tests {
         assert_eq!(digits_end(b"123", 3), 3);
     }
 
+    /// Whether `b` matches `a` remembered, with its numbers found as the memo finds them.
+    fn remembered_matches(a: &str, b: &str) -> bool {
+        let mut runs = Vec::new();
+        number_runs(a.as_bytes(), &mut runs);
+        same_but_numbers(a.as_bytes(), &runs, b.as_bytes())
+    }
+
+    #[test]
+    fn numbers_are_found_where_they_start_a_token_and_nowhere_else() {
+        let runs = |t: &str| {
+            let mut out = Vec::new();
+            number_runs(t.as_bytes(), &mut out);
+            out.chunks_exact(4)
+                .map(|r| {
+                    (
+                        u16::from_le_bytes([r[0], r[1]]),
+                        u16::from_le_bytes([r[2], r[3]]),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(runs("12 a1 $3 x.45e67 -8"), [(0, 2), (11, 13), (18, 19)]);
+        assert_eq!(
+            runs("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"),
+            [(50, 55)]
+        );
+        assert_eq!(runs("t2 é3 _4"), []);
+    }
+
+    #[test]
+    fn same_compares_every_byte_of_every_length() {
+        for n in 0..40 {
+            let a: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+            assert!(same(&a, &a.clone()), "{n}");
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same(&a, &b), "{n} bytes, differing at {at}");
+            }
+            assert!(!same(&a, &a[..n.saturating_sub(1)]) || n == 0, "{n}");
+        }
+    }
+
     #[test]
     fn texts_that_differ_only_in_numbers_are_the_same_statement() {
         for (a, b) in [
@@ -1209,7 +1268,7 @@ mod tests {
             ("SELECT '12' /* 3 */", "SELECT '99' /* 44 */"),
             ("SELECT 1,2,3", "SELECT 4,5,6"),
         ] {
-            assert!(same_but_numbers(a.as_bytes(), b.as_bytes()), "{a} / {b}");
+            assert!(remembered_matches(a, b), "{a} / {b}");
         }
         for (a, b) in [
             ("SELECT 1", "SELECT 1 "),
@@ -1226,8 +1285,8 @@ mod tests {
             ("SELECT", "SELECT 1"),
             ("", "1"),
         ] {
-            assert!(!same_but_numbers(a.as_bytes(), b.as_bytes()), "{a} / {b}");
-            assert!(!same_but_numbers(b.as_bytes(), a.as_bytes()), "{b} / {a}");
+            assert!(!remembered_matches(a, b), "{a} / {b}");
+            assert!(!remembered_matches(b, a), "{b} / {a}");
         }
     }
 
@@ -1292,7 +1351,7 @@ mod tests {
         // A hit keeps the text first classified.
         memo.classify(b"SELECT 1 FROM t WHERE a = 5", true);
         assert_eq!(memo.classify(b"SELECT 1 FROM t WHERE a = 600", true), Read);
-        assert_eq!(memo.text, b"SELECT 1 FROM t WHERE a = 5");
+        assert_eq!(memo.text(), b"SELECT 1 FROM t WHERE a = 5");
         memo.release();
         assert_eq!(memo.text.capacity(), 0);
         assert_eq!(memo.classify(b"UPDATE t SET a = 1", true), Write);
