@@ -461,10 +461,19 @@ impl Tracker {
     }
 
     /// Whether a refused request is in flight: then client framing waits for its answer.
+    /// Asked for every client message, so it reads the count kept as requests come and go
+    /// (scanning the queue was some 170 instructions a transaction with `pgbench -M prepared`).
+    #[inline]
     pub fn refusal_in_flight(&self) -> bool {
-        self.queue
-            .iter()
-            .any(|r| matches!(r.effect, Effect::Refused(_)))
+        debug_assert_eq!(
+            self.refused,
+            self.queue
+                .iter()
+                .filter(|r| matches!(r.effect, Effect::Refused(_)))
+                .count(),
+            "the count of refused requests in flight"
+        );
+        self.refused > 0
     }
 
     /// When the head request must be answered, given the deadline for each class; `None` while
