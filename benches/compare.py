@@ -31,6 +31,7 @@ benches/compare.
 
 import argparse
 import base64
+import collections
 import glob
 import hashlib
 import hmac
@@ -118,15 +119,20 @@ class UserShare:
                                       "-o", self.out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def share(self):
-        """The share of the process's samples taken in user space (NaN without samples)."""
+        """The share of the process's samples taken in user space (NaN without samples), and
+        the share of them each user-space function got ({function: share of all samples})."""
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait()
-        lines = subprocess.run(["perf", "script", "-i", self.out, "-F", "pid,ip"], capture_output=True,
-                               text=True).stdout.splitlines()
+        lines = subprocess.run(["perf", "script", "-i", self.out, "--pid", str(self.pid), "-F", "ip,sym"],
+                               capture_output=True, text=True).stdout.splitlines()
         os.remove(self.out)
-        ips = [int(f[1], 16) for f in (line.split() for line in lines) if len(f) == 2 and f[0] == str(self.pid)]
-        kernel = sum(1 for ip in ips if ip >= 0xffff800000000000)
-        return (len(ips) - kernel) / len(ips) if ips else float("nan")
+        samples = [(int(f[0], 16), f[1] if len(f) > 1 else "?")
+                   for f in (line.strip().split(None, 1) for line in lines) if f]
+        user = collections.Counter(sym for ip, sym in samples if ip < 0xffff800000000000)
+        n = len(samples)
+        if not n:
+            return float("nan"), {}
+        return sum(user.values()) / n, {sym: k / n for sym, k in user.items()}
 
 
 def machine_busy_seconds():
@@ -450,6 +456,9 @@ def main():
     ap.add_argument("--systems", default="",
                     help="run only the systems whose name starts with one of these (comma-separated), "
                          "e.g. bulkhead,pgbouncer: more rounds in the same time when only their CPU is compared")
+    ap.add_argument("--sample-top", type=int, default=0, metavar="N",
+                    help="with --sample, also list the N user-space functions with the most of each system's "
+                         "user time")
     ap.add_argument("--floor", action="store_true",
                     help="also run the plain workloads through benches/floor.rs, a bare relay, for scale "
                          "(as it is, and with --uring)")
@@ -496,6 +505,9 @@ def main():
         # to run than at full speed, where each run settles into its own batching.
         workloads = [(f"{name} -R {args.rate}", wargs + ["-R", str(args.rate)], order) for name, wargs, order in workloads]
     results = {(w, s): [] for w, _, order in workloads for s in order}
+    # With --sample: each system's user time by function, CPU-s per 100k transactions, the
+    # mean of the rounds.
+    where = collections.defaultdict(collections.Counter)
     try:
         alloc_report = "(skipped: --no-alloc)"
         if not args.no_alloc:
@@ -520,7 +532,10 @@ def main():
                     if sampler:
                         # The total from /proc (exact: the kernel scales its ticks to the
                         # scheduler's runtime), split by the samples.
-                        user = total * sampler.share()
+                        share, functions = sampler.share()
+                        user = total * share
+                        for sym, f in functions.items():
+                            where[(name, system)][sym] += total * f * 100_000 / done / args.rounds if done else 0
                     busy = machine_busy_seconds() - busy0
                     per = 100_000 / done if done else float("nan")
                     cpu, user = total * per, user * per
@@ -559,6 +574,12 @@ def main():
             lines.append(f"| `{name}` | {s} | {tps[s]:.0f} | {med([x[1] for x in rs]):.3f} | {med([x[2] for x in rs]):.3f} | "
                          f"{'—' if cpu != cpu else f'{cpu:.2f} ({user:.2f})'} | {med([x[6] for x in rs]):.2f} | {ratios} |")
     lines += paired_cpu(workloads, results) if args.rounds else []
+    if where and args.sample_top:
+        lines += ["", f"User time by function (`--sample`), CPU-ms per 100k transactions, the {args.sample_top} largest "
+                  "(samples just after a system call returns are the kernel's exit path, landed in user space):"]
+        for (name, system), functions in where.items():
+            top = ", ".join(f"{sym[:60]} {v * 1000:.0f}" for sym, v in functions.most_common(args.sample_top))
+            lines += ["", f"- `{name}` {system}: {top}"]
     if not systems.pgbouncer_prepared and any(name.startswith("tx -S -M prepared") for name, _, _ in workloads):
         lines += ["", f"PgBouncer {'.'.join(map(str, pgbouncer_version()))} has no max_prepared_statements (1.21 and later): "
                   "it is left out of `tx -S -M prepared -c 100`."]
