@@ -403,7 +403,7 @@ def paired_cpu(workloads, results):
     """Each bulkhead system's CPU per transaction against its PgBouncer counterpart (the same
     name after the first dash), round by round: both ran in the same round, so each round's
     ratio sees the same machine. The medians of those ratios, total, user and system time, with
-    how many rounds were under 1.00."""
+    how many rounds were under 1.00 and a sign test's chance of that many."""
     out = []
     for name, _, order in workloads:
         for s in order:
