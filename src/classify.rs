@@ -842,6 +842,25 @@ impl<'a> Tokens<'a> {
 
 #[cfg(test)]
 mod tests {
+    /// A fixed pseudo-random sequence (xorshift) for the tests' generated texts.
+    struct Random(u64);
+
+    impl Random {
+        /// The next number below `n`.
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+
+        /// `len` bytes drawn from `alphabet`.
+        fn text(&mut self, alphabet: &[u8], len: usize) -> Vec<u8> {
+            (0..len)
+                .map(|_| alphabet[self.below(alphabet.len())])
+                .collect()
+        }
+    }
 
     #[test]
     fn features_that_outlive_a_transaction_are_named() {
@@ -1097,17 +1116,10 @@ mod tests {
         // Texts of every length to 70 from letters of the write words, their neighbours in
         // the byte table, semicolons and ESC, from a fixed pseudo-random sequence.
         let alphabet = b"fFoOrRiInNtTvVaAlL;:<\x1b\x0f\x16 x_";
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = Random(0x2545_f491_4f6c_dd1d);
         for len in 0..70 {
             for _ in 0..200 {
-                let text: Vec<u8> = (0..len)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        alphabet[(state % alphabet.len() as u64) as usize]
-                    })
-                    .collect();
+                let text = random.text(alphabet, len);
                 let slow = Scan {
                     semicolon: text.iter().position(|&b| b == b';'),
                     write_word: (0..text.len()).any(|i| write_word_at(&text, i)),
@@ -1265,17 +1277,10 @@ mod tests {
             out
         };
         let alphabet = b"1234567890a_ .$;\xc3";
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = Random(0x2545_f491_4f6c_dd1d);
         for n in 0..=40 {
             for _ in 0..200 {
-                let t: Vec<u8> = (0..n)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        alphabet[(seed % alphabet.len() as u64) as usize]
-                    })
-                    .collect();
+                let t = random.text(alphabet, n);
                 assert_eq!(runs(&t), by_byte(&t), "{t:?}");
             }
         }
@@ -1377,13 +1382,8 @@ mod tests {
             "$b1$ x ",
             "1into ",
         ];
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut random = Random(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: usize| random.below(n);
         let mut memo = Memo::default();
         for _ in 0..20_000 {
             let text: String = (0..1 + next(12))

@@ -82,6 +82,16 @@ async fn standbys_taking_reads(proxy: &Proxy, n: usize) {
     .await;
 }
 
+/// What /health says of `standby`, if it lists it.
+async fn backend_health(proxy: &Proxy, standby: &Cluster) -> Option<serde_json::Value> {
+    let doc = proxy.health_json().await;
+    doc["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["address"] == standby.addr())
+        .cloned()
+}
+
 /// Pauses `standby`'s replay and commits on the primary through `writer` (running `insert`)
 /// until the probe has taken the standby out of reads for being behind.
 async fn pause_until_behind(proxy: &Proxy, standby: &Cluster, writer: &Client, insert: &str) {
@@ -91,12 +101,7 @@ async fn pause_until_behind(proxy: &Proxy, standby: &Cluster, writer: &Client, i
         Duration::from_secs(20),
         || async {
             writer.batch_execute(insert).await.unwrap();
-            let doc = proxy.health_json().await;
-            let b = doc["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["address"] == standby.addr())?
-                .clone();
+            let b = backend_health(proxy, standby).await?;
             (b["takes_reads"] == false && b["replay_lag_ms"].as_u64()? > 1000).then_some(())
         },
     )
@@ -311,15 +316,7 @@ async fn takes_reads_again(proxy: &Proxy, standby: &Cluster) {
     eventually(
         "the standby taking reads",
         Duration::from_secs(20),
-        || async {
-            let doc = proxy.health_json().await;
-            let b = doc["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["address"] == standby.addr())?
-                .clone();
-            (b["takes_reads"] == true).then_some(())
-        },
+        || async { (backend_health(proxy, standby).await?["takes_reads"] == true).then_some(()) },
     )
     .await;
 }
